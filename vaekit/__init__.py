@@ -1,0 +1,8 @@
+"""vaekit: build, load, train and measure the image autoencoders under latent diffusion models."""
+
+from .checkpoints import load
+from .config import PRESETS, AutoencoderConfig, preset
+from .model import Autoencoder, Posterior
+
+__all__ = ["Autoencoder", "AutoencoderConfig", "Posterior", "PRESETS", "load", "preset"]
+__version__ = "0.1.0"

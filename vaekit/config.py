@@ -1,0 +1,121 @@
+"""One dataclass that describes an autoencoder, and the presets of the real families.
+
+Everything a model needs to be rebuilt lives here: the architecture (so a checkpoint plus this
+config is the whole model) and the latent normalisation (so a diffusion model sees unit-variance
+latents). Real families keep their exact published architecture; training-speed options added
+for new models are fields with defaults that leave those presets untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    # One entry per resolution level; n levels downsample by 2**(n-1).
+    block_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    kind: Literal["vae", "ae"] = "vae"  # Gaussian posterior, or a deterministic latent
+    use_quant_conv: bool = True  # 1x1 conv after the encoder (SD1/SDXL have it, SD3/Flux.1 do not)
+    use_post_quant_conv: bool = True  # 1x1 conv before the decoder
+    mid_attention: bool = True
+    norm_groups: int = 32
+    # Latent normalisation: a diffusion model sees (z - shift_factor) * scaling_factor.
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    # Architecture family: "ldm" is the SD/SDXL/SD3/Flux.1 encoder-decoder. Later families
+    # (Flux.2 patches, Qwen-Image causal 3D convs) get their own value here.
+    arch: str = "ldm"
+    # Which published model this is ("sd1", "flux1", ...), or "" for a custom one.
+    family: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_channels", tuple(int(c) for c in self.block_channels))
+        if self.kind not in ("vae", "ae"):
+            raise ValueError(f"kind must be 'vae' or 'ae', got {self.kind!r}")
+        if self.arch != "ldm":
+            raise ValueError(f"unknown architecture {self.arch!r}; this vaekit knows 'ldm'")
+        if not self.block_channels:
+            raise ValueError("block_channels needs at least one level")
+        bad = [c for c in self.block_channels if c % self.norm_groups]
+        if bad:
+            raise ValueError(f"norm_groups={self.norm_groups} must divide every block channel count; {bad} do not")
+
+    @property
+    def factor(self) -> int:
+        """Spatial downsampling factor: image side / latent side."""
+        return 2 ** (len(self.block_channels) - 1)
+
+    def replace(self, **changes: Any) -> "AutoencoderConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["block_channels"] = list(self.block_channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AutoencoderConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclass(frozen=True)
+class Preset:
+    config: AutoencoderConfig
+    description: str
+
+
+_SD = AutoencoderConfig()  # the LDM kl-f8 architecture shared by SD1/SD2/SDXL/PixArt
+_F16 = _SD.replace(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+_TINY = AutoencoderConfig(block_channels=(32, 64, 128, 128), layers_per_block=1, norm_groups=8)
+
+PRESETS: dict[str, Preset] = {
+    "sd1": Preset(_SD.replace(scaling_factor=0.18215, family="sd1"), "Stable Diffusion 1.x/2.x VAE (kl-f8)"),
+    "sdxl": Preset(_SD.replace(scaling_factor=0.13025, family="sdxl"), "SDXL VAE (same architecture, retrained)"),
+    "pixart": Preset(
+        _SD.replace(scaling_factor=0.18215, family="pixart"),
+        "PixArt-alpha (SD's ft-EMA VAE); PixArt-Sigma uses the sdxl preset",
+    ),
+    "sd3": Preset(_F16.replace(scaling_factor=1.5305, shift_factor=0.0609, family="sd3"), "Stable Diffusion 3/3.5 VAE"),
+    "flux1": Preset(_F16.replace(scaling_factor=0.3611, shift_factor=0.1159, family="flux1"), "FLUX.1 VAE (ae.safetensors)"),
+    "lumina2": Preset(_F16.replace(scaling_factor=0.3611, shift_factor=0.1159, family="lumina2"), "Lumina Image 2.0 (FLUX.1's VAE)"),
+    "tiny-f8c4": Preset(_TINY.replace(family="tiny-f8c4"), "small 8x/4-channel VAE for tests and demos"),
+    "tiny-f8c16": Preset(
+        _TINY.replace(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, family="tiny-f8c16"),
+        "small 8x/16-channel VAE (Flux.1 layout) for tests and demos",
+    ),
+}
+
+# Which published families use a latent channel count: for error messages a user can act on.
+FAMILIES_BY_CHANNELS: dict[int, str] = {
+    4: "SD1/SDXL family",
+    16: "SD3/Flux.1 family",
+    32: "Flux.2 family",
+    64: "Hunyuan Image family",
+}
+
+
+def describe_channels(n: int) -> str:
+    family = FAMILIES_BY_CHANNELS.get(n)
+    return f"{n}-channel" + (f" ({family})" if family else "")
+
+
+def preset(name: str) -> AutoencoderConfig:
+    try:
+        return PRESETS[name].config
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; run `vaekit presets` to list them: {', '.join(PRESETS)}") from None
