@@ -109,9 +109,10 @@ FAMILIES_BY_CHANNELS: dict[int, str] = {
 }
 
 
-def describe_channels(n: int) -> str:
+def describe_channels(n: int, noun: str) -> str:
+    """'16-channel latent (SD3/Flux.1 family)': what a user needs to see to pick the right model."""
     family = FAMILIES_BY_CHANNELS.get(n)
-    return f"{n}-channel" + (f" ({family})" if family else "")
+    return f"{n}-channel {noun}" + (f" ({family})" if family else "")
 
 
 def preset(name: str) -> AutoencoderConfig:

@@ -391,7 +391,7 @@ class Autoencoder(nn.Module):
         want = self.config.latent_channels
         if z.shape[1] != want:
             raise ValueError(
-                f"{describe_channels(z.shape[1])} latent given to a {describe_channels(want)} model; "
+                f"{describe_channels(z.shape[1], 'latent')} given to a {describe_channels(want, 'model')}; "
                 f"decode it with a model whose latent_channels is {z.shape[1]}"
             )
         if not bool(torch.isfinite(z).all()):
