@@ -1,13 +1,23 @@
-"""Images in and out: files <-> uint8 RGB arrays <-> NCHW float tensors in [-1, 1]."""
+"""Images in and out (files <-> uint8 RGB arrays <-> NCHW float tensors in [-1, 1]), the DATA strings
+every command accepts, and the deterministic, resumable training data."""
 
 from __future__ import annotations
 
+import copy
+import functools
+import io
+import itertools
+import warnings
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -52,3 +62,365 @@ def find_images(root: str | Path) -> list[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"no such file or folder: {root}")
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+# ---- what a DATA argument names ------------------------------------------------------------
+#
+# Every command that takes images (train, eval, analyze, compare) accepts the same DATA strings:
+# a folder (searched recursively), one image file, tar shards ("shards/{000..099}.tar"), or the
+# built-in photos "samples", "samples:train" and "samples:val".
+
+# Photos that ship inside scikit-image and scikit-learn, so demos and tests need no download.
+# Held out for validation: three of different content that never enter training: a cat's fur
+# (chelsea), an indoor still life with smooth shading and highlights (coffee), a saturated
+# nature close-up (flower).
+SAMPLE_TRAIN = (
+    "astronaut", "rocket", "motorcycle", "hubble_deep_field", "immunohistochemistry", "retina", "china",
+    "camera", "brick", "grass", "gravel", "coins", "moon",
+)  # fmt: skip
+SAMPLE_VAL = ("chelsea", "coffee", "flower")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def is_shards(data: str) -> bool:
+    return str(data).endswith(SHARD_SUFFIXES)
+
+
+@functools.lru_cache(maxsize=None)
+def _sample_photo(name: str) -> np.ndarray:
+    try:
+        if name in ("china", "flower"):
+            from sklearn.datasets import load_sample_image
+
+            image = load_sample_image(f"{name}.jpg")
+        else:
+            import skimage.data
+
+            image = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+    except ImportError:
+        raise ImportError(
+            "the built-in photos come from scikit-image and scikit-learn: pip install 'vaekit[train]'"
+        ) from None
+    image = np.asarray(image, dtype=np.uint8)
+    image = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
+    image.setflags(write=False)  # cached and shared: nobody may change it in place
+    return image
+
+
+def sample_images(split: str = "all") -> list[tuple[str, np.ndarray]]:
+    """The built-in photos as (name, HxWx3 uint8): split "train", "val" (the fixed held-out three) or "all"."""
+    names = {"train": SAMPLE_TRAIN, "val": SAMPLE_VAL, "all": SAMPLE_TRAIN + SAMPLE_VAL}.get(split)
+    if names is None:
+        raise ValueError(f"unknown samples split {split!r}; use samples, samples:train or samples:val")
+    return [(name, _sample_photo(name)) for name in names]
+
+
+def shard_urls(pattern: str) -> list[str]:
+    """'dir/{000..099}.tar' -> the shard paths it names (brace expansion as in webdataset)."""
+    from webdataset.shardlists import expand_urls
+
+    return list(expand_urls(pattern))
+
+
+def iter_shard_samples(urls: list[str], skipped: list[str] | None = None) -> Iterator[tuple[str, bytes]]:
+    """(key, encoded image bytes) of every sample in the shards, in order; samples without an image are skipped."""
+    try:
+        import webdataset as wds
+    except ImportError:
+        raise ImportError("reading tar shards needs the webdataset package: pip install 'vaekit[train]'") from None
+    for url in urls:
+        if not Path(url).exists():
+            raise FileNotFoundError(f"no such shard: {url}")
+        for sample in wds.tarfile_samples([{"url": url}]):
+            ext = next((e for e in sample if "." + e in IMAGE_SUFFIXES), None)
+            if ext is None:
+                if skipped is not None:
+                    skipped.append(f"{url}:{sample['__key__']}: no image file in sample")
+                continue
+            yield sample["__key__"], sample[ext]
+
+
+def iter_images(data: str, skipped: list[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Every image a DATA string names, as (name, HxWx3 uint8).
+
+    Unreadable files are skipped, never fatal: each is appended to `skipped` ("name: reason"), or,
+    when no list is given, reported in one warning at the end.
+    """
+    own = skipped is None
+    skipped = [] if own else skipped
+    data = str(data)
+    if data == "samples" or data.startswith("samples:"):
+        yield from sample_images(data.partition(":")[2] or "all")
+    elif is_shards(data):
+        for key, raw in iter_shard_samples(shard_urls(data), skipped):
+            try:
+                yield key, read_image(io.BytesIO(raw))
+            except Exception as e:
+                skipped.append(f"{key}: {e}")
+    else:
+        root = Path(data)
+        for path in find_images(root):
+            try:
+                image = read_image(path)
+            except Exception as e:
+                skipped.append(f"{path}: {e}")
+                continue
+            yield (str(path.relative_to(root)) if root.is_dir() else path.name), image
+    if own and skipped:
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s): " + "; ".join(skipped), RuntimeWarning, stacklevel=2)
+
+
+def load_images(data: str, limit: int | None = None, skipped: list[str] | None = None) -> list[tuple[str, np.ndarray]]:
+    """`iter_images` as a list (the first `limit` images when given)."""
+    return list(itertools.islice(iter_images(data, skipped), limit))
+
+
+# ---- crops ---------------------------------------------------------------------------------
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """The evaluation view of an image: shorter side resized to `size` (Lanczos), centre square cut.
+
+    Resizing first (the ImageNet-256 protocol of published VAE numbers) keeps the whole scene instead of
+    a small patch of a large photo.
+    """
+    h, w = image.shape[:2]
+    s = size / min(h, w)
+    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    if (nh, nw) != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.LANCZOS))
+    y, x = (nh - size) // 2, (nw - size) // 2
+    return np.ascontiguousarray(image[y : y + size, x : x + size])
+
+
+def random_crop(image: np.ndarray, size: int, rng: np.random.Generator, min_scale: float = 1.0, flip: bool = True) -> np.ndarray:
+    """A size x size training crop: the image scaled by a random factor in [min_scale, 1] (log-uniform,
+    Lanczos, never so small that the crop would not fit), a random square cut, a random horizontal flip.
+
+    Down-scaling shows the model whole objects at several sizes, not only the fine texture of large
+    photos. Images smaller than the crop are scaled up just enough to fit. Only the cropped region is
+    resampled (PIL's resize with a box), so large photos cost no more than small ones.
+    """
+    h, w = image.shape[:2]
+    fit = size / min(h, w)  # the scale at which the shorter side equals the crop
+    lo = max(min_scale, fit)
+    scale = fit if fit >= 1 else float(np.exp(rng.uniform(np.log(lo), 0.0))) if lo < 1 else 1.0
+    if scale == 1.0:
+        y, x = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
+        crop = image[y : y + size, x : x + size]
+    else:
+        side = min(size / scale, h, w)  # the source square, in original pixels
+        y, x = rng.uniform(0, h - side), rng.uniform(0, w - side)
+        crop = np.asarray(Image.fromarray(image).resize((size, size), Image.LANCZOS, box=(x, y, x + side, y + side)))
+    if flip and rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    return crop.copy()  # contiguous, writable, and never a view of a cached image
+
+
+# ---- training data -------------------------------------------------------------------------
+#
+# Determinism: every training sample is named by its position p in an endless stream (epoch after
+# epoch of seeded permutations) and its crop comes from a generator seeded by (seed, rank, p). The
+# batches therefore depend on the seed and the position only, never on worker count or timing, and
+# a resumed run continues the stream from the number of batches already consumed.
+
+
+def held_out(name: str, fraction: float) -> bool:
+    """Whether an image belongs to the validation split: a stable hash of its name, so the split
+    never changes when images are added, and does not depend on the seed."""
+    return zlib.crc32(name.encode()) / 2**32 < fraction
+
+
+@dataclass
+class Batch:
+    images: Tensor  # N x 3 x R x R uint8 (converted to [-1, 1] floats on the training device)
+    skipped: list[str]  # unreadable files met while making it ("path: reason")
+
+
+def collate(items: list[tuple[Tensor, list[str]]]) -> Batch:
+    return Batch(torch.stack([t for t, _ in items]), [s for _, bad in items for s in bad])
+
+
+class CropDataset(Dataset):
+    """Random crops of a fixed list of images (files read on access, or arrays in memory).
+
+    Indexed by (index, seed) keys from `StreamSampler`. An unreadable file is replaced by the next
+    readable one, and reported with the batch so the trainer can list it once.
+    """
+
+    def __init__(self, items: Sequence[Path | np.ndarray], resolution: int, min_scale: float = 1.0, flip: bool = True):
+        if not items:
+            raise ValueError("no training images")
+        self.items, self.resolution, self.min_scale, self.flip = list(items), resolution, min_scale, flip
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, tuple[int, ...]]) -> tuple[Tensor, list[str]]:
+        index, seed = key
+        bad: list[str] = []
+        for i in range(index, index + len(self.items)):
+            item = self.items[i % len(self.items)]
+            try:
+                image = item if isinstance(item, np.ndarray) else read_image(item)
+            except Exception as e:
+                bad.append(f"{item}: {e}")
+                continue
+            crop = random_crop(image, self.resolution, np.random.default_rng(seed), self.min_scale, self.flip)
+            return torch.from_numpy(crop).permute(2, 0, 1), bad
+        raise RuntimeError("none of the training images could be read: " + "; ".join(bad[:3]))
+
+
+class StreamSampler(Sampler):
+    """Endless batches of (index, seed) keys for one rank, starting at batch `start`.
+
+    Each epoch is a permutation of the dataset seeded by (seed, epoch); rank r of w takes every
+    w-th element (DistributedSampler's split, wrapping around so all ranks get equal shares).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
+        self.n, self.batch_size, self.seed, self.rank, self.world, self.start = n, batch_size, seed, rank, world, start
+        self.per_rank = -(-n // world)
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def key(self, position: int) -> tuple[int, tuple[int, ...]]:
+        epoch, i = divmod(position, self.per_rank)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng((self.seed, epoch)).permutation(self.n))
+        return int(self._perm[1][(i * self.world + self.rank) % self.n]), (self.seed, self.rank, position)
+
+    def __iter__(self) -> Iterator[list[tuple[int, tuple[int, ...]]]]:
+        for b in itertools.count(self.start):
+            yield [self.key(p) for p in range(b * self.batch_size, (b + 1) * self.batch_size)]
+
+
+class ShardStream(IterableDataset):
+    """Batches of random crops from tar shards, endless and deterministic.
+
+    The stream is split across (rank, worker): whole shards when there are enough, else every k-th
+    sample. Each epoch reshuffles the shard order and, within a buffer, the samples (both seeded).
+    Resuming skips the samples a stream already produced, before decoding them (exact, but the
+    skipped part of the shards is read again). Samples whose key `held_out` (val_fraction) are left
+    out of training.
+    """
+
+    def __init__(
+        self, pattern: str, resolution: int, min_scale: float = 1.0, flip: bool = True, val_fraction: float = 0.0,
+        buffer: int = 256, batch_size: int = 1, seed: int = 0, rank: int = 0, world: int = 1, start: int = 0,
+    ):  # fmt: skip
+        self.urls = shard_urls(pattern)
+        self.resolution, self.min_scale, self.flip, self.val_fraction, self.buffer = resolution, min_scale, flip, val_fraction, buffer
+        self.batch_size, self.seed, self.rank, self.world, self.start = batch_size, seed, rank, world, start
+
+    def _samples(self, stream: int, streams: int) -> Iterator[tuple[tuple[int, ...], str, bytes]]:
+        for epoch in itertools.count():
+            order = [self.urls[i] for i in np.random.default_rng((self.seed, epoch)).permutation(len(self.urls))]
+            split_shards = len(order) >= streams
+            mine = order[stream::streams] if split_shards else order
+            rng = np.random.default_rng((self.seed, epoch, stream))
+            buffer: list[tuple[str, bytes]] = []
+            n = 0
+            samples = (s for j, s in enumerate(iter_shard_samples(mine)) if split_shards or j % streams == stream)
+            for key, raw in samples:
+                if held_out(key, self.val_fraction):
+                    continue
+                buffer.append((key, raw))
+                if len(buffer) >= self.buffer:
+                    yield (self.seed, epoch, stream, n), *buffer.pop(int(rng.integers(len(buffer))))
+                    n += 1
+            for i in rng.permutation(len(buffer)):
+                yield (self.seed, epoch, stream, n), *buffer[i]
+                n += 1
+            if n == 0:
+                raise RuntimeError(f"training stream {stream} of {streams} got no images from {len(self.urls)} shard(s)")
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        wid, workers = (info.id, info.num_workers) if info else (0, 1)
+        # The loader takes batch b from worker b % workers; a resumed loader starts at `start`, so
+        # this worker continues the stream that produced batches start + wid, start + wid + workers, ...
+        slot = (self.start + wid) % workers
+        done = len(range(slot, self.start, workers))
+        samples = self._samples(self.rank * workers + slot, self.world * workers)
+        samples = itertools.islice(samples, done * self.batch_size, None)
+        # One batch per batch_size raw samples, so the skip above stays exact: an unreadable sample
+        # makes its batch one smaller instead of pulling in the next sample.
+        for chunk in iter(lambda: list(itertools.islice(samples, self.batch_size)), []):
+            crops: list[Tensor] = []
+            bad: list[str] = []
+            for seed, key, raw in chunk:
+                try:
+                    image = read_image(io.BytesIO(raw))
+                except Exception as e:
+                    bad.append(f"{key}: {e}")
+                    continue
+                crop = random_crop(image, self.resolution, np.random.default_rng(seed), self.min_scale, self.flip)
+                crops.append(torch.from_numpy(crop).permute(2, 0, 1))
+            if not crops:
+                raise RuntimeError("a whole batch of shard samples was unreadable: " + "; ".join(bad[:3]))
+            yield Batch(torch.stack(crops), bad)
+
+
+@dataclass
+class TrainingData:
+    """What the trainer needs from a DATA string: crops to train on and fixed validation images."""
+
+    dataset: CropDataset | ShardStream
+    val: list[tuple[str, np.ndarray]]  # name, val_resolution x val_resolution uint8 (centre crops)
+    description: str
+
+    def loader(self, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0, workers: int = 0) -> DataLoader:
+        """Endless batches for one rank, from batch `start` on (the batches a resumed run has not seen)."""
+        common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=False)
+        if workers:
+            common["prefetch_factor"] = 4
+        if isinstance(self.dataset, ShardStream):
+            stream = copy.copy(self.dataset)
+            stream.batch_size, stream.seed, stream.rank, stream.world, stream.start = batch_size, seed, rank, world, start
+            return DataLoader(stream, batch_size=None, **common)
+        sampler = StreamSampler(len(self.dataset), batch_size, seed, rank, world, start)
+        return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate, **common)
+
+
+def training_data(
+    data: str, resolution: int, val: str | None = None, val_fraction: float = 0.05, val_images: int = 16,
+    val_resolution: int = 256, min_scale: float = 1.0, flip: bool = True,
+) -> TrainingData:  # fmt: skip
+    """Split DATA into training crops and validation images.
+
+    Validation comes from `val` (any DATA string) when given; else "samples" uses its fixed held-out
+    photos, and folders and shards hold out the images whose name `held_out(name, val_fraction)`.
+    """
+    data = str(data)
+    held: list[tuple[str, np.ndarray]] = []
+    if data == "samples" or data.startswith("samples:"):
+        split = data.partition(":")[2] or "train"
+        dataset: CropDataset | ShardStream = CropDataset([im for _, im in sample_images(split)], resolution, min_scale, flip)
+        held = [] if val else sample_images("val")
+        description = f"{len(dataset)} built-in photos ({split})"
+    elif is_shards(data):
+        dataset = ShardStream(data, resolution, min_scale, flip, val_fraction=0.0 if val else val_fraction)
+        if not val and val_fraction > 0:
+            held_raw = ((k, raw) for k, raw in iter_shard_samples(dataset.urls) if held_out(k, val_fraction))
+            held = [(k, read_image(io.BytesIO(raw))) for k, raw in itertools.islice(held_raw, val_images)]
+        description = f"{len(dataset.urls)} tar shard(s)"
+    else:
+        root = Path(data)
+        files = find_images(root)
+        if not files:
+            raise ValueError(f"no images (png/jpg/webp/bmp/tif) found under {root}")
+        names = [str(p.relative_to(root)) if root.is_dir() else p.name for p in files]
+        is_val = [not val and held_out(n, val_fraction) for n in names]
+        if not val and val_fraction > 0 and not any(is_val) and len(files) > 1:
+            is_val[min(range(len(names)), key=lambda i: zlib.crc32(names[i].encode()))] = True  # at least one
+        dataset = CropDataset([p for p, v in zip(files, is_val) if not v], resolution, min_scale, flip)
+        for name, path in [(n, p) for n, p, v in zip(names, files, is_val) if v][:val_images]:
+            try:
+                held.append((name, read_image(path)))
+            except Exception as e:
+                warnings.warn(f"skipped unreadable validation image {path}: {e}", RuntimeWarning, stacklevel=2)
+        description = f"{len(dataset)} training images from {root}"
+    if val:
+        held = load_images(val, limit=val_images)
+    crops = [(name, center_crop(image, val_resolution)) for name, image in held]
+    return TrainingData(dataset, crops, description + f", {len(crops)} validation images")
