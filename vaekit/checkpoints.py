@@ -1,1 +1,548 @@
-def load(*a, **k): raise NotImplementedError
+"""Reading and writing the checkpoint files people actually have.
+
+Every source ends up as one `Checkpoint`: tensors under the model's native (original LDM) names,
+a complete `AutoencoderConfig`, and a record of where each part came from. Three rules:
+
+- Never execute pickled code: `.ckpt/.pt/.bin/.pth` go through `torch.load(weights_only=True)`.
+- Strict keys: a tensor the model lacks, or lacks a tensor for, is an error naming it.
+- Never guess the latent normalisation silently. Shapes fix the architecture but not the family
+  (SD1 and SDXL share one, so do SD3 and FLUX.1), so scale/shift come from the file's own config
+  or metadata, else from an explicit `family=`, else from a full checkpoint's other parts (its UNet
+  says which model it is), else they are assumed, and the assumption is stated and warned about.
+
+The diffusers layout is one key mapping away from the native one (`diffusers_key_map`), used in
+both directions. FLUX.1's `ae.safetensors` uses the LDM names too (it just has no quant convs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import sys
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .config import PRESETS, AutoencoderConfig, describe_channels, preset
+from .model import Autoencoder
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                     "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+METADATA_KEY = "vaekit_config"  # safetensors metadata entry holding AutoencoderConfig.to_json()
+CONFIG_KEY = "_vaekit"  # the same config inside a diffusers config.json (diffusers skips "_" keys silently)
+# Where the VAE sits inside a full checkpoint: SD/SDXL/SD3 use the first, ComfyUI's FLUX.1 files the second.
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+# Tensors LDM training leaves in autoencoder files (LPIPS + discriminator, EMA copies): not part of the model.
+TRAINING_ONLY_PREFIXES = ("loss.", "model_ema.")
+# A full checkpoint's other parts name the model; the VAE's normalisation follows from it.
+FAMILY_MARKERS = (
+    ("model.diffusion_model.joint_blocks.", "sd3"),
+    ("model.diffusion_model.double_blocks.", "flux1"),
+    ("conditioner.embedders.", "sdxl"),
+    ("cond_stage_model.", "sd1"),  # SD 1.x and 2.x share the VAE and its 0.18215
+)
+# With nothing else to go on, the family most files of an architecture belong to. 4 channels:
+# sd1's 0.18215 is also the LDM and diffusers default. 16 channels: a standalone file is almost
+# always FLUX.1's ae.safetensors (SD3 ships its VAE as a diffusers folder whose config.json says).
+ASSUMED_FAMILIES = ("sd1", "flux1")
+# Written into diffusers config.json: a release that reads every key written there.
+DIFFUSERS_VERSION = "0.30.0"
+# diffusers' AutoencoderKL only uses sample_size to pick its tile size for enable_tiling().
+DIFFUSERS_SAMPLE_SIZE = 512
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint as read: native-named tensors, the full config, and where things came from."""
+
+    state_dict: dict[str, Tensor]
+    config: AutoencoderConfig
+    format: str
+    dtype: str
+    normalisation_source: str
+    notes: list[str] = field(default_factory=list)
+
+
+# ---- public API ----------------------------------------------------------------------------
+
+
+def load(
+    source: str | os.PathLike,
+    family: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> Autoencoder:
+    """Any supported checkpoint (see `read_checkpoint`) -> an `Autoencoder` in eval mode.
+
+    Weights keep their stored dtype unless `dtype` is given."""
+    ck = read_checkpoint(source, family=family)
+    with torch.device("meta"):  # no random init: the checkpoint's tensors become the parameters
+        model = Autoencoder(ck.config)
+    stored = {t.dtype for t in ck.state_dict.values() if t.is_floating_point()}
+    model.load_state_dict(ck.state_dict, strict=True, assign=True)
+    if dtype is None and len(stored) > 1:
+        dtype = torch.float32  # mixed storage (e.g. fp16 convs, fp32 norms): compute in one dtype
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def read_checkpoint(source: str | os.PathLike, family: str | None = None) -> Checkpoint:
+    """Read `source` without building a model.
+
+    `source`: a diffusers folder (or a pipeline folder with `vae/`), a `.safetensors` file (VAE-only
+    in LDM/FLUX.1 or diffusers naming, or a full SD/SDXL/SD3 checkpoint), a `.ckpt/.pt/.pth/.bin`
+    file, a Hugging Face repo id, or `preset:NAME` (random weights). `family` (a preset name) gives
+    the latent normalisation when the source does not state it."""
+    text = os.fspath(source)
+    if text.startswith("preset:"):
+        found = _from_preset(text.removeprefix("preset:"))
+    else:
+        path = Path(text).expanduser()
+        if path.exists():
+            found = _from_path(path)
+        elif re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) and not text.endswith((".safetensors",) + TORCH_SUFFIXES):
+            found = _from_path(_download(text))
+            found.format = f"Hugging Face Hub {text}: {found.format}"
+        else:
+            raise FileNotFoundError(f"no such file or folder: {text}")
+    return _settle(found, family)
+
+
+def save(model: Autoencoder, path: str | os.PathLike, format: str = "diffusers", dtype: torch.dtype | None = None) -> Path:
+    """Write `model` as a diffusers folder or as one LDM-named `.safetensors` file.
+
+    Both carry vaekit's full config (config.json key `_vaekit`, or safetensors metadata), so family,
+    scale/shift, `kind="ae"` and every vaekit-only option round-trip exactly. diffusers loads the
+    folder whenever it can express the architecture (not `kind="ae"`). Files are written atomically."""
+    path = Path(path)
+    tensors = {k: _stored(v, dtype) for k, v in model.state_dict().items()}
+    config = model.config
+    if format == "single-file":
+        if path.suffix != ".safetensors":
+            raise ValueError(f"a single-file checkpoint is a .safetensors file; got {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: config.to_json()}))
+    elif format == "diffusers":
+        if path.is_file():
+            raise ValueError(f"{path} is a file; format='diffusers' writes a folder")
+        path.mkdir(parents=True, exist_ok=True)
+        names = diffusers_key_map(len(config.block_channels), config.layers_per_block)
+        renamed = {names.get(k, k): _linear_attention(k, t) for k, t in tensors.items()}
+        write_atomic(path / DIFFUSERS_WEIGHTS[0], lambda tmp: save_file(renamed, tmp, metadata={"format": "pt"}))
+        text = json.dumps(_diffusers_config(config), indent=2) + "\n"
+        write_atomic(path / "config.json", lambda tmp: tmp.write_text(text))
+    else:
+        raise ValueError(f"format must be 'diffusers' or 'single-file', got {format!r}")
+    return path
+
+
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """Call write(tmp) then rename tmp to path, so a crash never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---- native <-> diffusers names --------------------------------------------------------------
+
+_ATTENTION_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_OLD_DIFFUSERS_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}  # diffusers < 0.14
+
+
+def _diffusers_name(key: str, levels: int) -> str:
+    """The diffusers name of one native tensor name. Decoder levels run in the opposite order."""
+    key = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", key)
+    key = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", key)
+    key = re.sub(r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.resnets.", key)
+    key = re.sub(r"^decoder\.up\.(\d+)\.upsample\.", lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.upsamplers.0.", key)
+    key = re.sub(r"\.mid\.block_(\d)\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}.", key)
+    key = re.sub(r"\.mid\.attn_1\.(\w+)\.", lambda m: f".mid_block.attentions.0.{_ATTENTION_NAMES[m[1]]}.", key)
+    key = key.replace(".nin_shortcut.", ".conv_shortcut.")
+    return re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", key)
+
+
+@lru_cache
+def diffusers_key_map(levels: int, layers_per_block: int) -> dict[str, str]:
+    """Native name -> diffusers name for every tensor a model of this depth can have.
+
+    Invert it for the other direction. Built from a model whose channels grow at every level, so
+    every optional tensor (shortcuts, quant convs, attention) is present."""
+    widest = AutoencoderConfig(block_channels=tuple(range(1, levels + 1)), layers_per_block=layers_per_block,
+                               latent_channels=1, norm_groups=1)
+    with torch.device("meta"):
+        keys = Autoencoder(widest).state_dict().keys()
+    return {k: _diffusers_name(k, levels) for k in keys}
+
+
+def _linear_attention(key: str, t: Tensor) -> Tensor:
+    """diffusers stores the mid-block attention projections as Linear [C, C]; LDM as 1x1 convs."""
+    return t[:, :, 0, 0] if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) and t.ndim == 4 else t
+
+
+def _native_names(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
+    """Rename diffusers-named tensors to native names; native ones pass through."""
+    if any(k.startswith(("encoder.down.", "decoder.up.")) for k in tensors):
+        return tensors, "LDM"
+    if not any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in tensors):
+        sample = ", ".join(list(tensors)[:3]) or "none"
+        raise ValueError(f"no autoencoder tensors found (expected names like encoder.down.0.block.0.conv1.weight "
+                         f"or encoder.down_blocks.0.resnets.0.conv1.weight); first names: {sample}")
+    levels = 1 + max(int(m[1]) for k in tensors if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k)))
+    layers = 1 + max(int(m[1]) for k in tensors if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k)))
+    native = {v: k for k, v in diffusers_key_map(levels, layers).items()}
+    old = re.compile(r"(attentions\.0\.)(query|key|value|proj_attn)\.")
+    renamed = {}
+    for k, t in tensors.items():
+        k = old.sub(lambda m: m[1] + _OLD_DIFFUSERS_ATTENTION[m[2]] + ".", k)
+        renamed[native.get(k, k)] = t
+    return renamed, "diffusers"
+
+
+# ---- diffusers config.json -------------------------------------------------------------------
+
+
+def _diffusers_config(c: AutoencoderConfig) -> dict[str, Any]:
+    n = len(c.block_channels)
+    return {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "act_fn": "silu",
+        "block_out_channels": list(c.block_channels),
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "force_upcast": True,
+        "in_channels": c.in_channels,
+        "latent_channels": c.latent_channels,
+        "latents_mean": None,
+        "latents_std": None,
+        "layers_per_block": c.layers_per_block,
+        "mid_block_add_attention": c.mid_attention,
+        "norm_num_groups": c.norm_groups,
+        "out_channels": c.out_channels,
+        "sample_size": DIFFUSERS_SAMPLE_SIZE,
+        "scaling_factor": c.scaling_factor,
+        "shift_factor": c.shift_factor,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "use_post_quant_conv": c.use_post_quant_conv,
+        "use_quant_conv": c.use_quant_conv,
+        CONFIG_KEY: c.to_dict(),
+    }
+
+
+def _config_from_diffusers(d: dict[str, Any], where: str, notes: list[str]) -> tuple[AutoencoderConfig, bool]:
+    """-> (config, whether it states the normalisation)."""
+    if CONFIG_KEY in d:
+        return AutoencoderConfig.from_dict(d[CONFIG_KEY]), True
+    cls = d.get("_class_name", "AutoencoderKL")
+    if cls != "AutoencoderKL":
+        raise ValueError(f"{where} describes a {cls}; vaekit reads AutoencoderKL (the LDM/SD autoencoder)")
+    n = len(d["block_out_channels"])
+    unsupported = [f"{k}={d[k]}" for k, ok in (
+        ("act_fn", d.get("act_fn", "silu") == "silu"),
+        ("down_block_types", d.get("down_block_types", ["DownEncoderBlock2D"] * n) == ["DownEncoderBlock2D"] * n),
+        ("up_block_types", d.get("up_block_types", ["UpDecoderBlock2D"] * n) == ["UpDecoderBlock2D"] * n),
+    ) if not ok]
+    if unsupported:
+        raise ValueError(f"{where} has options vaekit does not implement: {', '.join(unsupported)}")
+    if d.get("latents_mean") is not None:
+        notes.append(f"{where} has per-channel latents_mean/latents_std; vaekit applies only scaling_factor/shift_factor")
+    config = AutoencoderConfig(
+        in_channels=d.get("in_channels", 3),
+        out_channels=d.get("out_channels", 3),
+        block_channels=tuple(d["block_out_channels"]),
+        layers_per_block=d.get("layers_per_block", 1),
+        latent_channels=d.get("latent_channels", 4),
+        use_quant_conv=d.get("use_quant_conv", True),
+        use_post_quant_conv=d.get("use_post_quant_conv", True),
+        mid_attention=d.get("mid_block_add_attention", True),
+        norm_groups=d.get("norm_num_groups", 32),
+        scaling_factor=float(d.get("scaling_factor", 1.0)),
+        shift_factor=float(d.get("shift_factor") or 0.0),
+    )
+    return config, "scaling_factor" in d
+
+
+# ---- sources -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Found:
+    """What a source says before the config and normalisation are settled."""
+
+    tensors: dict[str, Tensor]  # native names
+    format: str
+    config: AutoencoderConfig | None = None  # when the source states the architecture
+    normalisation: str | None = None  # where the stated config's scale/shift come from, if it states them
+    hint: tuple[str, str] | None = None  # (family, evidence) from a full checkpoint's other parts
+    notes: list[str] = field(default_factory=list)
+
+
+def _from_preset(name: str) -> _Found:
+    config = preset(name)
+    return _Found(Autoencoder(config).state_dict(), f"preset {name} (random init)", config, "preset")
+
+
+def _from_path(path: Path) -> _Found:
+    if path.is_dir():
+        return _from_folder(path)
+    if path.suffix == ".safetensors":
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            found = _select(list(f.keys()), "single-file", f.get_tensor)
+        if METADATA_KEY in metadata:
+            found.config = AutoencoderConfig.from_dict(json.loads(metadata[METADATA_KEY]))
+            found.normalisation = "file metadata"
+        return found
+    if path.suffix in TORCH_SUFFIXES:
+        obj = _torch_load(path)
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]  # LDM/Lightning .ckpt
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
+        tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+        return _select(list(tensors), f"torch {path.suffix} file", tensors.__getitem__)
+    raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; vaekit reads .safetensors, "
+                     f"{', '.join(TORCH_SUFFIXES)} and diffusers folders")
+
+
+def _select(keys: list[str], kind: str, get: Callable[[str], Tensor]) -> _Found:
+    """The autoencoder's tensors out of a file's keys, under native names. Only those are read,
+    so a 7 GB SDXL checkpoint costs only its VAE."""
+    notes = []
+    prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
+    hint = None
+    if prefix:
+        others = [k for k in keys if not k.startswith(prefix)]
+        notes.append(f"ignored {len(others)} tensors outside {prefix} (UNet, text encoders, ...)")
+        hint = next(((fam, f"its {marker}* tensors") for marker, fam in FAMILY_MARKERS
+                     if any(k.startswith(marker) for k in others)), None)
+    ours = [k for k in keys if k.startswith(prefix)]
+    training = [k for k in ours if k[len(prefix):].startswith(TRAINING_ONLY_PREFIXES)]
+    if training:
+        notes.append(f"ignored {len(training)} training-only tensors (loss.* = LPIPS/discriminator, model_ema.*)")
+    tensors, naming = _native_names({k[len(prefix):]: get(k) for k in ours if k not in training})
+    if prefix:
+        kind = f"full checkpoint ({prefix} part, {naming} naming)"
+    elif naming == "LDM" and "quant_conv.weight" not in tensors:
+        kind += " (LDM naming, no quant convs: the FLUX.1 ae.safetensors layout)"
+    else:
+        kind += f" ({naming} naming)"
+    return _Found(tensors, kind, hint=hint, notes=notes)
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).split("\n")[0]
+        raise ValueError(
+            f"refused {path}: it holds pickled objects that would run code when loaded, and vaekit never "
+            f"executes pickles (nothing was executed; torch says: {reason}). If you trust the file, convert it "
+            f"once: python -c \"import torch, safetensors.torch as s; c = torch.load('{path}', weights_only=False); "
+            f"s.save_file(c.get('state_dict', c), '{path.with_suffix('.safetensors')}')\" and load the .safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"could not read {path} as a torch checkpoint: {e}") from None
+
+
+def _from_folder(path: Path) -> _Found:
+    folder = path
+    if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        folder = path / "vae"  # a diffusers pipeline
+    config_file = folder / "config.json"
+    weights = next((folder / w for w in DIFFUSERS_WEIGHTS if (folder / w).is_file()), None)
+    if not config_file.is_file() or weights is None:
+        raise FileNotFoundError(f"{path} is not a diffusers autoencoder folder: it needs config.json and "
+                                f"{DIFFUSERS_WEIGHTS[0]} (or .bin), directly or under vae/")
+    found = _Found({}, "diffusers folder" + (" (vae/ of a pipeline)" if folder != path else ""))
+    config, stated = _config_from_diffusers(json.loads(config_file.read_text()), str(config_file), found.notes)
+    found.config, found.normalisation = config, ("config.json" if stated else None)
+    tensors = load_file(weights) if weights.suffix == ".safetensors" else _torch_load(weights)
+    found.tensors, _ = _native_names(tensors)
+    return found
+
+
+def _download(repo: str) -> Path:
+    """A Hub repo's autoencoder files, from the local cache or the network: a folder or ae.safetensors."""
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:
+        raise FileNotFoundError(_hub_hint(repo, "huggingface_hub is not installed")) from None
+    unreachable = False
+    for subfolder, name in (("", "config.json"), ("vae", "config.json"), ("", "ae.safetensors")):
+        def get(filename: str) -> Path:
+            return Path(hf_hub_download(repo, filename, subfolder=subfolder or None))
+
+        try:
+            first = get(name)
+            if name == "config.json":
+                try:
+                    get(DIFFUSERS_WEIGHTS[0])
+                except LocalEntryNotFoundError:
+                    raise
+                except EntryNotFoundError:
+                    get(DIFFUSERS_WEIGHTS[1])
+                return first.parent
+            return first
+        except LocalEntryNotFoundError:  # offline or no network, and not in the local cache
+            unreachable = True
+        except GatedRepoError:
+            raise FileNotFoundError(f"{repo} is gated: accept its licence at https://huggingface.co/{repo} and log in "
+                                    f"(`hf auth login`), or {_hub_fetch(repo)}") from None
+        except RepositoryNotFoundError:
+            raise FileNotFoundError(f"{repo} is neither a local file or folder nor a Hugging Face repo "
+                                    "(private repos need `hf auth login`)") from None
+        except EntryNotFoundError:
+            continue
+    if unreachable:
+        raise FileNotFoundError(_hub_hint(repo, "offline or unreachable, and not in the local cache"))
+    raise FileNotFoundError(f"{repo} has no autoencoder vaekit knows: no config.json + {DIFFUSERS_WEIGHTS[0]} "
+                            "at the top or under vae/, and no ae.safetensors")
+
+
+def _hub_fetch(repo: str) -> str:
+    if "flux" in repo.lower():
+        return f"download https://huggingface.co/{repo}/resolve/main/ae.safetensors and pass that file's path"
+    sub = "" if "vae" in repo.lower() else "vae/"
+    return (f"download {sub}config.json and {sub}{DIFFUSERS_WEIGHTS[0]} from https://huggingface.co/{repo}/tree/main "
+            f"into one folder and pass that folder's path")
+
+
+def _hub_hint(repo: str, why: str) -> str:
+    return f"no local file or folder {repo!r}, and the Hugging Face Hub cannot be used ({why}): {_hub_fetch(repo)}"
+
+
+# ---- settling config and normalisation --------------------------------------------------------
+
+
+def _settle(found: _Found, family: str | None) -> Checkpoint:
+    notes = found.notes
+    stored = Counter(str(t.dtype).removeprefix("torch.") for t in found.tensors.values())
+    dtype = next(iter(stored)) if len(stored) == 1 else "mixed: " + ", ".join(f"{d} ({n})" for d, n in stored.most_common())
+    config = found.config or _infer_config(found.tensors, notes)
+    config, source = _normalisation(config, found, family)
+    return Checkpoint(_checked(found.tensors, config), config, found.format, dtype, source, notes)
+
+
+def _infer_config(t: dict[str, Tensor], notes: list[str]) -> AutoencoderConfig:
+    """The architecture from tensor shapes alone (a file with no config)."""
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in t:
+            raise ValueError(f"cannot infer the architecture: tensor {key} is missing")
+        return tuple(t[key].shape)
+
+    levels = sorted({int(m[1]) for k in t if (m := re.match(r"encoder\.down\.(\d+)\.block\.", k))})
+    if levels != list(range(len(levels))) or not levels:
+        raise ValueError(f"cannot infer the architecture: encoder levels {levels} are not 0..n-1")
+    channels = tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in levels)
+    layers = len({m[1] for k in t if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
+    latent = shape("decoder.conv_in.weight")[1]
+    moments = shape("encoder.conv_out.weight")[0]
+    if moments not in (latent, 2 * latent):
+        raise ValueError(f"cannot infer the architecture: the encoder outputs {moments} channels for {latent} latent channels")
+    groups = 32 if all(c % 32 == 0 for c in channels) else math.gcd(32, *channels)
+    notes.append(f"config inferred from tensor shapes; norm_groups={groups} assumed (GroupNorm weights do not record it"
+                 + ("; every published LDM VAE uses 32)" if groups == 32 else "; 32 does not divide the channel counts)"))
+    return AutoencoderConfig(
+        in_channels=shape("encoder.conv_in.weight")[1],
+        out_channels=shape("decoder.conv_out.weight")[0],
+        block_channels=channels,
+        layers_per_block=layers,
+        latent_channels=latent,
+        kind="vae" if moments == 2 * latent else "ae",
+        use_quant_conv="quant_conv.weight" in t,
+        use_post_quant_conv="post_quant_conv.weight" in t,
+        mid_attention="encoder.mid.attn_1.q.weight" in t,
+        norm_groups=groups,
+    )
+
+
+def _same_architecture(a: AutoencoderConfig, b: AutoencoderConfig) -> bool:
+    ignore = ("scaling_factor", "shift_factor", "family")
+    return {k: v for k, v in a.to_dict().items() if k not in ignore} == {k: v for k, v in b.to_dict().items() if k not in ignore}
+
+
+def _with_family(config: AutoencoderConfig, name: str) -> AutoencoderConfig:
+    p = preset(name)
+    if p.latent_channels != config.latent_channels:
+        raise ValueError(f"family {name!r} has {describe_channels(p.latent_channels)} latents, this checkpoint "
+                         f"{describe_channels(config.latent_channels)} latents")
+    return config.replace(scaling_factor=p.scaling_factor, shift_factor=p.shift_factor, family=name)
+
+
+def _normalisation(config: AutoencoderConfig, found: _Found, family: str | None) -> tuple[AutoencoderConfig, str]:
+    """Scale/shift and family name, by the module's rule: stated > family= > other parts > assumed (said)."""
+    if found.normalisation:
+        if not config.family:  # name a diffusers config's family when it is exactly a preset
+            config = config.replace(family=next((n for n, p in PRESETS.items() if p.config == config.replace(family=n)), ""))
+        if family and (preset(family).scaling_factor, preset(family).shift_factor) != (config.scaling_factor, config.shift_factor):
+            _warn(found.notes, f"family={family!r} ignored: the {found.normalisation} states the normalisation "
+                               f"(z - {config.shift_factor:g}) * {config.scaling_factor:g}")
+        return config, found.normalisation
+    if family:
+        return _with_family(config, family), f"family={family!r} argument"
+    if found.hint:
+        name, evidence = found.hint
+        return _with_family(config, name), f"{name}, from the checkpoint's other parts ({evidence})"
+    candidates = [n for n, p in PRESETS.items() if _same_architecture(p.config, config)]
+    name = next((n for n in ASSUMED_FAMILIES if n in candidates), candidates[0] if candidates else None)
+    if name is None:
+        config = config.replace(scaling_factor=1.0, shift_factor=0.0, family="")
+        message = "unknown (custom architecture, nothing states it): scale 1, shift 0; pass family=... / --family to set it"
+    else:
+        config = _with_family(config, name)
+        others = [n for n in candidates if (preset(n).scaling_factor, preset(n).shift_factor) != (config.scaling_factor, config.shift_factor)]
+        message = (f"assumed {name}: (z - {config.shift_factor:g}) * {config.scaling_factor:g}"
+                   + "".join(f"; {n} has the same architecture but (z - {preset(n).shift_factor:g}) * {preset(n).scaling_factor:g}" for n in others)
+                   + "; pass family=... / --family to override")
+    _warn(found.notes, f"{found.format}: latent normalisation {message}", note=False)
+    return config, message
+
+
+def _checked(tensors: dict[str, Tensor], config: AutoencoderConfig) -> dict[str, Tensor]:
+    """Strict keys and shapes against the model `config` builds."""
+    with torch.device("meta"):
+        want = {k: v.shape for k, v in Autoencoder(config).state_dict().items()}
+    missing, unexpected = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+    if missing or unexpected:
+        parts = [f"{len(names)} {what} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+                 for names, what in ((missing, "missing"), (unexpected, "unexpected")) if names]
+        raise ValueError(f"checkpoint tensors do not match the architecture: {'; '.join(parts)}")
+    out = {}
+    for k, t in tensors.items():
+        if t.shape != want[k] and t.numel() == want[k].numel() and ".attn_1." in k:
+            t = t.reshape(want[k])  # Linear-shaped attention weights
+        out[k] = t
+    wrong = [f"{k} {list(t.shape)} (needs {list(want[k])})" for k, t in out.items() if t.shape != want[k]]
+    if wrong:
+        raise ValueError(f"{len(wrong)} tensors have the wrong shape for the config: {', '.join(wrong[:4])}")
+    return out
+
+
+def _warn(notes: list[str], message: str, note: bool = True) -> None:
+    if note:
+        notes.append(message)
+    # Point the warning at the first caller outside vaekit: the line the user can change.
+    package, frame, level = os.path.dirname(__file__) + os.sep, sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
+def _stored(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    t = t.detach().to("cpu")
+    return (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
