@@ -207,3 +207,11 @@ def test_analyze_on_a_tiny_model(tiny_model):
 def test_analyze_needs_two_images(tiny_model):
     with pytest.raises(ValueError, match="at least 2 images"):
         analysis.analyze(tiny_model, photos(32, n=1), progress=False)
+
+
+def test_detail_box_finds_the_textured_corner():
+    image = torch.zeros(3, 64, 64)
+    image[:, 40:56, 8:24] = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    top, left, h, w = analysis.detail_box(image, 16)
+    assert (h, w) == (16, 16) and abs(top - 40) <= 4 and abs(left - 8) <= 4
+    assert analysis.crop(image, (top, left, h, w)).shape == (16, 16, 3)

@@ -212,6 +212,22 @@ def error_map(original: Tensor, reconstruction: Tensor) -> np.ndarray:
     return (heat * 255).round().astype(np.uint8)
 
 
+def detail_box(image: Tensor, side: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the side x side window with the most edge energy: where blur shows."""
+    g = _gray(image[None])
+    energy = (g[..., 1:, 1:] - g[..., :-1, 1:]).pow(2) + (g[..., 1:, 1:] - g[..., 1:, :-1]).pow(2)
+    stride = max(1, side // 4)
+    pooled = torch.nn.functional.avg_pool2d(energy, side - 1, stride=stride)[0, 0]
+    top, left = divmod(int(pooled.argmax()), pooled.shape[1])
+    return top * stride, left * stride, side, side
+
+
+def crop(image: Tensor, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The box of a CHW image as HxWx3 uint8."""
+    top, left, h, w = box
+    return to_uint8(image[:, top : top + h, left : left + w])
+
+
 # ---- the four measurements ---------------------------------------------------------------------
 
 
@@ -347,6 +363,7 @@ def latent_statistics(model: Autoencoder, mean: Tensor, logvar: Tensor | None) -
         "suggested_scaling_factor": float(1 / mean.std()),
         "suggested_shift_factor": float(mean.mean()),
         "kl_mean": None if logvar is None else float(np.mean([ch["kl"] for ch in channels])),
+        "kl_min": None if logvar is None else float(min(ch["kl"] for ch in channels)),
         "high_frequency_fraction": high_frequency_fraction(z),
         "spectrum": {"frequency": freqs.tolist(), "power": power.tolist()},
     }
@@ -363,8 +380,10 @@ def blur(x: Tensor, reconstructions: Tensor, worst: int = 3) -> Analysis:
     _, p_recon = radial_power_spectrum(reconstructions)
     scores = psnr(x, reconstructions)
     order = scores.argsort()[:worst].tolist()
+    reference = high_frequency_energy(x)
     result = Analysis(numbers={
-        "high_frequency_ratio": high_frequency_energy(reconstructions) / high_frequency_energy(x),
+        # Flat originals have no detail to keep: no ratio.
+        "high_frequency_ratio": high_frequency_energy(reconstructions) / reference if reference > 0 else None,
         "spectrum": {"frequency": freqs.tolist(), "originals": p_orig.tolist(), "reconstructions": p_recon.tolist()},
         "worst": [{"index": i, "psnr": float(scores[i])} for i in order],
     })
@@ -407,7 +426,7 @@ def analyze(
     c = model.config
     result = Analysis(numbers={
         "kind": c.kind, "latent_channels": c.latent_channels, "factor": c.factor,
-        "n_images": int(x.shape[0]), "resolution": list(x.shape[-2:]), "lpips": lpips is not None,
+        "n_images": int(x.shape[0]), "resolution": list(x.shape[-2:]),
     })
     stages = tqdm(total=4, desc="analyze", unit="stage", disable=None if progress else True)
     stages.set_postfix_str("encode")
