@@ -121,15 +121,20 @@ class Encoder(nn.Module):
         moments = 2 * cfg.latent_channels if cfg.kind == "vae" else cfg.latent_channels
         self.conv_out = nn.Conv2d(ch[-1], moments, 3, padding=1)
 
+    def body_stages(self) -> list[nn.Module]:
+        """The full-resolution layers in order; `vaekit.model.tiling` runs them one at a time."""
+        stages: list[nn.Module] = [self.conv_in]
+        for level in self.down:
+            stages += list(level.block)
+            if level.resample is not None:
+                stages.append(level.resample)
+        return stages
+
     def body(self, x: Tensor) -> Tensor:
         """Full-resolution part: convolutions only, so it can run in tiles."""
-        h = self.conv_in(x)
-        for level in self.down:
-            for block in level.block:
-                h = block(h)
-            if level.resample is not None:
-                h = level.resample(h)
-        return h
+        for stage in self.body_stages():
+            x = stage(x)
+        return x
 
     def head(self, h: Tensor) -> Tensor:
         """Latent-resolution part, with global attention: always runs on the whole image."""
@@ -161,14 +166,22 @@ class Decoder(nn.Module):
         """Latent-resolution part, with global attention: always runs on the whole latent."""
         return self.mid(self.conv_in(z))
 
+    def body_stages(self) -> list[nn.Module]:
+        """The upsampling layers in order; `vaekit.model.tiling` runs them one at a time."""
+        stages: list[nn.Module] = []
+        for level in reversed(self.up):
+            stages += list(level.block)
+            if level.resample is not None:
+                stages.append(level.resample)
+        # Not registered as a submodule: checkpoint keys stay `decoder.norm_out` / `decoder.conv_out`.
+        stages.append(nn.Sequential(self.norm_out, nn.SiLU(), self.conv_out))
+        return stages
+
     def body(self, h: Tensor) -> Tensor:
         """Upsampling part: convolutions only, so it can run in tiles."""
-        for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
-            if level.resample is not None:
-                h = level.resample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        for stage in self.body_stages():
+            h = stage(h)
+        return h
 
     def forward(self, z: Tensor) -> Tensor:
         return self.body(self.head(z))
@@ -235,9 +248,10 @@ class Autoencoder(nn.Module):
 
     # ---- encode / decode -------------------------------------------------------------------
 
-    def encode(self, x: Tensor, pad: bool = False, tile: int | None = None) -> Posterior:
+    def encode(self, x: Tensor, pad: bool = False, tile: int | str | None = None) -> Posterior:
         """Image -> posterior. `pad=True` reflect-pads sides that are not multiples of the factor;
-        `tile` (pixels) runs the full-resolution layers in tiles (see `vaekit.model.tiling`)."""
+        `tile` (pixels, or "auto" to fit free GPU memory) runs the full-resolution layers in tiles
+        with the untiled result (see `vaekit.model.tiling`)."""
         x = self._check_images(x, pad)
         size = (x.shape[-2], x.shape[-1])
         x = self._pad(x) if pad else x
@@ -250,8 +264,8 @@ class Autoencoder(nn.Module):
         posterior.image_size = size if size != tuple(x.shape[-2:]) else None
         return posterior
 
-    def decode(self, z: Tensor, size: tuple[int, int] | None = None, tile: int | None = None) -> Tensor:
-        """Latent -> image. `size` crops the output (undoing encode's padding)."""
+    def decode(self, z: Tensor, size: tuple[int, int] | None = None, tile: int | str | None = None) -> Tensor:
+        """Latent -> image. `size` crops the output (undoing encode's padding); `tile` as in encode."""
         z = self._check_latents(z)
         x = self._fp16_safe(lambda t: self._decode(t, tile), z)
         return x[..., : size[0], : size[1]] if size is not None else x
@@ -275,12 +289,12 @@ class Autoencoder(nn.Module):
         return z / scale + shift
 
     def to_latent(
-        self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None, pad: bool = False, tile: int | None = None
+        self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None, pad: bool = False, tile: int | str | None = None
     ) -> Tensor:
         posterior = self.encode(x, pad=pad, tile=tile)
         return self.normalize(posterior.sample(generator) if sample else posterior.mode())
 
-    def from_latent(self, z: Tensor, size: tuple[int, int] | None = None, tile: int | None = None) -> Tensor:
+    def from_latent(self, z: Tensor, size: tuple[int, int] | None = None, tile: int | str | None = None) -> Tensor:
         return self.decode(self.denormalize(z), size=size, tile=tile)
 
     def _latent_affine(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -302,24 +316,24 @@ class Autoencoder(nn.Module):
 
     # ---- internals ------------------------------------------------------------------------
 
-    def _moments(self, x: Tensor, tile: int | None) -> Tensor:
+    def _moments(self, x: Tensor, tile: int | str | None) -> Tensor:
         if tile:
             from .tiling import encode_body_tiled
 
-            h = encode_body_tiled(self.encoder, x, tile)
+            h = encode_body_tiled(self.encoder, x, tile, self.config)
         else:
             h = self.encoder.body(x)
         h = self.encoder.head(h)
         return self.quant_conv(h) if self.quant_conv is not None else h
 
-    def _decode(self, z: Tensor, tile: int | None) -> Tensor:
+    def _decode(self, z: Tensor, tile: int | str | None) -> Tensor:
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         h = self.decoder.head(z)
         if tile:
             from .tiling import decode_body_tiled
 
-            return decode_body_tiled(self.decoder, h, tile)
+            return decode_body_tiled(self.decoder, h, tile, self.config)
         return self.decoder.body(h)
 
     def _fp16_safe(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:

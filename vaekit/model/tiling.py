@@ -1,0 +1,293 @@
+"""Tiled encode/decode that gives the untiled result, with accelerator memory bounded by one tile.
+
+Other tools run the whole network per tile and blend the overlaps. Each tile then normalises with
+its own GroupNorm statistics (tone shifts from tile to tile) and sees too little context at its
+edges (seams). Here the full-resolution body runs one stage at a time (each ResNet block, each
+resample, the decoder's output layers: the model's own modules, from `body_stages()`):
+
+- Tiles partition the image (their *cores*, aligned to the model's factor so every stride-2 grid
+  lines up). A tile is its core plus a halo of the stage's receptive field: one pixel per 3x3 conv
+  at the stage's input, rounded up to even. Only the core of each result is kept, so every output
+  pixel sees exactly the input it sees untiled; at the image border the model's own zero padding
+  applies, as untiled. Cores are exact, so overlaps hold identical values and need no blending.
+- Between stages the whole-image activation is kept on the *store* device (CPU when the model is on
+  an accelerator), so the accelerator holds one tile at a time. In RAM this costs the input and
+  output activations of one stage.
+- GroupNorm uses statistics of the whole image: a stage runs over all tiles up to its first norm
+  whose statistics are unknown, which adds up the tile cores (per sample and group, combined in
+  float64), stops the tile, and the stage runs again with that norm known. A ResNet block therefore
+  costs about 1.5 of its plain compute.
+
+The latent-resolution heads (mid block with global attention) run untiled in `Autoencoder`.
+Tiling is meant for inference (`torch.no_grad()`/`inference_mode()`); docs/TILING.md has the
+measured agreement, cost and memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..config import AutoencoderConfig
+from .autoencoder import Autoencoder, Decoder, Encoder
+
+# Tile working set per stage, in activations of the tile: the input, its norm and SiLU live while the
+# first conv runs; the conv output and the residual branch while the second does.
+_LIVE_INPUTS, _LIVE_OUTPUTS = 2, 3
+# Share of free accelerator memory that tile="auto" plans for; the rest is for the allocator's slack.
+_AUTO_SHARE = 0.8
+
+
+def encode_body_tiled(
+    encoder: Encoder,
+    x: Tensor,
+    tile: int | str,
+    config: AutoencoderConfig,
+    *,
+    whole_image_stats: bool = True,
+    offload: bool | None = None,
+) -> Tensor:
+    """`encoder.body(x)` in tiles of `tile` image pixels (or "auto"). `whole_image_stats=False`
+    gives the per-tile GroupNorm statistics of other tools, for comparison; `offload` keeps the
+    between-stage activations on the CPU (default: when x is on an accelerator)."""
+    return _run_tiled(encoder.body_stages(), x, tile, config, config.factor, whole_image_stats, offload)
+
+
+def decode_body_tiled(
+    decoder: Decoder,
+    h: Tensor,
+    tile: int | str,
+    config: AutoencoderConfig,
+    *,
+    whole_image_stats: bool = True,
+    offload: bool | None = None,
+) -> Tensor:
+    """`decoder.body(h)` (h: the head's output at latent resolution) in tiles of `tile` image pixels."""
+    return _run_tiled(decoder.body_stages(), h, tile, config, 1, whole_image_stats, offload)
+
+
+def tile_memory(config: AutoencoderConfig, tile: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
+    """Estimated accelerator bytes for one interior tile of `tile` pixels (encode or decode, whichever
+    needs more). Excludes the untiled latent-resolution heads and the convolution workspace."""
+    worst = 0
+    for core, stages in zip(((tile // config.factor) * config.factor, tile // config.factor), _stage_shapes(config)):
+        for halo, c_in, c_out, scale in stages:
+            side = core + 2 * halo
+            worst = max(worst, _LIVE_INPUTS * c_in * side**2 + _LIVE_OUTPUTS * c_out * int(side * scale) ** 2)
+            core = int(core * scale)
+    return worst * batch * dtype.itemsize
+
+
+def tile_size_for_budget(
+    config: AutoencoderConfig, budget_bytes: int, batch: int = 1, dtype: torch.dtype = torch.float32
+) -> int:
+    """The largest tile side (pixels, a multiple of the factor) whose `tile_memory` fits the budget."""
+    f = config.factor
+
+    def fits(latent_side: int) -> bool:
+        return tile_memory(config, latent_side * f, batch, dtype) <= budget_bytes
+
+    if not fits(1):
+        need = tile_memory(config, f, batch, dtype)
+        raise ValueError(f"a memory budget of {budget_bytes / 2**20:.1f} MiB is too small: the smallest tile ({f} px) needs {need / 2**20:.1f} MiB")
+    lo, hi = 1, 2
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * f
+
+
+# ---- internals ----------------------------------------------------------------------------------
+
+
+def _run_tiled(
+    stages: list[nn.Module],
+    x: Tensor,
+    tile: int | str,
+    config: AutoencoderConfig,
+    unit: int,
+    whole_image_stats: bool,
+    offload: bool | None,
+) -> Tensor:
+    """Run `stages` over x in tiles; `unit` is x's pixels per latent pixel."""
+    side = _latent_tile(tile, config, x)
+    rows = _split(x.shape[-2] // unit, side or x.shape[-2])
+    cols = _split(x.shape[-1] // unit, side or x.shape[-1])
+    if len(rows) == len(cols) == 1:  # the image fits one tile
+        for stage in stages:
+            x = stage(x)
+        return x
+    device = x.device
+    if offload is None:
+        offload = device.type != "cpu"
+    store = torch.device("cpu") if offload else device
+    for stage in stages:
+        x, unit = _run_stage(stage, x, rows, cols, unit, device, store, whole_image_stats)
+    return x.to(device)
+
+
+def _run_stage(
+    stage: nn.Module,
+    src: Tensor,
+    rows: list[tuple[int, int]],
+    cols: list[tuple[int, int]],
+    unit: int,
+    device: torch.device,
+    store: torch.device,
+    whole_image_stats: bool,
+) -> tuple[Tensor, int]:
+    """One stage over all tiles of src; returns the whole output (on `store`) and its unit."""
+    halo = _halo(stage)
+    norms = _WholeImageNorms(stage) if whole_image_stats else None
+    height, width = src.shape[-2:]
+    out: Tensor | None = None
+    out_unit = unit
+    with norms.installed() if norms else contextlib.nullcontext():
+        while True:
+            for (r0, r1), (c0, c1) in itertools.product(rows, cols):
+                (y0, y1), (ya, yb) = _window(r0 * unit, r1 * unit, halo, height)
+                (x0, x1), (xa, xb) = _window(c0 * unit, c1 * unit, halo, width)
+                if norms:
+                    norms.core = (slice(ya, yb), slice(xa, xb))
+                try:
+                    y = stage(src[..., y0:y1, x0:x1].to(device))
+                except _StatsPending:
+                    continue
+                # Resolution change of this stage: 1/2 (downsample), 1, or 2 (upsample).
+                num, den = y.shape[-1], x1 - x0
+                out_unit = unit * num // den
+                if out is None:
+                    out = torch.empty((*y.shape[:2], height * num // den, width * num // den), dtype=y.dtype, device=store)
+                out[..., r0 * out_unit : r1 * out_unit, c0 * out_unit : c1 * out_unit] = y[
+                    ..., ya * num // den : yb * num // den, xa * num // den : xb * num // den
+                ]
+            if norms is None or norms.gathering is None:
+                break
+            norms.finish()
+    assert out is not None
+    return out, out_unit
+
+
+def _window(start: int, stop: int, halo: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The tile's extent along one axis (core plus halo, clipped to the image), and its core within it."""
+    lo, hi = max(start - halo, 0), min(stop + halo, size)
+    return (lo, hi), (start - lo, stop - lo)
+
+
+def _split(length: int, side: int) -> list[tuple[int, int]]:
+    """[0, length) in near-equal pieces of at most `side` (no sliver of a last tile)."""
+    n = -(-length // side)
+    bounds = [round(i * length / n) for i in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _halo(stage: nn.Module) -> int:
+    """Context a tile needs at the stage's input: one pixel per 3x3 conv (a conv after the 2x
+    upsampling needs half a pixel, counted as one), rounded up to even so that a stride-2 conv
+    sees the same grid as untiled. Each stage resamples at most once, at its end or its start."""
+    reach = sum(m.dilation[0] * (m.kernel_size[0] // 2) for m in stage.modules() if isinstance(m, nn.Conv2d))
+    return reach + reach % 2
+
+
+def _latent_tile(tile: int | str, config: AutoencoderConfig, x: Tensor) -> int | None:
+    """Tile side in latent pixels; None means untiled (tile="auto" off an accelerator)."""
+    if tile == "auto":
+        free = _free_memory(x.device)
+        if free is None:
+            return None
+        tile = tile_size_for_budget(config, int(free * _AUTO_SHARE), batch=x.shape[0], dtype=x.dtype)
+    f = config.factor
+    if isinstance(tile, str) or tile < f:
+        raise ValueError(f"tile must be a side in pixels of at least the model's factor {f}, or 'auto'; got {tile!r}")
+    return tile // f
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Free accelerator bytes. None on CPU: there the whole-image activations between stages stay in
+    the same RAM, so tiling saves little (see docs/TILING.md) and "auto" runs untiled."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _stage_shapes(config: AutoencoderConfig) -> tuple[list[tuple[int, int, int, float]], ...]:
+    """(halo, input channels, output channels, output/input resolution) of each tiled stage of the
+    encoder and of the decoder, traced once through the architecture on the meta device (no weights)."""
+    with torch.device("meta"):
+        model = Autoencoder(config)
+    shapes = []
+    for stages, channels in ((model.encoder.body_stages(), config.in_channels), (model.decoder.body_stages(), config.block_channels[-1])):
+        found = []
+        for stage in stages:
+            y = stage(torch.empty(1, channels, 16, 16, device="meta"))
+            found.append((_halo(stage), channels, y.shape[1], y.shape[-1] / 16))
+            channels = y.shape[1]
+        shapes.append(found)
+    return tuple(shapes)
+
+
+class _StatsPending(Exception):
+    """Stops a tile at a GroupNorm whose whole-image statistics are still being gathered."""
+
+
+class _WholeImageNorms:
+    """While installed, the stage's GroupNorms normalise with statistics of the whole image.
+
+    A norm with unknown statistics adds the current tile's core (`core`, set by the caller) to its
+    running moments and raises `_StatsPending`; `finish()` turns the moments into mean and 1/std.
+    """
+
+    def __init__(self, stage: nn.Module):
+        self.norms = [m for m in stage.modules() if isinstance(m, nn.GroupNorm)]
+        self.known: dict[nn.GroupNorm, tuple[Tensor, Tensor]] = {}  # mean, rstd: float32 (N, G)
+        self.gathering: nn.GroupNorm | None = None
+        self.core: tuple[slice, slice] = (slice(None), slice(None))
+        self._moments: tuple[int, Tensor, Tensor] | None = None  # count, mean, sum of squared deviations
+        self._device: torch.device | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        for norm in self.norms:
+            norm.forward = functools.partial(self._forward, norm)  # instance attribute shadows the method
+        try:
+            yield
+        finally:
+            for norm in self.norms:
+                del norm.forward
+
+    def _forward(self, norm: nn.GroupNorm, x: Tensor) -> Tensor:
+        if norm in self.known:
+            mean, rstd = self.known[norm]
+            per = x.shape[1] // norm.num_groups
+            mean = mean.repeat_interleave(per, dim=1)[..., None, None]
+            scale = (rstd.repeat_interleave(per, dim=1) * norm.weight.float())[..., None, None]
+            return (x - mean.to(x.dtype)).mul_(scale.to(x.dtype)).add_(norm.bias.to(x.dtype)[:, None, None])
+        self.gathering, self._device = norm, x.device
+        self._add(x[..., self.core[0], self.core[1]].reshape(x.shape[0], norm.num_groups, -1))
+        raise _StatsPending
+
+    def _add(self, groups: Tensor) -> None:
+        """Chan et al.'s pairwise update: exact combination of per-tile means and variances."""
+        var, mean = torch.var_mean(groups.float(), dim=-1, correction=0)
+        count, mean, m2 = groups.shape[-1], mean.double().cpu(), var.double().cpu() * groups.shape[-1]
+        if self._moments is not None:
+            n0, mean0, m20 = self._moments
+            total, delta = n0 + count, mean - mean0
+            count, mean, m2 = total, mean0 + delta * (count / total), m20 + m2 + delta.square() * (n0 * count / total)
+        self._moments = (count, mean, m2)
+
+    def finish(self) -> None:
+        assert self.gathering is not None and self._moments is not None
+        count, mean, m2 = self._moments
+        rstd = torch.rsqrt(m2 / count + self.gathering.eps)
+        self.known[self.gathering] = (mean.float().to(self._device), rstd.float().to(self._device))
+        self.gathering, self._moments = None, None
