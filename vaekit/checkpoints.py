@@ -40,6 +40,8 @@ from .model import Autoencoder
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                      "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# The files of an autoencoder in a Hub repo, in order of preference (the first file locates it).
+HUB_LAYOUTS = tuple((f"{sub}config.json", f"{sub}{w}") for sub in ("", "vae/") for w in DIFFUSERS_WEIGHTS[:2]) + (("ae.safetensors",),)
 METADATA_KEY = "vaekit_config"  # safetensors metadata entry holding AutoencoderConfig.to_json()
 CONFIG_KEY = "_vaekit"  # the same config inside a diffusers config.json (diffusers skips "_" keys silently)
 # Where the VAE sits inside a full checkpoint: SD/SDXL/SD3 use the first, ComfyUI's FLUX.1 files the second.
@@ -249,7 +251,8 @@ def _config_from_diffusers(d: dict[str, Any], where: str, notes: list[str]) -> t
     cls = d.get("_class_name", "AutoencoderKL")
     if cls != "AutoencoderKL":
         raise ValueError(f"{where} describes a {cls}; vaekit reads AutoencoderKL (the LDM/SD autoencoder)")
-    n = len(d["block_out_channels"])
+    channels = tuple(d.get("block_out_channels", (64,)))  # diffusers' defaults throughout
+    n = len(channels)
     unsupported = [f"{k}={d[k]}" for k, ok in (
         ("act_fn", d.get("act_fn", "silu") == "silu"),
         ("down_block_types", d.get("down_block_types", ["DownEncoderBlock2D"] * n) == ["DownEncoderBlock2D"] * n),
@@ -262,7 +265,7 @@ def _config_from_diffusers(d: dict[str, Any], where: str, notes: list[str]) -> t
     config = AutoencoderConfig(
         in_channels=d.get("in_channels", 3),
         out_channels=d.get("out_channels", 3),
-        block_channels=tuple(d["block_out_channels"]),
+        block_channels=channels,
         layers_per_block=d.get("layers_per_block", 1),
         latent_channels=d.get("latent_channels", 4),
         use_quant_conv=d.get("use_quant_conv", True),
@@ -376,48 +379,47 @@ def _from_folder(path: Path) -> _Found:
 
 
 def _download(repo: str) -> Path:
-    """A Hub repo's autoencoder files, from the local cache or the network: a folder or ae.safetensors."""
+    """A Hub repo's autoencoder: its diffusers folder or ae.safetensors, from the local cache or the Hub."""
     try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub import HfApi, hf_hub_download
+        from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError:
         raise FileNotFoundError(_hub_hint(repo, "huggingface_hub is not installed")) from None
-    unreachable = False
-    for subfolder, name in (("", "config.json"), ("vae", "config.json"), ("", "ae.safetensors")):
-        def get(filename: str) -> Path:
-            return Path(hf_hub_download(repo, filename, subfolder=subfolder or None))
 
+    def fetch(files: tuple[str, ...], local: bool) -> Path:
+        paths = [Path(hf_hub_download(repo, f, local_files_only=local)) for f in files]
+        return paths[0] if len(files) == 1 else paths[0].parent
+
+    for files in HUB_LAYOUTS:  # the cache first: works offline, costs no request
         try:
-            first = get(name)
-            if name == "config.json":
-                try:
-                    get(DIFFUSERS_WEIGHTS[0])
-                except LocalEntryNotFoundError:
-                    raise
-                except EntryNotFoundError:
-                    get(DIFFUSERS_WEIGHTS[1])
-                return first.parent
-            return first
-        except LocalEntryNotFoundError:  # offline or no network, and not in the local cache
-            unreachable = True
-        except GatedRepoError:
-            raise FileNotFoundError(f"{repo} is gated: accept its licence at https://huggingface.co/{repo} and log in "
-                                    f"(`hf auth login`), or {_hub_fetch(repo)}") from None
-        except RepositoryNotFoundError:
-            raise FileNotFoundError(f"{repo} is neither a local file or folder nor a Hugging Face repo "
-                                    "(private repos need `hf auth login`)") from None
-        except EntryNotFoundError:
+            return fetch(files, local=True)
+        except LocalEntryNotFoundError:
             continue
-    if unreachable:
-        raise FileNotFoundError(_hub_hint(repo, "offline or unreachable, and not in the local cache"))
-    raise FileNotFoundError(f"{repo} has no autoencoder vaekit knows: no config.json + {DIFFUSERS_WEIGHTS[0]} "
-                            "at the top or under vae/, and no ae.safetensors")
+    try:
+        # One request lists the repo's files; failing fast here avoids the client's retries per file.
+        present = {s.rfilename for s in HfApi().model_info(repo).siblings or []}
+        files = next((f for f in HUB_LAYOUTS if set(f) <= present), None)
+        path = fetch(files, local=False) if files else None
+    except GatedRepoError:
+        raise FileNotFoundError(f"{repo} is gated: accept its licence at https://huggingface.co/{repo} and log in "
+                                f"(`hf auth login`), or {_hub_fetch(repo)}") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{repo} is neither a local file or folder nor a Hugging Face repo "
+                                "(private repos need `hf auth login`)") from None
+    except Exception as e:  # offline mode, no network, proxy or server errors: all end the same way
+        raise FileNotFoundError(_hub_hint(repo, f"{type(e).__name__}; not in the local cache either")) from None
+    if path is None:
+        raise FileNotFoundError(f"{repo} has no autoencoder vaekit knows: no config.json + {DIFFUSERS_WEIGHTS[0]} "
+                                "(or .bin) at the top or under vae/, and no ae.safetensors")
+    return path
 
 
 def _hub_fetch(repo: str) -> str:
-    if "flux" in repo.lower():
+    """Which files to fetch by hand: a guess from the repo's name, right for the usual repos."""
+    name = repo.split("/")[-1].lower()
+    if "flux" in name:
         return f"download https://huggingface.co/{repo}/resolve/main/ae.safetensors and pass that file's path"
-    sub = "" if "vae" in repo.lower() else "vae/"
+    sub = "" if "vae" in name else "vae/"
     return (f"download {sub}config.json and {sub}{DIFFUSERS_WEIGHTS[0]} from https://huggingface.co/{repo}/tree/main "
             f"into one folder and pass that folder's path")
 
@@ -479,8 +481,8 @@ def _same_architecture(a: AutoencoderConfig, b: AutoencoderConfig) -> bool:
 def _with_family(config: AutoencoderConfig, name: str) -> AutoencoderConfig:
     p = preset(name)
     if p.latent_channels != config.latent_channels:
-        raise ValueError(f"family {name!r} has {describe_channels(p.latent_channels)} latents, this checkpoint "
-                         f"{describe_channels(config.latent_channels)} latents")
+        raise ValueError(f"family {name!r} has {describe_channels(p.latent_channels, 'latents')}; this checkpoint has "
+                         f"{describe_channels(config.latent_channels, 'latents')}")
     return config.replace(scaling_factor=p.scaling_factor, shift_factor=p.shift_factor, family=name)
 
 
