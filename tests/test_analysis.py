@@ -125,6 +125,11 @@ def test_continuity_finds_the_snap_of_a_discontinuous_decoder():
     # Straight path of a linear decoder: the distance from the start grows linearly to |b - a|.
     dist = even.numbers["interpolation"]["l2"]["distance_from_start"]
     assert dist[-1] == pytest.approx(1.0, abs=0.01) and dist[4] == pytest.approx(4 / 7, abs=0.01)
+    assert even.numbers["interpolation"]["l2"]["detour"] == pytest.approx(1.0, abs=0.01)
+    # A path through garbage: the middle frames are unlike both ends, so the path is longer than its ends' distance.
+    garbage = FakeModel(lambda z: torch.where(z[:, :3].abs() < 0.9, torch.sign(torch.sin(40 * z[:, :3])), z[:, :3]))
+    detour = analysis.continuity(garbage, z, [(0, 1)], steps=8).numbers["interpolation"]["l2"]["detour"]
+    assert detour > 2
     noise = even.numbers["perturbation"]
     assert noise["noise"][0] == 0 and noise["noise"][-1] == pytest.approx(0.5)
     assert noise["l2"]["distance_from_start"][0] == 0

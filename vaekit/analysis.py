@@ -282,9 +282,13 @@ def continuity(
         for metric, per_path in per_metric.items():
             steps_ = np.stack(per_path)  # paths x (steps - 1)
             worst = max(path_smoothness(s)["worst_jump"] for s in steps_)
+            ends = np.stack(change[metric])[:, -1]
             numbers[metric] = {
                 "mean_step": float(steps_.mean()),
                 "worst_jump": float(worst),
+                # Path length over the direct distance between its ends: 1 for a straight cross-fade,
+                # more when the images on the way are unlike both ends (a detour through garbage).
+                "detour": float(np.mean(steps_.sum(axis=1) / np.maximum(ends, 1e-12))),
                 "steps": steps_.tolist(),
                 "distance_from_start": np.stack(change[metric]).mean(axis=0).tolist(),
             }

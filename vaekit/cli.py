@@ -114,24 +114,103 @@ def _tiled_recon(model, x: torch.Tensor, pad: bool, tile: int):
     return model.decode(posterior.mode(), size=posterior.image_size, tile=tile), posterior
 
 
-# ---- eval --------------------------------------------------------------------------------
+# ---- analyze / compare -------------------------------------------------------------------
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate, format_table, to_json
-    from .metrics import METRICS
+def _analysis_images(args: argparse.Namespace) -> tuple[list[str], torch.Tensor, list[str]]:
+    """DATA as names, a batch of resolution x resolution centre crops, and notes on skipped files."""
+    from .data import center_crop, load_images, to_tensor
 
-    metrics = [m.strip().lower() for m in args.metrics.split(",") if m.strip()]
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown or not metrics:
-        raise CLIError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(METRICS)}")
-    result = evaluate(args.model, args.data, metrics=metrics, resolution=args.resolution, batch_size=args.batch_size,
-                      lpips_net=args.lpips_net, device=args.device, family=args.family)
-    print(format_table(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(to_json(result) + "\n")
-        print(f"wrote {args.json}")
+    skipped: list[str] = []
+    images = load_images(args.data, limit=args.limit, skipped=skipped)
+    if len(images) < 2:
+        raise CLIError(f"{args.data} has {len(images)} readable image(s); the analysis needs at least 2 (it interpolates between pairs)")
+    x = torch.cat([to_tensor(center_crop(image, args.resolution).copy()) for _, image in images])
+    notes = [f"skipped unreadable {s}" for s in skipped]
+    for note in notes:
+        print(note, file=sys.stderr)
+    return [name for name, _ in images], x, notes
+
+
+def _analysis_model(source: str, args: argparse.Namespace):
+    from .checkpoints import load
+
+    model = load(source, family=args.family, device=args.device, dtype=torch.float32)
+    if args.resolution % model.factor:
+        f, r = model.factor, args.resolution
+        raise CLIError(f"--resolution {r} is not a multiple of {source}'s factor {f}: use {max(f, r - r % f)} or {r - r % f + f}")
+    return model
+
+
+def _analysis_lpips(args: argparse.Namespace):
+    """The LPIPS metric, or None and a note saying why it is left out (offline weights, --lpips off)."""
+    if args.lpips == "off":
+        return None, None
+    from .metrics import LPIPS
+
+    try:
+        return LPIPS(args.lpips, device=args.device), None
+    except (RuntimeError, OSError, ImportError) as e:
+        note = f"LPIPS not measured ({e})"
+        print(f"note: {note}", file=sys.stderr)
+        return None, note
+
+
+def _run_analysis(source: str, names: list[str], x: torch.Tensor, lpips, args: argparse.Namespace):
+    from .analysis import analyze
+
+    model = _analysis_model(source, args)
+    result = analyze(model, x, pairs=args.pairs, steps=args.steps, noise_max=args.noise, samples=args.samples,
+                     lpips=lpips, batch_size=args.batch_size, seed=args.seed)
+    lpips_info = lpips.info["backbone"] if lpips is not None else None
+    result.numbers = {"model": source, "data": args.data, "sources": names, "lpips": lpips_info, **result.numbers}
+    return result
+
+
+def _print_summary(results: dict) -> None:
+    from .report import MEASURES, SUMMARY, fmt, lookup
+
+    paths = [p for p in SUMMARY if any(lookup(r.numbers, p) is not None for r in results.values())]
+    rows = [("measure", *results)]
+    rows += [(MEASURES[p].label, *(fmt(lookup(r.numbers, p), MEASURES[p].digits) for r in results.values())) for p in paths]
+    _print_table(rows)
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from .report import write_analysis_report
+
+    names, x, notes = _analysis_images(args)
+    lpips, note = _analysis_lpips(args)
+    result = _run_analysis(args.model, names, x, lpips, args)
+    path = write_analysis_report(result, args.report, f"vaekit analyze: {args.model}", notes + ([note] if note else []))
+    _print_summary({args.model: result})
+    print(f"wrote {path} and report.json")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .analysis import crop, detail_box
+    from .report import slug, write_analysis_report, write_comparison_report
+
+    if len(args.models) < 2:
+        raise CLIError("compare needs at least 2 models (MODEL MODEL ... DATA); use `vaekit analyze` for one")
+    names, x, notes = _analysis_images(args)
+    lpips, note = _analysis_lpips(args)
+    notes += [note] if note else []
+    side = max(16, args.resolution // 4)
+    boxes = [(i, detail_box(x[i], side)) for i in range(min(args.crops, len(names)))]
+    results, crops, reports = {}, {}, {}
+    for k, source in enumerate(args.models, 1):
+        label = source if source not in results else f"{source} ({k})"
+        print(f"[{k}/{len(args.models)}] {label}", file=sys.stderr)
+        result = _run_analysis(source, names, x, lpips, args)
+        folder = f"models/{k}_{slug(label)}"
+        write_analysis_report(result, Path(args.report) / folder, f"vaekit analyze: {label}", notes)
+        results[label], reports[label] = result, f"{folder}/report.html"
+        crops[label] = [crop(result.reconstructions[i], box) for i, box in boxes]
+    originals = [(names[i], crop(x[i], box)) for i, box in boxes]
+    path = write_comparison_report(results, originals, crops, args.report, "vaekit compare: " + " vs ".join(results), notes, reports)
+    _print_summary(results)
+    print(f"wrote {path} and report.json (each model's own report under {Path(args.report) / 'models'})")
 
 
 # ---- wiring ------------------------------------------------------------------------------
@@ -182,26 +261,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default fp32)")
     _add_model_args(p)
 
-    p = add("eval", "score reconstructions: PSNR, SSIM, MS-SSIM, LPIPS, rFID, with the protocol behind the numbers", cmd_eval,
-            "Reconstruct DATA with MODEL exactly as `vaekit reconstruct` does (posterior mode, padded and cropped back, "
-            "uint8) and score the result against the originals. DATA is an image, a folder (recursive), tar shards or "
-            "'samples' (the built-in photos; samples:val for the held-out three). See docs/EVALUATION.md.")
+    analysis_help = (
+        "DATA is an image, a folder (recursive), tar shards or 'samples' (the built-in photos; samples:val for the "
+        "held-out three); each image is resized (shorter side) and centre-cropped to --resolution. The report "
+        "(DIR/report.html, opens offline, pictures beside it; DIR/report.json with every number) explains each measure."
+    )
+
+    def add_analysis_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("data", metavar="DATA")
+        p.add_argument("--report", required=True, metavar="DIR", help="folder for report.html, its pictures and report.json")
+        p.add_argument("--resolution", type=int, default=256, metavar="R", help="side of the square crops analysed (default 256; a multiple of each model's factor)")
+        p.add_argument("--limit", type=int, default=32, metavar="N", help="use at most the first N images (default 32)")
+        p.add_argument("--pairs", type=int, default=4, help="image pairs to interpolate between, and images to perturb (default 4)")
+        p.add_argument("--steps", type=int, default=8, help="decoded points along each latent line (default 8)")
+        p.add_argument("--noise", type=float, default=1.0, metavar="S",
+                       help="largest perturbation, in standard deviations of the data's latents per channel (default 1)")
+        p.add_argument("--samples", type=int, default=16, help="random latents decoded from the prior and from the fitted Gaussian (default 16)")
+        p.add_argument("--lpips", choices=["alex", "vgg", "off"], default="alex",
+                       help="LPIPS backbone for the reconstruction and continuity distances (default alex); without its "
+                            "downloaded weights the report says so and uses RMSE only")
+        p.add_argument("--batch-size", type=int, default=8, metavar="B", help="images decoded together (default 8)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the random latents and noise directions (default 0)")
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        _add_model_args(p)
+
+    p = add("analyze", "measure a model's reconstructions and latent space (continuity, completeness, statistics, blur) into an HTML report",
+            cmd_analyze,
+            "Measure MODEL (a VAE or a plain AE) on DATA: reconstruction (PSNR, SSIM, LPIPS, sharpness), continuity "
+            "(decoding along latent lines and under growing latent noise), completeness (decoding random latents), "
+            "latent statistics (per-channel mean/std, the scale/shift that would normalise them, KL per channel, "
+            "latent spectrum). " + analysis_help)
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("data", metavar="DATA")
-    p.add_argument("--metrics", default="psnr,ssim",
-                   help="comma-separated, from psnr,ssim,ms-ssim,lpips,rfid (default psnr,ssim: they need no downloaded "
-                        "weights). ms-ssim needs images of at least 161 px; lpips and rfid download their network weights "
-                        "once (offline: the error names the file and where to put it)")
-    p.add_argument("--json", metavar="FILE", help="also write every number, per image, and the protocol to FILE")
-    p.add_argument("--resolution", type=int, metavar="R",
-                   help="resize the shorter side to R (Lanczos) and cut the centre R x R; default: each image at its own size")
-    p.add_argument("--batch-size", type=int, default=1, metavar="B",
-                   help="reconstruct up to B images of the same size together: faster on a GPU, but float rounding then "
-                        "moves a few pixels by one level against `vaekit reconstruct` (default 1: identical to it)")
-    p.add_argument("--lpips-net", choices=["alex", "vgg"], default="alex",
-                   help="LPIPS backbone (default alex; VGG gives several times larger values, so compare like with like)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    _add_model_args(p)
+    add_analysis_args(p)
+
+    p = add("compare", "several models side by side on the same images, in one HTML report", cmd_compare,
+            "Run the analysis of `vaekit analyze` for each MODEL on the same DATA and put the results side by side: "
+            "metrics tables with the best value highlighted, the same regions reconstructed by each model, and the "
+            "interpolations and random samples next to each other. Models may differ in latent channels, factor and "
+            "kind (VAE or AE). Each model's full report is written under DIR/models/. " + analysis_help)
+    p.add_argument("models", nargs="+", metavar="MODEL")
+    add_analysis_args(p)
+    p.add_argument("--crops", type=int, default=4, metavar="N", help="images whose most detailed region is shown from every model (default 4)")
     return parser
 
 

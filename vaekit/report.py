@@ -42,6 +42,7 @@ MEASURES: dict[str, Measure] = {m.path: m for m in [
     Measure("blur.high_frequency_ratio", "sharpness", f"High-frequency energy (above {HIGH_FREQUENCY} cycles/pixel) of the reconstructions over that of the originals: 1 is as sharp, below 1 blurrier, above 1 adds artefacts.", "one"),
     Measure("continuity.interpolation.l2.mean_step", "interp. step", "Mean change (RMSE) between neighbouring images when decoding evenly spaced points on the straight line between two images' latents.", "", 4),
     Measure("continuity.interpolation.l2.worst_jump", "interp. worst jump", "The largest of those changes over their mean: 1 means the image morphs evenly (a continuous latent space), large means it snaps from one image to another.", "low", 2),
+    Measure("continuity.interpolation.l2.detour", "interp. detour", "Length of the path the decoded images take over the direct distance between its two ends: 1 is a straight cross-fade, larger means the images on the way are unlike both ends (a detour through garbage).", "low", 2),
     Measure("continuity.interpolation.lpips.worst_jump", "interp. worst jump (LPIPS)", "The same worst jump measured with LPIPS instead of RMSE.", "low", 2),
     Measure("continuity.perturbation.l2.mean_step", "noise step", "Mean change (RMSE) between neighbouring images as noise added to a latent grows evenly to one latent standard deviation: lower means small latent errors make small image errors.", "low", 4),
     Measure("continuity.perturbation.l2.worst_jump", "noise worst jump", "The largest of those changes over their mean: 1 means the output degrades gradually, large means a sudden break.", "low", 2),
@@ -64,7 +65,7 @@ MEASURES: dict[str, Measure] = {m.path: m for m in [
 
 SUMMARY = [
     "reconstruction.psnr", "reconstruction.ssim", "reconstruction.lpips", "blur.high_frequency_ratio",
-    "continuity.interpolation.l2.worst_jump", "continuity.perturbation.l2.mean_step",
+    "continuity.interpolation.l2.worst_jump", "continuity.interpolation.l2.detour", "continuity.perturbation.l2.mean_step",
     "completeness.prior.distance.gradient", "completeness.prior.distance.spectrum_slope",
     "latents.normalised_std", "latents.kl_min", "latents.high_frequency_fraction",
 ]
@@ -217,14 +218,21 @@ def _save_plot(page: Page, fig, name: str) -> str:
     return f"{name}.png"
 
 
-def _plot_spectra(page: Page, name: str, curves: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, ylabel: str = "power") -> str:
-    from matplotlib.ticker import NullFormatter
+def _plot_spectra(page: Page, name: str, curves: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, ylabel: str = "power",
+                  ratio: bool = False) -> str:
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig = _figure()
     ax = fig.add_subplot()
     for label, (f, p) in curves.items():
         ax.loglog(f, p, label=label, lw=1.6)
     ax.xaxis.set_minor_formatter(NullFormatter())  # log-axis minor labels collide
+    if ratio:  # a ratio reads best against 1, in plain numbers
+        ax.axhline(1.0, color="#999", lw=1)
+        lo, hi = ax.get_ylim()
+        ax.set_yticks([t for t in 2.0 ** np.arange(-8, 9) if lo <= t <= hi])
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.axvline(HIGH_FREQUENCY, color="#999", ls="--", lw=1)
     ax.text(HIGH_FREQUENCY, ax.get_ylim()[1], " high frequencies →", va="top", fontsize=8, color="#666")
     ax.set(xlabel="frequency (cycles / pixel)", ylabel=ylabel, title=title)
@@ -332,7 +340,8 @@ def _continuity_section(page: Page, a: Analysis) -> None:
     page.add('<p class="lead">Decoding evenly spaced points on a straight line in latent space should change the image '
              "evenly. In a discontinuous latent space (the textbook failure of a plain AE) the image stays, then snaps, "
              "or passes through garbage on the way.</p>")
-    paths = [p for p in ("continuity.interpolation.l2.mean_step", "continuity.interpolation.l2.worst_jump", "continuity.interpolation.lpips.worst_jump",
+    paths = [p for p in ("continuity.interpolation.l2.mean_step", "continuity.interpolation.l2.worst_jump", "continuity.interpolation.l2.detour",
+                         "continuity.interpolation.lpips.worst_jump",
                          "continuity.perturbation.l2.mean_step", "continuity.perturbation.l2.worst_jump") if lookup(a.numbers, p) is not None]
     page.add(_table([MEASURES[p].label for p in paths], [[fmt(lookup(a.numbers, p), MEASURES[p].digits) for p in paths]]))
     page.add(_legend(paths))
@@ -407,7 +416,8 @@ def _latent_section(page: Page, a: Analysis) -> None:
 
 COMPARE_RECONSTRUCTION = ["reconstruction.psnr", "reconstruction.ssim", "reconstruction.lpips", "blur.high_frequency_ratio"]
 COMPARE_LATENT = [
-    "continuity.interpolation.l2.worst_jump", "continuity.interpolation.lpips.worst_jump", "continuity.perturbation.l2.mean_step",
+    "continuity.interpolation.l2.worst_jump", "continuity.interpolation.l2.detour", "continuity.interpolation.lpips.worst_jump",
+    "continuity.perturbation.l2.mean_step",
     "continuity.perturbation.l2.worst_jump", "completeness.prior.distance.gradient", "completeness.prior.distance.spectrum_slope",
     "completeness.fitted.distance.gradient", "completeness.fitted.distance.spectrum_slope", "latents.normalised_std",
     "latents.kl_min", "latents.high_frequency_fraction",
@@ -477,7 +487,7 @@ def write_comparison_report(
     for name, r in results.items():
         s = r.numbers["blur"]["spectrum"]
         spectra[name] = (s["frequency"], (np.asarray(s["reconstructions"]) / np.asarray(s["originals"])).tolist())
-    src = _plot_spectra(page, "sharpness", spectra, "reconstruction power / original power", "ratio")
+    src = _plot_spectra(page, "sharpness", spectra, "reconstruction power / original power", "ratio", ratio=True)
     page.figure(src, "Per frequency, the power of each model's reconstructions over the originals': 1 is perfect, lower is blurrier.", 520, 320)
 
     page.add("<h2>Continuity and completeness, side by side</h2>")
