@@ -1,0 +1,172 @@
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vaekit
+import vaekit.train
+from vaekit.cli import main
+from vaekit.losses import AutoencoderLoss, LossConfig
+from vaekit.train import QUICKSTART, TrainConfig, TrainingDiverged, lr_factor, quickstart, train
+
+TINY = dict(block_channels=[16, 32, 32, 32], layers_per_block=1, norm_groups=8, latent_channels=4)
+
+
+def tiny_run(out: Path, **changes) -> TrainConfig:
+    """A few-second run: tiny model, 32-px crops, 32-px validation of the held-out photos."""
+    settings = dict(data="samples", out=str(out), config=TINY, steps=6, batch_size=2, resolution=32, val_resolution=32,
+                    lr=1e-3, warmup=2, save_every=3, sample_every=3, log_every=2)  # fmt: skip
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    f = [lr_factor(s, 100, 10, 0.1) for s in range(100)]
+    assert f[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert f[10] == pytest.approx(1.0) and f[55] == pytest.approx(0.55) and f[99] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_a_run_writes_the_whole_run_folder(tmp_path: Path):
+    result = train(tiny_run(tmp_path / "run", keep_checkpoints=2, save_every=2), progress=False)
+    run = result.run
+    settings = json.loads((run / "config.json").read_text())
+    assert settings["train"]["steps"] == 6 and settings["train"]["loss"]["kl_weight"] == 1e-6
+    assert settings["model"]["block_channels"] == TINY["block_channels"] and settings["precision"] == "fp32"
+    # Checkpoints: every 2 steps, the last two kept, no temp files left behind.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000004.pt", "step_0000006.pt"]
+    last = _weights(run / "checkpoints" / "step_0000006.pt")
+    assert last["step"] == 6 and last["discriminator"] is None
+    # The model folder holds the EMA weights, loadable by vaekit.load (diffusers layout).
+    model = vaekit.load(str(run / "model"))
+    assert (run / "model" / "config.json").is_file()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, last["ema"][k]), k
+    assert any(not torch.equal(last["ema"][k], last["model"][k]) for k in last["model"])  # EMA is not the raw model
+    # Metrics of the held-out photos: the trained EMA model beats the untrained one.
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics == result.metrics and metrics["final"]["n"] == 3 and metrics["stopped"] == "done"
+    assert metrics["final"]["psnr"] > metrics["initial"]["psnr"] + 0.5
+    assert [r["name"] for r in metrics["final"]["per_image"]] == ["chelsea", "coffee", "flower"]
+    # Logs: TensorBoard events and one JSON line per logged step; validation grids at 0, 3, 6.
+    assert list((run / "logs").glob("events.out.tfevents.*"))
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4, 6]
+    assert all(math.isfinite(line["loss"]) and line["lr"] > 0 and line["images_per_s"] > 0 for line in lines)
+    grids = sorted(p.name for p in (run / "samples").iterdir())
+    assert grids == ["step_0000000.png", "step_0000003.png", "step_0000006.png"]
+    assert Image.open(run / "samples" / "step_0000006.png").size == (3 * 32, 2 * 32)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(tiny_run(tmp_path / "run"), progress=False)
+
+
+def test_non_finite_steps_are_skipped_and_a_persistent_one_stops_with_a_usable_checkpoint(tmp_path: Path, monkeypatch):
+    forward = AutoencoderLoss.forward
+    nan_steps: set[int] = set()
+
+    def poisoned(self, x, recon, posterior, step, last_layer=None):
+        loss, logs = forward(self, x, recon, posterior, step, last_layer)
+        return (loss * math.nan, logs) if step in nan_steps else (loss, logs)
+
+    monkeypatch.setattr(AutoencoderLoss, "forward", poisoned)
+    nan_steps.update({1, 2})  # 0-based: the 2nd and 3rd steps
+    result = train(tiny_run(tmp_path / "skips", steps=6), progress=False)
+    assert result.metrics["skipped_steps"] == 2 and result.metrics["stopped"] == "done"
+    lines = [json.loads(line) for line in (tmp_path / "skips" / "log.jsonl").read_text().splitlines()]
+    assert [line["skipped_steps"] for line in lines] == [1, 2, 2] and all(math.isfinite(line["loss"]) for line in lines)
+    state = _weights(tmp_path / "skips" / "checkpoints" / "step_0000006.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+    nan_steps.clear()
+    nan_steps.update(range(4, 100))
+    with pytest.raises(TrainingDiverged, match=r"non-finite for 4 steps in a row \(step 8\).*step_0000008.pt.*lower --lr"):
+        train(tiny_run(tmp_path / "diverged", steps=20, max_bad_steps=3, save_every=100), progress=False)
+    state = _weights(tmp_path / "diverged" / "checkpoints" / "step_0000008.pt")
+    assert state["step"] == 8 and state["bad_in_a_row"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert all(torch.isfinite(v).all() for s in state["optimizer"]["state"].values() for v in s.values())
+
+
+def test_decoder_only_fine_tuning_leaves_the_encoder_untouched(tmp_path: Path):
+    torch.manual_seed(1)
+    start = vaekit.Autoencoder(vaekit.AutoencoderConfig(**TINY))
+    start.save(str(tmp_path / "start"))
+    result = train(tiny_run(tmp_path / "ft", config=None, init=str(tmp_path / "start"), decoder_only=True), progress=False)
+    state = _weights(result.run / "checkpoints" / "step_0000006.pt")
+    before = start.state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and all(torch.equal(state["model"][k], before[k]) and torch.equal(state["ema"][k], before[k]) for k in frozen)
+    assert all(not torch.equal(state["model"][k], before[k]) for k in trained if k.endswith("weight"))
+    # Only the decoder's parameters are in the optimizer.
+    assert len(state["optimizer"]["state"]) == len(trained)
+    assert vaekit.load(str(result.model)).config == start.config  # --init keeps the checkpoint's config
+
+
+def test_kind_and_latent_channel_overrides_and_gan_training(tmp_path: Path):
+    loss = LossConfig(gan_weight=0.5, gan_start=3, disc_channels=8, disc_layers=2)
+    result = train(tiny_run(tmp_path / "ae", config=None, preset="tiny-f8c4", kind="ae", latent_channels=8, loss=loss,
+                            steps=4, save_every=2, keep_checkpoints=5), progress=False)  # fmt: skip
+    config = vaekit.load(str(result.model)).config
+    assert config.kind == "ae" and config.latent_channels == 8 and config.family == "" and config.scaling_factor == 1.0
+    before, after = (_weights(result.run / "checkpoints" / f"step_000000{s}.pt") for s in (2, 4))
+    # The discriminator and its optimizer are checkpointed; it only trains from gan_start on.
+    assert before["disc_optimizer"]["state"] == {} and after["disc_optimizer"]["state"]
+    assert any(not torch.equal(before["discriminator"][k], after["discriminator"][k]) for k in before["discriminator"])
+    lines = [json.loads(line) for line in (result.run / "log.jsonl").read_text().splitlines()]
+    assert "disc" not in lines[0] and "disc" in lines[1] and "kl" not in lines[1]  # AE: no KL term
+
+
+def test_cli_train_resume_takes_the_runs_settings_and_lpips_fails_in_one_line(tmp_path: Path, capsys):
+    run = tmp_path / "cli"
+    common = ["--config", str(tmp_path / "tiny.json"), "--batch-size", "2", "--resolution", "32", "--val-resolution", "32"]
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+    assert main(["train", "--data", "samples", "--out", str(run), "--steps", "3", "--warmup", "1", "--save-every", "2", *common]) == 0
+    out = capsys.readouterr().out
+    assert "trained 3 steps" in out and "held-out 3 images at 32x32: PSNR" in out and str(run / "model") in out
+    assert main(["train", "--out", str(run), "--resume", "--steps", "5"]) == 0
+    settings = json.loads((run / "config.json").read_text())["train"]
+    assert settings["steps"] == 5 and settings["resolution"] == 32 and settings["data"] == "samples"
+    assert json.loads((run / "metrics.json").read_text())["step"] == 5
+    assert main(["train", "--data", "samples", "--out", str(tmp_path / "l"), "--lpips-weight", "1", *common]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "LPIPS" in err and "could not download" in err
+    assert main(["train", "--out", str(tmp_path / "nodata")]) == 1
+    assert "needs --data" in capsys.readouterr().err
+
+
+def test_quickstart_trains_within_its_budget_and_reports(tmp_path: Path, monkeypatch, capsys):
+    # The real recipe needs minutes; the same code path with a tiny model needs seconds.
+    small = dataclasses.replace(QUICKSTART, config=TINY, resolution=32, batch_size=4, warmup=5)
+    monkeypatch.setattr(vaekit.train, "QUICKSTART", small)
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--seconds", "12"]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "qs" / "metrics.json").read_text())
+    assert metrics["val_resolution"] == 256 and metrics["final"]["n"] == 3
+    assert metrics["final"]["psnr"] > metrics["initial"]["psnr"] + 1.0 and metrics["final"]["ssim"] > metrics["initial"]["ssim"]
+    assert 10 < metrics["steps"] and metrics["seconds"] < 12 * 1.5
+    assert f"PSNR {metrics['final']['psnr']:.2f} dB" in out and "samples:" in out
+    grid = sorted((tmp_path / "qs" / "samples").glob("*.png"))[-1]
+    assert Image.open(grid).size == (3 * 256, 2 * 256)
+    assert vaekit.load(str(tmp_path / "qs" / "model")).config.latent_channels == 4
+    assert quickstart.__defaults__[0] == "quickstart" and QUICKSTART.seconds == 300 and QUICKSTART.data == "samples"
+
+
+def test_workers_load_the_same_batches_as_the_main_process(tmp_path: Path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    a = train(tiny_run(tmp_path / "w0", data=str(folder), val="samples:val", workers=0, steps=3, sample_every=0), progress=False)
+    b = train(tiny_run(tmp_path / "w2", data=str(folder), val="samples:val", workers=2, steps=3, sample_every=0), progress=False)
+    wa, wb = (_weights(r.run / "checkpoints" / "step_0000003.pt")["model"] for r in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -1,0 +1,594 @@
+"""Train or fine-tune an autoencoder: the loop behind `vaekit train` and `vaekit quickstart`.
+
+One function, `train(cfg)`, read top to bottom (after nanoGPT's train.py): processes and devices,
+data, model/EMA/loss/optimizers, resume, then the loop. The run folder:
+
+    RUN/config.json        every setting (train settings, the model config, versions)
+    RUN/checkpoints/       step_XXXXXXX.pt, written atomically, the last --keep-checkpoints kept
+    RUN/model/             final EMA weights as a diffusers folder (vaekit.load, and diffusers
+                           whenever it has the architecture)
+    RUN/metrics.json       validation PSNR/SSIM of the final EMA model (and of the initial one)
+    RUN/logs/              TensorBoard: losses, lr, grad norm, images/s, skipped steps, val metrics
+    RUN/log.jsonl          the same scalars, one JSON line per logged step
+    RUN/samples/           PNG grids of fixed validation images (top) and their reconstructions
+
+Exact resume: all randomness of a step is keyed by (seed, rank, step): the data crops (see
+vaekit.data) and the posterior samples, so a checkpoint needs only the step, the weights, the
+optimizer states and the global RNG states to continue bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .checkpoints import load, write_atomic
+from .config import AutoencoderConfig, preset
+from .data import TrainingData, to_tensor, to_uint8, training_data, write_image
+from .losses import AutoencoderLoss, LossConfig
+from .metrics import psnr, ssim
+from .model import Autoencoder
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; `RUN/config.json` holds this plus the model config."""
+
+    # Data (any DATA string: folder, image file, tar shards, "samples").
+    data: str = ""
+    out: str = ""
+    val: str | None = None  # validation DATA; default: held out of `data` (see vaekit.data.training_data)
+    val_fraction: float = 0.05
+    val_images: int = 16
+    val_resolution: int = 256
+    resolution: int = 256  # training crop side
+    min_scale: float = 1.0  # random down-scale of each image by [min_scale, 1] before cropping
+    flip: bool = True
+    workers: int | None = None  # data loader processes; None: 0 for in-memory photos, else up to 4
+    # Model: a preset, a JSON AutoencoderConfig (file path or dict), or a checkpoint to fine-tune.
+    preset: str = "tiny-f8c4"
+    config: str | dict | None = None
+    init: str | None = None
+    kind: str | None = None  # override the preset's "vae" / "ae"
+    latent_channels: int | None = None
+    decoder_only: bool = False  # freeze the encoder (and quant_conv): the latent space stays as it is
+    # Optimisation.
+    steps: int = 10_000
+    seconds: float | None = None  # wall-clock budget: the step count is calibrated from measured speed
+    batch_size: int = 8  # per process, per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup: int = 500  # linear warm-up steps
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    clip: float = 1.0  # gradient-norm clipping; 0 turns it off
+    ema_decay: float = 0.999
+    precision: str | None = None  # "fp32" or "bf16" autocast; None: bf16 on CUDA, fp32 on CPU
+    seed: int = 0
+    loss: LossConfig = field(default_factory=LossConfig)
+    # Bookkeeping.
+    log_every: int = 10
+    sample_every: int = 500
+    save_every: int = 1000
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown train settings {unknown}")
+        d = dict(d)
+        if isinstance(d.get("loss"), dict):
+            d["loss"] = LossConfig(**d["loss"])
+        return cls(**d)
+
+
+# The quickstart recipe: the one place to tune it (see docs/TRAINING.md for how it was chosen).
+QUICKSTART = TrainConfig(
+    data="samples",
+    out="quickstart",
+    seconds=300,
+    preset="tiny-f8c4",
+    resolution=64,
+    min_scale=0.25,
+    batch_size=16,
+    lr=1e-3,
+    warmup=50,
+    ema_decay=0.99,
+    loss=LossConfig(pixel="l1", kl_weight=1e-6),
+    sample_every=200,
+    save_every=200,
+    val_resolution=256,
+)
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    model: Path  # the diffusers folder of the final EMA weights
+    metrics: dict[str, Any]
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or gradients stayed non-finite for too many consecutive steps."""
+
+
+# ---- the loop --------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    """Run (or resume) one training run as described by `cfg`; see the module docstring."""
+    started = time.time()
+    _validate(cfg)
+
+    # ---- processes and devices: torchrun sets WORLD_SIZE/RANK/LOCAL_RANK ----
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    distributed = world > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if distributed else 0
+    master = rank == 0
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    run = Path(cfg.out)
+    checkpoint_path = latest_checkpoint(run / "checkpoints")
+    if checkpoint_path and not cfg.resume:
+        raise ValueError(f"{run} already holds checkpoints: pass --resume to continue it, or choose another --out")
+
+    # ---- model, EMA, loss, optimizers (identical on every rank: seeded the same) ----
+    _seed_everything(cfg.seed)
+    model = build_model(cfg).to(device).train()
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if cfg.decoder_only:
+        for part in (model.encoder, model.quant_conv):
+            if part is not None:
+                part.requires_grad_(False)
+    crit = AutoencoderLoss(cfg.loss, kind=model.config.kind).to(device)
+    disc = crit.discriminator
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=cfg.betas) if disc is not None else None
+
+    # ---- data (after the loss, so a missing LPIPS backbone fails before any image is read) ----
+    data = training_data(
+        cfg.data, cfg.resolution, val=cfg.val, val_fraction=cfg.val_fraction, val_images=cfg.val_images,
+        val_resolution=cfg.val_resolution, min_scale=cfg.min_scale, flip=cfg.flip,
+    )  # fmt: skip
+    workers = cfg.workers if cfg.workers is not None else _default_workers(data, world)
+
+    # ---- resume ----
+    step, total, skipped_steps, bad_in_a_row = 0, cfg.steps, 0, 0
+    metrics: dict[str, Any] = {}
+    if checkpoint_path:
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        if AutoencoderConfig.from_dict(state["model_config"]) != model.config:
+            raise ValueError(f"{checkpoint_path} holds a different architecture than this run's settings")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        if disc is not None:
+            if state.get("discriminator") is None:
+                raise ValueError(f"{checkpoint_path} has no discriminator, but this run has --gan-weight > 0")
+            disc.load_state_dict(state["discriminator"])
+            disc_opt.load_state_dict(state["disc_optimizer"])
+        step, total = state["step"], state["steps"] if cfg.seconds else cfg.steps
+        skipped_steps, bad_in_a_row = state["skipped_steps"], state["bad_in_a_row"]
+        if state["initial_metrics"]:
+            metrics["initial"] = state["initial_metrics"]
+        _set_rng_state(state["rng"])
+        if state["world_size"] != world:
+            _note(master, f"resuming a {state['world_size']}-process run with {world}: the data order changes")
+        del state
+    calibrated = not cfg.seconds or checkpoint_path is not None
+
+    ddp_model: nn.Module = model
+    if distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if disc is not None:
+            crit.discriminator = nn.parallel.DistributedDataParallel(disc, device_ids=ids)
+
+    # ---- the run folder (rank 0 writes; the others only compute) ----
+    writer = None
+    if master:
+        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+        settings = {"train": cfg.to_dict(), "model": model.config.to_dict(), "world_size": world,
+                    "precision": precision, "workers": workers, "versions": _versions()}  # fmt: skip
+        write_atomic(run / "config.json", lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+        writer = _tensorboard(run / "logs")
+    if master and data.val and step == 0:
+        t = time.time()
+        metrics["initial"] = validate(ema, data, device, run / "samples" / "step_0000000.png", writer, 0)
+        eval_seconds = time.time() - t
+    else:
+        eval_seconds = 0.0
+
+    def save() -> Path:
+        """A checkpoint of everything needed to continue (rank 0 writes it, all ranks wait)."""
+        path = run / "checkpoints" / f"step_{step:07d}.pt"
+        if master:
+            state = {
+                "step": step, "steps": total, "model": model.state_dict(), "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(), "discriminator": disc.state_dict() if disc is not None else None,
+                "disc_optimizer": disc_opt.state_dict() if disc_opt is not None else None,
+                "rng": _rng_state(), "skipped_steps": skipped_steps, "bad_in_a_row": bad_in_a_row,
+                "initial_metrics": metrics.get("initial"), "model_config": model.config.to_dict(),
+                "train": cfg.to_dict(), "world_size": world,
+            }  # fmt: skip
+            save_checkpoint(run / "checkpoints", step, state, cfg.keep_checkpoints)
+        if distributed:
+            dist.barrier()
+        return path
+
+    # ---- the loop ----
+    batches = iter(data.loader(cfg.batch_size, cfg.seed, rank, world, start=step * cfg.grad_accum, workers=workers))
+    bar = _progress_bar(total, step, master and progress)
+    sums: dict[str, float] = {}  # logged terms, summed over the finite steps since the last log line
+    logged = 0
+    seen_unreadable: set[str] = set()
+    t_log, images_since_log = time.time(), 0
+    step_times: list[float] = []
+    stop_reason = ""
+    with _deferred_interrupt() as interrupted:
+        while step < total:
+            t_step = time.time()
+            lr = cfg.lr * lr_factor(step, total, cfg.warmup, cfg.min_lr_ratio)
+            for group in opt.param_groups + (disc_opt.param_groups if disc_opt else []):
+                group["lr"] = lr
+            gan = crit.gan_active(step)
+            finite = True
+            step_logs: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                batch = next(batches)
+                for s in batch.skipped:
+                    if s not in seen_unreadable:
+                        seen_unreadable.add(s)
+                        _note(True, f"skipped unreadable image {s}")
+                x = batch.images.to(device, non_blocking=True).float() / 127.5 - 1.0
+                last_micro = micro == cfg.grad_accum - 1
+                with _maybe_no_sync(ddp_model, not last_micro):
+                    with autocast:
+                        recon, posterior = ddp_model(x, sample_posterior=True, generator=_generator(cfg.seed, rank, step, micro, device))
+                    loss, logs = crit(x, recon.float(), posterior, step, last_layer=model.decoder.conv_out.weight)
+                    (loss / cfg.grad_accum).backward()
+                if gan:
+                    with _maybe_no_sync(crit.discriminator, not last_micro):
+                        with autocast:
+                            d_loss, d_logs = crit.discriminator_loss(x, recon)
+                        (d_loss / cfg.grad_accum).backward()
+                    logs.update(d_logs)
+                finite &= bool(torch.isfinite(loss)) and (not gan or bool(torch.isfinite(d_loss)))
+                for k, v in logs.items():
+                    step_logs[k] = step_logs.get(k, 0.0) + float(v) / cfg.grad_accum
+                images_since_log += len(x) * world
+
+            # One update per step, or none when anything is non-finite (ranks agree on it).
+            grad_norm = nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf)
+            d_norm = nn.utils.clip_grad_norm_(disc.parameters(), cfg.clip if cfg.clip > 0 else math.inf) if gan else grad_norm
+            out_of_time = calibrated and cfg.seconds is not None and time.time() > started + cfg.seconds - _reserve(eval_seconds)
+            flags = _agree([not (finite and torch.isfinite(grad_norm) and torch.isfinite(d_norm)), interrupted(), out_of_time], distributed)
+            bad, stop_now, late = flags
+            if not bad:
+                opt.step()
+                if gan:
+                    disc_opt.step()
+                ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+                bad_in_a_row = 0
+                for k, v in step_logs.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                logged += 1
+            else:
+                skipped_steps, bad_in_a_row = skipped_steps + 1, bad_in_a_row + 1
+            opt.zero_grad(set_to_none=True)
+            if disc_opt:
+                disc_opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            step_times.append(time.time() - t_step)
+
+            if not calibrated and len(step_times) >= 6:
+                # Time budget: fix the step count from the speed of steps 2-6, then keep it.
+                per_step = float(np.mean(step_times[1:])) + (eval_seconds / cfg.sample_every if cfg.sample_every else 0.0)
+                left = started + cfg.seconds - time.time() - _reserve(eval_seconds)
+                total = _broadcast_int(max(step, min(cfg.steps, step + int(left / per_step))), distributed)
+                bar.total, calibrated = total, True
+                bar.refresh()
+
+            if step % cfg.log_every == 0 or step == total:
+                now = time.time()
+                scalars = {k: v / logged for k, v in sums.items()} if logged else {}
+                scalars.update(lr=lr, grad_norm=float(grad_norm), skipped_steps=skipped_steps,
+                               images_per_s=images_since_log / max(now - t_log, 1e-9))  # fmt: skip
+                if master:
+                    _log(writer, run, step, scalars)
+                    bar.set_postfix(loss=f"{scalars.get('loss', math.nan):.4f}", img_s=f"{scalars['images_per_s']:.1f}")
+                sums, logged, t_log, images_since_log = {}, 0, now, 0
+            if bad_in_a_row > cfg.max_bad_steps:
+                stop_reason = "diverged"
+                break
+            if master and data.val and cfg.sample_every and step % cfg.sample_every == 0 and step < total:
+                validate(ema, data, device, run / "samples" / f"step_{step:07d}.png", writer, step)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                save()
+            if stop_now:
+                stop_reason = "interrupted"
+                break
+            if late:
+                stop_reason = "out of time"
+                break
+    bar.close()
+
+    # ---- the end: checkpoint, final model, metrics ----
+    path = save()
+    if stop_reason == "diverged":
+        raise TrainingDiverged(
+            f"loss or gradients were non-finite for {bad_in_a_row} steps in a row (step {step}); the weights are the "
+            f"last finite ones, saved in {path}: lower --lr or --gan-weight, raise --warmup, or use --precision fp32"
+        )
+    if stop_reason == "interrupted":
+        raise KeyboardInterrupt(f"saved {path}; continue with --resume")
+    if master:
+        ema.save(str(run / "model"))
+        if data.val:
+            metrics["final"] = validate(ema, data, device, run / "samples" / f"step_{step:07d}.png", writer, step)
+        metrics.update(step=step, steps=total, skipped_steps=skipped_steps, stopped=stop_reason or "done",
+                       seconds=round(time.time() - started, 1), val_resolution=cfg.val_resolution,
+                       unreadable=sorted(seen_unreadable), data=data.description)  # fmt: skip
+        write_atomic(run / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
+        writer.close()
+    if distributed:
+        dist.barrier()
+    return TrainResult(run, run / "model", metrics)
+
+
+def quickstart(out: str = QUICKSTART.out, seconds: float | None = None, progress: bool = True, **changes: Any) -> TrainResult:
+    """Train the QUICKSTART recipe on the built-in photos within `seconds` (default: the recipe's)."""
+    changes = {"out": out, "seconds": seconds or QUICKSTART.seconds, **changes}
+    return train(dataclasses.replace(QUICKSTART, **changes), progress=progress)
+
+
+# ---- pieces of the loop ------------------------------------------------------------------------
+
+
+def build_model(cfg: TrainConfig) -> Autoencoder:
+    """The model to train: a checkpoint (--init), a JSON config, or a preset with --kind/--latent-channels.
+
+    A model trained from scratch is nobody's published family, so its `family` is cleared and its
+    latent normalisation reset to identity (measure it with `vaekit analyze`); --init keeps the
+    checkpoint's, and a --config file is taken as written."""
+    if cfg.init:
+        if cfg.kind or cfg.latent_channels or cfg.config:
+            raise ValueError("--init takes the architecture from the checkpoint; leave out --kind, --latent-channels and --config")
+        return load(cfg.init, dtype=torch.float32)
+    if cfg.config is not None:
+        config = AutoencoderConfig.from_dict(cfg.config if isinstance(cfg.config, dict) else json.loads(Path(cfg.config).read_text()))
+    else:
+        config = preset(cfg.preset).replace(family="", scaling_factor=1.0, shift_factor=0.0)
+    if cfg.kind:
+        config = config.replace(kind=cfg.kind)
+    if cfg.latent_channels:
+        config = config.replace(latent_channels=cfg.latent_channels)
+    return Autoencoder(config)
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay from 1 to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model. The trainer warms the decay up as (1+t)/(10+t), so
+    short runs are not dominated by the random initial weights."""
+    e, m = list(ema.parameters()), [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(e, m, 1.0 - decay)
+
+
+@torch.no_grad()
+def validate(model: Autoencoder, data: TrainingData, device: torch.device, grid: Path | None = None,
+             writer: Any = None, step: int = 0, batch_size: int = 8) -> dict[str, Any]:  # fmt: skip
+    """PSNR/SSIM (vaekit.metrics, on uint8) of the posterior-mode reconstructions of the validation
+    images; writes a grid of the first 8 (originals above, reconstructions below)."""
+    names = [n for n, _ in data.val]
+    originals = np.stack([im for _, im in data.val])
+    recons = []
+    for i in range(0, len(originals), batch_size):
+        x = torch.cat([to_tensor(im) for im in originals[i : i + batch_size]]).to(device)
+        recons.append(to_uint8(model(x)[0]))
+    recons = np.concatenate(recons)
+    p, s = psnr(recons, originals), ssim(recons, originals)
+    result = {"psnr": float(p.mean()), "ssim": float(s.mean()), "n": len(names),
+              "per_image": [{"name": n, "psnr": float(a), "ssim": float(b)} for n, a, b in zip(names, p, s)]}  # fmt: skip
+    if grid is not None:
+        write_image(grid, np.concatenate([np.concatenate(list(originals[:8]), 1), np.concatenate(list(recons[:8]), 1)], 0))
+    if writer is not None:
+        writer.add_scalar("val/psnr", result["psnr"], step)
+        writer.add_scalar("val/ssim", result["ssim"], step)
+    return result
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted(folder.glob("step_*.pt"))
+    return found[-1] if found else None
+
+
+def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write step_XXXXXXX.pt atomically (temp file + rename), then delete all but the last `keep`."""
+    path = folder / f"step_{step:07d}.pt"
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
+    for old in sorted(folder.glob("step_*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def _generator(seed: int, rank: int, step: int, micro: int, device: torch.device) -> torch.Generator:
+    """The posterior-sampling generator of one micro-step: keyed, so resume needs no state for it."""
+    g = torch.Generator(device)
+    g.manual_seed(int(np.random.SeedSequence((seed, rank, step, micro)).generate_state(1, np.uint64)[0] >> 1))
+    return g
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def _agree(flags: list[bool], distributed: bool) -> list[bool]:
+    """Any rank's flag becomes every rank's, so all ranks skip, stop or finish on the same step."""
+    if not distributed:
+        return [bool(f) for f in flags]
+    t = torch.tensor([float(f) for f in flags], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def _broadcast_int(value: int, distributed: bool) -> int:
+    if not distributed:
+        return value
+    t = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(t, 0)
+    return int(t.item())
+
+
+def _maybe_no_sync(module: nn.Module, skip_sync: bool) -> contextlib.AbstractContextManager:
+    """DDP's no_sync for the micro-steps of gradient accumulation before the last one."""
+    return module.no_sync() if skip_sync and isinstance(module, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[Any]:
+    """The first Ctrl-C only asks the loop to stop after the current step (it then saves a
+    checkpoint); a second one interrupts at once."""
+    requested = [False]
+
+    def handler(signum: int, frame: Any) -> None:
+        if requested[0]:
+            raise KeyboardInterrupt
+        requested[0] = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave Ctrl-C alone
+        previous = None
+    try:
+        yield lambda: requested[0]
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _reserve(eval_seconds: float) -> float:
+    """Seconds a time-budgeted run keeps for the final validation, checkpoint and model."""
+    return 1.5 * eval_seconds + 1.0
+
+
+def _default_workers(data: TrainingData, world: int) -> int:
+    from .data import CropDataset
+
+    in_memory = isinstance(data.dataset, CropDataset) and all(isinstance(i, np.ndarray) for i in data.dataset.items)
+    return 0 if in_memory else min(4, max(1, (os.cpu_count() or 1) // world - 1))
+
+
+def _validate(cfg: TrainConfig) -> None:
+    if not cfg.data or not cfg.out:
+        raise ValueError("training needs --data and --out")
+    for name in ("steps", "batch_size", "grad_accum", "resolution", "keep_checkpoints", "log_every", "val_resolution"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if not 0 < cfg.min_scale <= 1:
+        raise ValueError(f"min_scale must be in (0, 1], got {cfg.min_scale}")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.precision not in (None, "fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
+    if cfg.seconds is not None and cfg.seconds <= 0:
+        raise ValueError(f"seconds must be positive, got {cfg.seconds}")
+
+
+def _versions() -> dict[str, str]:
+    from . import __version__
+
+    return {"vaekit": __version__, "torch": torch.__version__, "numpy": np.__version__}
+
+
+def _tensorboard(folder: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ImportError("TensorBoard logging needs the tensorboard package: pip install 'vaekit[train]'") from None
+    return SummaryWriter(str(folder))
+
+
+def _log(writer: Any, run: Path, step: int, scalars: dict[str, float]) -> None:
+    for k, v in scalars.items():
+        writer.add_scalar(f"train/{k}", v, step)
+    with open(run / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in scalars.items()}}) + "\n")
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", desc="train", dynamic_ncols=True, disable=None if enabled else True)
+
+
+def _note(enabled: bool, message: str) -> None:
+    if enabled:
+        from tqdm import tqdm
+
+        tqdm.write(f"vaekit train: {message}")
