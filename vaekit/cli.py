@@ -114,26 +114,6 @@ def _tiled_recon(model, x: torch.Tensor, pad: bool, tile: int):
     return model.decode(posterior.mode(), size=posterior.image_size, tile=tile), posterior
 
 
-# ---- eval --------------------------------------------------------------------------------
-
-
-def cmd_eval(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate, format_table, to_json
-    from .metrics import METRICS
-
-    metrics = [m.strip().lower() for m in args.metrics.split(",") if m.strip()]
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown or not metrics:
-        raise CLIError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(METRICS)}")
-    result = evaluate(args.model, args.data, metrics=metrics, resolution=args.resolution, batch_size=args.batch_size,
-                      lpips_net=args.lpips_net, device=args.device, family=args.family)
-    print(format_table(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(to_json(result) + "\n")
-        print(f"wrote {args.json}")
-
-
 # ---- analyze / compare -------------------------------------------------------------------
 
 
@@ -233,6 +213,60 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"wrote {path} and report.json (each model's own report under {Path(args.report) / 'models'})")
 
 
+# ---- train / quickstart ------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import train
+
+    _run_training(lambda: train(_train_config(args)), "train")
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from .train import quickstart
+
+    _run_training(lambda: quickstart(args.out, args.seconds), "quickstart")
+
+
+def _train_config(args: argparse.Namespace):
+    """TrainConfig from the options given; with --resume, the run's saved settings fill in the rest."""
+    import dataclasses
+    import json
+
+    from .losses import LossConfig
+    from .train import TrainConfig
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "fn")}
+    base = TrainConfig()
+    saved = Path(given["out"]) / "config.json"
+    if given.get("resume") and saved.is_file():
+        base = TrainConfig.from_dict(json.loads(saved.read_text())["train"])
+    loss_names = {f.name for f in dataclasses.fields(LossConfig)}
+    loss = dataclasses.replace(base.loss, **{k: v for k, v in given.items() if k in loss_names})
+    return dataclasses.replace(base, loss=loss, **{k: v for k, v in given.items() if k not in loss_names})
+
+
+def _run_training(run: Callable, command: str) -> None:
+    try:
+        result = run()
+    except KeyboardInterrupt as e:
+        if str(e):
+            print(f"vaekit {command}: {e}", file=sys.stderr)
+        raise
+    except ImportError as e:  # an optional extra is missing: the message says which
+        raise CLIError(str(e)) from None
+    m = result.metrics
+    print(f"trained {m['step']} steps in {m['seconds']:.0f} s ({m['stopped']}); run folder: {result.run}")
+    print(f"model:   {result.model}  (vaekit.load, or diffusers AutoencoderKL.from_pretrained)")
+    if "final" in m:
+        grid = sorted((result.run / "samples").glob("step_*.png"))[-1]
+        f, before = m["final"], m.get("initial")
+        was = f" (untrained {before['psnr']:.2f} dB / {before['ssim']:.3f})" if before else ""
+        print(f"samples: {grid}  (validation images above, reconstructions below)")
+        print(f"held-out {f['n']} images at {m['val_resolution']}x{m['val_resolution']}: PSNR {f['psnr']:.2f} dB, SSIM {f['ssim']:.4f}{was}")
+        print(f"metrics: {result.run / 'metrics.json'}   logs: tensorboard --logdir {result.run / 'logs'}")
+
+
 # ---- wiring ------------------------------------------------------------------------------
 
 
@@ -281,27 +315,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default fp32)")
     _add_model_args(p)
 
-    p = add("eval", "score reconstructions: PSNR, SSIM, MS-SSIM, LPIPS, rFID, with the protocol behind the numbers", cmd_eval,
-            "Reconstruct DATA with MODEL exactly as `vaekit reconstruct` does (posterior mode, padded and cropped back, "
-            "uint8) and score the result against the originals. DATA is an image, a folder (recursive), tar shards or "
-            "'samples' (the built-in photos; samples:val for the held-out three). See docs/EVALUATION.md.")
-    p.add_argument("model", metavar="MODEL")
-    p.add_argument("data", metavar="DATA")
-    p.add_argument("--metrics", default="psnr,ssim",
-                   help="comma-separated, from psnr,ssim,ms-ssim,lpips,rfid (default psnr,ssim: they need no downloaded "
-                        "weights). ms-ssim needs images of at least 161 px; lpips and rfid download their network weights "
-                        "once (offline: the error names the file and where to put it)")
-    p.add_argument("--json", metavar="FILE", help="also write every number, per image, and the protocol to FILE")
-    p.add_argument("--resolution", type=int, metavar="R",
-                   help="resize the shorter side to R (Lanczos) and cut the centre R x R; default: each image at its own size")
-    p.add_argument("--batch-size", type=int, default=1, metavar="B",
-                   help="reconstruct up to B images of the same size together: faster on a GPU, but float rounding then "
-                        "moves a few pixels by one level against `vaekit reconstruct` (default 1: identical to it)")
-    p.add_argument("--lpips-net", choices=["alex", "vgg"], default="alex",
-                   help="LPIPS backbone (default alex; VGG gives several times larger values, so compare like with like)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    _add_model_args(p)
-
     analysis_help = (
         "DATA is an image, a folder (recursive), tar shards or 'samples' (the built-in photos; samples:val for the "
         "held-out three); each image is resized (shorter side) and centre-cropped to --resolution. The report "
@@ -343,7 +356,92 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", metavar="MODEL")
     add_analysis_args(p)
     p.add_argument("--crops", type=int, default=4, metavar="N", help="images whose most detailed region is shown from every model (default 4)")
+
+    p = add("train", "train or fine-tune a VAE or plain AE (resumable, multi-GPU with torchrun)", cmd_train,
+            "Train an autoencoder on DATA into the run folder RUN: RUN/config.json (every setting), RUN/checkpoints/ "
+            "(atomic, the last K kept), RUN/model/ (final EMA weights, diffusers format), RUN/metrics.json (validation "
+            "PSNR/SSIM), RUN/logs/ (TensorBoard), RUN/samples/ (validation reconstructions). DATA is a folder "
+            "(searched recursively), an image, tar shards ('shards/{000..099}.tar'), or 'samples' (built-in photos). "
+            "--resume continues RUN exactly where its last checkpoint stopped, with the run's saved settings (options "
+            "given again override them); Ctrl-C saves a checkpoint first. Under `torchrun --nproc_per_node N vaekit "
+            "train ...` each process trains on its share of the data with DDP. See docs/TRAINING.md.")
+    _add_train_args(p)
+
+    p = add("quickstart", "train a small VAE on the built-in photos in a few minutes and report its held-out PSNR/SSIM",
+            cmd_quickstart,
+            "Train vaekit's quickstart recipe (vaekit.train.QUICKSTART: a small 8x, 4-channel VAE) on the photos that "
+            "ship with scikit-image and scikit-learn, within a wall-clock budget: the step count is calibrated from the "
+            "measured speed of the first steps. Then evaluate it on the three held-out photos (chelsea, coffee, flower) "
+            "at 256x256 and print where the model, the reconstruction grid and the metrics are.")
+    p.add_argument("--out", default="quickstart", metavar="DIR", help="run folder (default: ./quickstart)")
+    p.add_argument("--seconds", type=float, metavar="S", help="wall-clock budget including evaluation (default: 300)")
     return parser
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    """Options default to TrainConfig's values; unset ones stay out of the namespace (see _train_config)."""
+    from .train import TrainConfig
+
+    d = TrainConfig()
+
+    def opt(g: argparse._ArgumentGroup, flag: str, help: str, default: object = None, **kw) -> None:
+        if kw.get("type") in (int, float) and "metavar" not in kw:
+            kw["metavar"] = "N" if kw["type"] is int else "X"
+        shown = f" (default: {default})" if default is not None else ""
+        g.add_argument(flag, default=argparse.SUPPRESS, help=help + shown, **kw)
+
+    g = p.add_argument_group("data")
+    opt(g, "--data", "training images: folder, image file, tar shards, or 'samples' (required unless --resume)", metavar="DATA")
+    g.add_argument("--out", required=True, metavar="RUN", help="run folder")
+    opt(g, "--val", "validation images (any DATA); default: held out of --data (samples: chelsea, coffee, flower)", metavar="DATA")
+    opt(g, "--val-fraction", "share of --data held out for validation, chosen by a hash of each file name", d.val_fraction, type=float)
+    opt(g, "--val-images", "at most this many validation images", d.val_images, type=int)
+    opt(g, "--val-resolution", "validation images: shorter side resized to this, centre square", d.val_resolution, type=int)
+    opt(g, "--resolution", "training crop side in pixels", d.resolution, type=int)
+    opt(g, "--min-scale", "scale each image by a random factor in [X, 1] before cropping (multi-scale)", d.min_scale, type=float)
+    opt(g, "--flip", "random horizontal flips", d.flip, action=argparse.BooleanOptionalAction)
+    opt(g, "--workers", "data-loading processes (default: 0 for the built-in photos, else up to 4)", type=int)
+
+    g = p.add_argument_group("model")
+    opt(g, "--preset", "architecture to train from scratch (see `vaekit presets`)", d.preset, metavar="NAME")
+    opt(g, "--config", "architecture as a JSON AutoencoderConfig file (instead of --preset)", metavar="FILE")
+    opt(g, "--init", "fine-tune from this checkpoint (any MODEL vaekit.load reads)", metavar="MODEL")
+    opt(g, "--kind", "override the preset: Gaussian-posterior VAE or deterministic AE", choices=["vae", "ae"])
+    opt(g, "--latent-channels", "override the preset's latent channels", type=int)
+    opt(g, "--decoder-only", "freeze the encoder and quant_conv: improve decoding, keep the latent space", action="store_true")
+
+    g = p.add_argument_group("optimisation")
+    opt(g, "--steps", "optimizer steps (the cosine schedule ends here)", d.steps, type=int)
+    opt(g, "--seconds", "wall-clock budget: the step count (at most --steps) is calibrated from the speed of the first steps", type=float)
+    opt(g, "--batch-size", "images per process per micro-step", d.batch_size, type=int)
+    opt(g, "--grad-accum", "micro-steps per optimizer step", d.grad_accum, type=int)
+    opt(g, "--lr", "peak learning rate (AdamW; the discriminator uses the same)", d.lr, type=float)
+    opt(g, "--min-lr-ratio", "cosine decay ends at lr * X", d.min_lr_ratio, type=float)
+    opt(g, "--warmup", "linear warm-up steps", d.warmup, type=int)
+    opt(g, "--betas", "AdamW betas", " ".join(map(str, d.betas)), type=float, nargs=2, metavar=("B1", "B2"))
+    opt(g, "--weight-decay", "AdamW weight decay", d.weight_decay, type=float)
+    opt(g, "--clip", "gradient-norm clipping (0: off)", d.clip, type=float)
+    opt(g, "--ema-decay", "EMA of the weights, used for validation and the saved model", d.ema_decay, type=float)
+    opt(g, "--precision", "autocast precision (default: bf16 on CUDA, fp32 on CPU, where bf16 is slower)", choices=["fp32", "bf16"])
+    opt(g, "--seed", "seed of the initial weights, the data order and crops, and the posterior samples", d.seed, type=int)
+
+    g = p.add_argument_group("loss")
+    opt(g, "--pixel", "reconstruction loss", d.loss.pixel, choices=["l1", "l2", "charbonnier"])
+    opt(g, "--ssim-weight", "weight of the 1 - SSIM loss", d.loss.ssim_weight, type=float)
+    opt(g, "--kl-weight", "weight of the KL term (summed over latent elements; ignored for --kind ae)", d.loss.kl_weight, type=float)
+    opt(g, "--lpips-weight", "weight of the LPIPS loss (needs the backbone weights; LDM uses 1.0)", d.loss.lpips_weight, type=float)
+    opt(g, "--lpips-net", "LPIPS backbone", d.loss.lpips_net, choices=["vgg", "alex"])
+    opt(g, "--gan-weight", "PatchGAN weight (LDM: 0.5), scaled by the adaptive weight", d.loss.gan_weight, type=float)
+    opt(g, "--gan-start", "first step with the GAN term and discriminator updates (LDM: 50001)", d.loss.gan_start, type=int)
+    opt(g, "--gan-loss", "discriminator loss", d.loss.gan_loss, choices=["hinge", "vanilla"])
+
+    g = p.add_argument_group("run")
+    opt(g, "--resume", "continue RUN from its last checkpoint (starts fresh if it has none)", action="store_true")
+    opt(g, "--log-every", "steps between log lines (TensorBoard, RUN/log.jsonl)", d.log_every, type=int)
+    opt(g, "--sample-every", "steps between validation grids and metrics (0: only at the start and end)", d.sample_every, type=int)
+    opt(g, "--save-every", "steps between checkpoints (one is always written at the end)", d.save_every, type=int)
+    opt(g, "--keep-checkpoints", "checkpoints kept in RUN/checkpoints", d.keep_checkpoints, type=int)
+    opt(g, "--max-bad-steps", "stop after this many consecutive steps with non-finite loss or gradients", d.max_bad_steps, type=int)
 
 
 def main(argv: list[str] | None = None) -> int:
