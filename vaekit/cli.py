@@ -114,6 +114,26 @@ def _tiled_recon(model, x: torch.Tensor, pad: bool, tile: int):
     return model.decode(posterior.mode(), size=posterior.image_size, tile=tile), posterior
 
 
+# ---- eval --------------------------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate, format_table, to_json
+    from .metrics import METRICS
+
+    metrics = [m.strip().lower() for m in args.metrics.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise CLIError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(METRICS)}")
+    result = evaluate(args.model, args.data, metrics=metrics, resolution=args.resolution, batch_size=args.batch_size,
+                      lpips_net=args.lpips_net, device=args.device, family=args.family)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(to_json(result) + "\n")
+        print(f"wrote {args.json}")
+
+
 # ---- analyze / compare -------------------------------------------------------------------
 
 
@@ -313,6 +333,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, metavar="N", help="run the full-resolution layers in N-pixel tiles to bound memory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default fp32)")
+    _add_model_args(p)
+
+    p = add("eval", "score reconstructions: PSNR, SSIM, MS-SSIM, LPIPS, rFID, with the protocol behind the numbers", cmd_eval,
+            "Reconstruct DATA with MODEL exactly as `vaekit reconstruct` does (posterior mode, padded and cropped back, "
+            "uint8) and score the result against the originals. DATA is an image, a folder (recursive), tar shards or "
+            "'samples' (the built-in photos; samples:val for the held-out three). See docs/EVALUATION.md.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("data", metavar="DATA")
+    p.add_argument("--metrics", default="psnr,ssim",
+                   help="comma-separated, from psnr,ssim,ms-ssim,lpips,rfid (default psnr,ssim: they need no downloaded "
+                        "weights). ms-ssim needs images of at least 161 px; lpips and rfid download their network weights "
+                        "once (offline: the error names the file and where to put it)")
+    p.add_argument("--json", metavar="FILE", help="also write every number, per image, and the protocol to FILE")
+    p.add_argument("--resolution", type=int, metavar="R",
+                   help="resize the shorter side to R (Lanczos) and cut the centre R x R; default: each image at its own size")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B",
+                   help="reconstruct up to B images of the same size together: faster on a GPU, but float rounding then "
+                        "moves a few pixels by one level against `vaekit reconstruct` (default 1: identical to it)")
+    p.add_argument("--lpips-net", choices=["alex", "vgg"], default="alex",
+                   help="LPIPS backbone (default alex; VGG gives several times larger values, so compare like with like)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     _add_model_args(p)
 
     analysis_help = (
