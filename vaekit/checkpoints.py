@@ -384,7 +384,7 @@ def _download(repo: str) -> Path:
         from huggingface_hub import HfApi, hf_hub_download
         from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError:
-        raise FileNotFoundError(_hub_hint(repo, "huggingface_hub is not installed")) from None
+        raise FileNotFoundError(_hub_hint(repo, "huggingface_hub is not installed; pip install huggingface_hub")) from None
 
     def fetch(files: tuple[str, ...], local: bool) -> Path:
         paths = [Path(hf_hub_download(repo, f, local_files_only=local)) for f in files]
