@@ -7,6 +7,7 @@ import copy
 import functools
 import io
 import itertools
+import signal
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -371,7 +372,10 @@ class TrainingData:
 
     def loader(self, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0, workers: int = 0) -> DataLoader:
         """Endless batches for one rank, from batch `start` on (the batches a resumed run has not seen)."""
-        common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=False)
+        # Its own generator: creating a loader iterator must not draw from the global torch RNG,
+        # which the trainer checkpoints (the crops themselves are keyed, see above).
+        common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_sigint,
+                      generator=torch.Generator().manual_seed(seed))  # fmt: skip
         if workers:
             common["prefetch_factor"] = 4
         if isinstance(self.dataset, ShardStream):
@@ -380,6 +384,11 @@ class TrainingData:
             return DataLoader(stream, batch_size=None, **common)
         sampler = StreamSampler(len(self.dataset), batch_size, seed, rank, world, start)
         return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate, **common)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """Loader processes leave Ctrl-C to the trainer, which finishes its step and saves a checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def training_data(
