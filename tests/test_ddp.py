@@ -1,0 +1,96 @@
+"""`torchrun --nproc_per_node 2` trains one model with DDP (gloo on CPU): ranks split the data, keep
+identical weights, and only rank 0 writes the run folder."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import vaekit
+from vaekit.train import TrainConfig
+
+# Runs in each process: records what its rank trained on, what it wrote and its final weights.
+WORKER = r"""
+import json, os, sys, torch
+import vaekit.train as T
+from vaekit.losses import AutoencoderLoss
+
+rank, out = int(os.environ["RANK"]), sys.argv[2]
+seen, writes, refs = [], [], {}
+forward, disc_loss, ema_update = AutoencoderLoss.forward, AutoencoderLoss.discriminator_loss, T.ema_update
+
+def record(self, x, recon, posterior, step, last_layer=None):
+    seen.append(sorted(round(float(v), 3) for v in x[:, 0, 0, 0]))  # every image is one flat colour
+    refs["loss"] = self
+    return forward(self, x, recon, posterior, step, last_layer)
+
+def keep(ema, model, decay):
+    refs["ema"], refs["model"] = ema, model
+    return ema_update(ema, model, decay)
+
+def spy(name, fn):
+    def wrapped(*a, **k):
+        writes.append(name)
+        return fn(*a, **k)
+    return wrapped
+
+AutoencoderLoss.forward, T.ema_update = record, keep
+T.write_atomic, T.save_checkpoint, T._tensorboard = (spy(n, getattr(T, n)) for n in ("write_atomic", "save_checkpoint", "_tensorboard"))
+T.train(T.TrainConfig.from_dict(json.loads(sys.argv[1])), progress=False)
+disc = refs["loss"].discriminator
+torch.save({"seen": seen, "writes": writes, "model": refs["model"].state_dict(), "ema": refs["ema"].state_dict(),
+            "disc": getattr(disc, "module", disc).state_dict(), "ddp": type(disc).__name__}, f"{out}/rank{rank}.pt")
+"""
+
+
+def test_two_cpu_processes_train_one_model_on_split_data(tmp_path: Path):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    levels = [20 * i + 30 for i in range(8)]
+    for i, v in enumerate(levels):
+        Image.fromarray(np.full((24, 24, 3), v, np.uint8)).save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    cfg = TrainConfig(
+        data=str(folder), out=str(run), val=str(folder), val_images=4, val_resolution=16, resolution=16, steps=4,
+        batch_size=2, warmup=1, lr=1e-3, config=dict(block_channels=[8, 16], layers_per_block=1, norm_groups=8),
+        sample_every=0, save_every=2, log_every=1, workers=0,
+        loss=vaekit.train.LossConfig(gan_weight=0.5, gan_start=1, disc_channels=8, disc_layers=1),
+    )  # fmt: skip
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(vaekit.__file__).parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "worker.py"), json.dumps(cfg.to_dict()), str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    # Each rank trained on its own half of every epoch (8 images, 2 per rank per step: 2 steps an epoch).
+    value = {round(v / 127.5 - 1, 3): v for v in levels}
+    for step in range(4):
+        a, b = r0["seen"][step], r1["seen"][step]
+        assert set(a).isdisjoint(b), step
+    for epoch in range(2):
+        rows = r0["seen"][2 * epoch : 2 * epoch + 2] + r1["seen"][2 * epoch : 2 * epoch + 2]
+        assert sorted(value[v] for row in rows for v in row) == levels
+    # DDP kept one model: both ranks end with identical weights, EMA and discriminator.
+    assert r0["ddp"] == r1["ddp"] == "DistributedDataParallel"
+    for part in ("model", "ema", "disc"):
+        # (Batch-norm running statistics stay per rank, as in LDM: the discriminator always runs in
+        # training mode, so they are never used.)
+        same = [torch.equal(r0[part][k], r1[part][k]) for k in r0[part] if "running_" not in k]
+        assert len(same) > 4 and all(same), part
+    # Only rank 0 wrote; the run folder holds one set of files from a 2-process run.
+    assert r1["writes"] == [] and {"write_atomic", "save_checkpoint", "_tensorboard"} <= set(r0["writes"])
+    assert json.loads((run / "config.json").read_text())["world_size"] == 2
+    assert len(list((run / "logs").glob("events.*"))) == 1
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    saved = vaekit.load(str(run / "model")).state_dict()
+    assert all(torch.equal(saved[k], r0["ema"][k]) for k in saved)
+    last = torch.load(run / "checkpoints" / "step_0000004.pt", weights_only=True)
+    assert last["world_size"] == 2 and all(torch.equal(last["model"][k], r1["model"][k]) for k in last["model"])
+    assert json.loads((run / "metrics.json").read_text())["final"]["n"] == 4
