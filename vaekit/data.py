@@ -46,7 +46,8 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
 
 def to_tensor(image: np.ndarray) -> Tensor:
     """HxWx3 uint8 -> 1x3xHxW float in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    # np.array copies: torch warns on (and must not alias) read-only arrays such as skimage.data's.
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
 
 
 def to_uint8(x: Tensor) -> np.ndarray:

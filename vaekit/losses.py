@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .model import Posterior
+from .weights import fetch_weights
 
 PixelLoss = Literal["l1", "l2", "charbonnier"]
 GanLoss = Literal["hinge", "vanilla"]  # "vanilla" = the non-saturating GAN loss
@@ -111,21 +112,7 @@ def check_lpips_available(net: str = "vgg") -> None:
             f"(from github.com/richzhang/PerceptualSimilarity) at {linear}, or reinstall lpips"
         )
     url = getattr(torchvision.models, _LPIPS_BACKBONES[net]).IMAGENET1K_V1.url
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    file = folder / url.rsplit("/", 1)[-1]
-    if file.is_file():
-        return
-    match = torch.hub.HASH_REGEX.search(file.name)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(url, str(file), hash_prefix=match.group(1) if match else None)
-    except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad hash is a RuntimeError
-        reason = " ".join(str(e).split())
-        raise FileNotFoundError(
-            f"LPIPS ({net}) needs torchvision's ImageNet weights {file.name} and could not download them "
-            f"({reason}): put {file.name} (from {url}) into {folder}/ (set TORCH_HOME to use another "
-            f"folder), or run without LPIPS"
-        ) from None
+    fetch_weights(url, f"LPIPS ({net})", "leave LPIPS out (weight 0 / drop it from --metrics)")
 
 
 class LPIPSLoss(nn.Module):

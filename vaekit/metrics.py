@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .data import to_uint8
 from .losses import check_lpips_available
+from .weights import fetch_weights
 
 METRICS = ("psnr", "ssim", "ms-ssim", "lpips", "rfid")
 DEFAULT_METRICS = ("psnr", "ssim")  # need no downloaded weights, so `vaekit eval` works offline
@@ -189,20 +190,7 @@ def _to_unit(x: Tensor) -> Tensor:
 def check_inception_available() -> Path:
     """Torch-fidelity's Inception weights in the torch hub cache (where torch-fidelity itself keeps
     them), downloaded if missing; offline, one line saying which file to put where."""
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    path = folder / INCEPTION_URL.rsplit("/", 1)[-1]
-    if path.is_file():
-        return path
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(INCEPTION_URL, str(path), progress=False)
-    except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad hash is a RuntimeError
-        raise FileNotFoundError(
-            f"rFID needs torch-fidelity's Inception-v3 weights {path.name} and could not download them "
-            f"({type(e).__name__}): put {path.name} (from {INCEPTION_URL}) into {folder}/ "
-            f"(set TORCH_HOME to use another folder), or leave out rfid"
-        ) from None
-    return path
+    return fetch_weights(INCEPTION_URL, "rFID's Inception-v3", "leave out rfid")
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
