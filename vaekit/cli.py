@@ -109,7 +109,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     print(f"wrote {done} reconstructions to {out}" + (f" ({len(failed)} skipped)" if failed else ""))
 
 
-def _tiled_recon(model, x: torch.Tensor, pad: bool, tile: int):
+def _tiled_recon(model, x: torch.Tensor, pad: bool, tile: int | str):
     posterior = model.encode(x, pad=pad, tile=tile)
     return model.decode(posterior.mode(), size=posterior.image_size, tile=tile), posterior
 
@@ -287,6 +287,15 @@ def _run_training(run: Callable, command: str) -> None:
         print(f"metrics: {result.run / 'metrics.json'}   logs: tensorboard --logdir {result.run / 'logs'}")
 
 
+def _tile_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a tile side in pixels or 'auto', got {value!r}") from None
+
+
 # ---- wiring ------------------------------------------------------------------------------
 
 
@@ -330,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pad", action=argparse.BooleanOptionalAction, default=True,
                    help="reflect-pad sides to a multiple of the model's factor and crop back (default: on); "
                         "--no-pad rejects such images")
-    p.add_argument("--tile", type=int, metavar="N", help="run the full-resolution layers in N-pixel tiles to bound memory")
+    p.add_argument("--tile", type=_tile_arg, metavar="N", help="run the full-resolution layers in N-pixel tiles to bound "
+                   "GPU memory, with the untiled result; 'auto' picks N from free GPU memory (see docs/TILING.md)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default fp32)")
     _add_model_args(p)

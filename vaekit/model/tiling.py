@@ -36,8 +36,9 @@ from torch import Tensor, nn
 from ..config import AutoencoderConfig
 from .autoencoder import Autoencoder, Decoder, Encoder
 
-# Tile working set per stage, in activations of the tile: the input, its norm and SiLU live while the
-# first conv runs; the conv output and the residual branch while the second does.
+# A stage's working set, in copies of its tile input and output: a ResNet block holds its input, the
+# normalised input, the SiLU and a conv output at once; an upsample its input, the upsampled copy and
+# the conv output. (2, 3) covers both; bench/tiling.py checks the estimate against measured peaks.
 _LIVE_INPUTS, _LIVE_OUTPUTS = 2, 3
 # Share of free accelerator memory that tile="auto" plans for; the rest is for the allocator's slack.
 _AUTO_SHARE = 0.8
@@ -67,7 +68,8 @@ def decode_body_tiled(
     whole_image_stats: bool = True,
     offload: bool | None = None,
 ) -> Tensor:
-    """`decoder.body(h)` (h: the head's output at latent resolution) in tiles of `tile` image pixels."""
+    """`decoder.body(h)` (h: the head's output at latent resolution) in tiles of `tile` image pixels;
+    options as in `encode_body_tiled`."""
     return _run_tiled(decoder.body_stages(), h, tile, config, 1, whole_image_stats, offload)
 
 
@@ -118,12 +120,12 @@ def _run_tiled(
 ) -> Tensor:
     """Run `stages` over x in tiles; `unit` is x's pixels per latent pixel."""
     side = _latent_tile(tile, config, x)
-    rows = _split(x.shape[-2] // unit, side or x.shape[-2])
-    cols = _split(x.shape[-1] // unit, side or x.shape[-1])
-    if len(rows) == len(cols) == 1:  # the image fits one tile
+    height, width = x.shape[-2] // unit, x.shape[-1] // unit  # latent pixels
+    if side is None or (height <= side and width <= side):  # "auto" off an accelerator, or one tile
         for stage in stages:
             x = stage(x)
         return x
+    rows, cols = _split(height, side), _split(width, side)
     device = x.device
     if offload is None:
         offload = device.type != "cpu"
