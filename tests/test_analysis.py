@@ -220,3 +220,9 @@ def test_detail_box_finds_the_textured_corner():
     top, left, h, w = analysis.detail_box(image, 16)
     assert (h, w) == (16, 16) and abs(top - 40) <= 4 and abs(left - 8) <= 4
     assert analysis.crop(image, (top, left, h, w)).shape == (16, 16, 3)
+
+
+def test_three_photos_give_three_interpolation_lines(tiny_model):
+    result = analysis.analyze(tiny_model, photos(16, n=3), pairs=5, steps=3, samples=2, progress=False)
+    assert len(result.numbers["continuity"]["interpolation"]["l2"]["steps"]) == 3  # (0, 1), (1, 2), (2, 0)
+    assert len(result.numbers["continuity"]["perturbation"]["l2"]["steps"]) == 3

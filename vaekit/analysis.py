@@ -426,7 +426,9 @@ def analyze(
     """All four measurements on images `x` (N >= 2, one size); the numbers report.json holds."""
     if x.shape[0] < 2:
         raise ValueError(f"analysis needs at least 2 images (it interpolates between pairs), got {x.shape[0]}")
-    pair_list = [(2 * k, 2 * k + 1) for k in range(min(pairs, x.shape[0] // 2))]
+    n = x.shape[0]
+    # Neighbours in a ring, so a few held-out photos still give several lines: (0, 1), (1, 2), (2, 0).
+    pair_list = [(k, (k + 1) % n) for k in range(min(pairs, n if n > 2 else 1))]
     c = model.config
     result = Analysis(numbers={
         "kind": c.kind, "latent_channels": c.latent_channels, "factor": c.factor,

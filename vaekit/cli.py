@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--report", required=True, metavar="DIR", help="folder for report.html, its pictures and report.json")
         p.add_argument("--resolution", type=int, default=256, metavar="R", help="side of the square crops analysed (default 256; a multiple of each model's factor)")
         p.add_argument("--limit", type=int, default=32, metavar="N", help="use at most the first N images (default 32)")
-        p.add_argument("--pairs", type=int, default=4, help="image pairs to interpolate between, and images to perturb (default 4)")
+        p.add_argument("--pairs", type=int, default=4, help="latent lines between neighbouring images (1-2, 2-3, ...), and images to perturb (default 4)")
         p.add_argument("--steps", type=int, default=8, help="decoded points along each latent line (default 8)")
         p.add_argument("--noise", type=float, default=1.0, metavar="S",
                        help="largest perturbation, in standard deviations of the data's latents per channel (default 1)")
