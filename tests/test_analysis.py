@@ -226,3 +226,25 @@ def test_three_photos_give_three_interpolation_lines(tiny_model):
     result = analysis.analyze(tiny_model, photos(16, n=3), pairs=5, steps=3, samples=2, progress=False)
     assert len(result.numbers["continuity"]["interpolation"]["l2"]["steps"]) == 3  # (0, 1), (1, 2), (2, 0)
     assert len(result.numbers["continuity"]["perturbation"]["l2"]["steps"]) == 3
+
+
+def test_progress_bar_counts_every_image_through_the_model(tiny_model, monkeypatch):
+    bars = []
+
+    class Recorder:
+        def __init__(self, total, **kwargs):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, k=1):
+            self.n += k
+
+        def set_postfix_str(self, s):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(analysis, "tqdm", Recorder)
+    analysis.analyze(tiny_model, photos(16, n=3), pairs=2, steps=3, samples=2)
+    assert bars[0].total == 2 * 3 + 2 * 2 * 3 + 2 * 2 and bars[0].n == bars[0].total

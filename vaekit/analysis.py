@@ -48,21 +48,27 @@ class Analysis:
 
 
 @torch.inference_mode()
-def encode(model: Autoencoder, x: Tensor, batch_size: int = 8) -> tuple[Tensor, Tensor | None]:
+def encode(model: Autoencoder, x: Tensor, batch_size: int = 8, bar: tqdm | None = None) -> tuple[Tensor, Tensor | None]:
     """Raw posterior means and log-variances (None for a plain AE), computed in batches."""
     means, logvars = [], []
     for batch in x.split(batch_size):
         posterior = model.encode(batch.to(model.device))
         means.append(posterior.mean.float().cpu())
         logvars.append(None if posterior.deterministic else posterior.logvar.float().cpu())
+        if bar is not None:
+            bar.update(len(batch))
     logvar = None if logvars[0] is None else torch.cat(logvars)
     return torch.cat(means), logvar
 
 
 @torch.inference_mode()
-def decode(model: Autoencoder, z: Tensor, batch_size: int = 8) -> Tensor:
+def decode(model: Autoencoder, z: Tensor, batch_size: int = 8, bar: tqdm | None = None) -> Tensor:
     """Normalised latents -> images clamped to [-1, 1] and quantised to uint8 levels, as saved."""
-    out = [model.from_latent(batch.to(model.device)).float().cpu() for batch in z.split(batch_size)]
+    out = []
+    for batch in z.split(batch_size):
+        out.append(model.from_latent(batch.to(model.device)).float().cpu())
+        if bar is not None:
+            bar.update(len(batch))
     return quantise(torch.cat(out))
 
 
@@ -248,6 +254,7 @@ def continuity(
     lpips: LpipsFn | None = None,
     batch_size: int = 8,
     seed: int = 0,
+    bar: tqdm | None = None,
 ) -> Analysis:
     """Decode along straight latent lines and measure how evenly the output changes.
 
@@ -272,7 +279,7 @@ def continuity(
         per_metric: dict[str, list[np.ndarray]] = {}
         change: dict[str, list[np.ndarray]] = {}
         for path, name in paths:
-            frames = decode(model, path, batch_size)
+            frames = decode(model, path, batch_size, bar)
             result.images[name] = strip(frames)
             for metric, d in _distances(frames[1:], frames[:-1], lpips).items():
                 per_metric.setdefault(metric, []).append(d)
@@ -306,6 +313,7 @@ def completeness(
     samples: int = 16,
     batch_size: int = 8,
     seed: int = 0,
+    bar: tqdm | None = None,
 ) -> Analysis:
     """Decode latents the data never produced and measure how image-like they are.
 
@@ -317,8 +325,8 @@ def completeness(
     shape = (samples, *z.shape[1:])
     mean, std = z.mean(dim=(0, 2, 3)).view(1, -1, 1, 1), z.std(dim=(0, 2, 3)).view(1, -1, 1, 1)
     sets = {
-        "prior": decode(model, torch.randn(shape, generator=g), batch_size),
-        "fitted": decode(model, mean + std * torch.randn(shape, generator=g), batch_size),
+        "prior": decode(model, torch.randn(shape, generator=g), batch_size, bar),
+        "fitted": decode(model, mean + std * torch.randn(shape, generator=g), batch_size, bar),
     }
     real = image_statistics(x)
     result = Analysis(numbers={"real": real})
@@ -434,24 +442,24 @@ def analyze(
         "kind": c.kind, "latent_channels": c.latent_channels, "factor": c.factor,
         "n_images": int(x.shape[0]), "resolution": list(x.shape[-2:]),
     })
-    stages = tqdm(total=4, desc="analyze", unit="stage", disable=None if progress else True)
-    stages.set_postfix_str("encode")
-    mean, logvar = encode(model, x, batch_size)
+    # Progress in images through the model: encode and reconstruct all, then the lines and samples.
+    total = 2 * n + 2 * len(pair_list) * steps + 2 * samples
+    bar = tqdm(total=total, desc="analyze", unit="img", disable=None if progress else True)
+    bar.set_postfix_str("reconstruction")
+    mean, logvar = encode(model, x, batch_size, bar)
     z = model.normalize(mean)
-    result.reconstructions = decode(model, z, batch_size)
+    result.reconstructions = decode(model, z, batch_size, bar)
     result.numbers["reconstruction"] = reconstruction_metrics(x, result.reconstructions, lpips)
     result.numbers["latents"] = latent_statistics(model, mean, logvar)
     parts = {
         "blur": lambda: blur(x, result.reconstructions),
-        "continuity": lambda: continuity(model, z, pair_list, steps, noise_max, lpips, batch_size, seed),
-        "completeness": lambda: completeness(model, x, z, result.reconstructions, samples, batch_size, seed),
+        "continuity": lambda: continuity(model, z, pair_list, steps, noise_max, lpips, batch_size, seed, bar),
+        "completeness": lambda: completeness(model, x, z, result.reconstructions, samples, batch_size, seed, bar),
     }
-    stages.update()
     for name, measure in parts.items():
-        stages.set_postfix_str(name)
+        bar.set_postfix_str(name)
         part = measure()
         result.numbers[name] = part.numbers
         result.images.update(part.images)
-        stages.update()
-    stages.close()
+    bar.close()
     return result
