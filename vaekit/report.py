@@ -59,7 +59,7 @@ MEASURES: dict[str, Measure] = {m.path: m for m in [
     Measure("latents.configured_shift_factor", "shift (configured)", "The shift_factor in the model's config.", "", 4),
     Measure("latents.suggested_shift_factor", "shift (measured)", "The shift_factor that would give these images' latents zero mean.", "", 4),
     Measure("latents.kl_mean", "KL / element", "KL divergence of the posterior from the unit Gaussian, in nats per latent element (empty for a plain AE, which has no posterior).", "", 3),
-    Measure("latents.kl_min", "KL, least-used ch.", "The smallest per-channel KL: near 0 means a channel carries no information (unused capacity).", "", 4),
+    Measure("latents.kl_min", "KL, least-used ch.", "The smallest per-channel KL: near 0 means a channel carries no information (unused capacity); empty for a plain AE.", "", 4),
     Measure("latents.high_frequency_fraction", "latent high-freq.", "Share of the latents' spectral power in the upper half of the frequencies: latents with much of it are known to be harder for a diffusion model to learn.", "low"),
 ]}
 
