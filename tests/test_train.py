@@ -34,18 +34,19 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
     assert f[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
     assert f[10] == pytest.approx(1.0) and f[55] == pytest.approx(0.55) and f[99] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert lr_factor(4, 20, 10, 0.1) == 1.0  # warm-up is capped at a quarter of the run
 
 
 def test_a_run_writes_the_whole_run_folder(tmp_path: Path):
-    result = train(tiny_run(tmp_path / "run", keep_checkpoints=2, save_every=2), progress=False)
+    result = train(tiny_run(tmp_path / "run", steps=10, keep_checkpoints=2, save_every=2), progress=False)
     run = result.run
     settings = json.loads((run / "config.json").read_text())
-    assert settings["train"]["steps"] == 6 and settings["train"]["loss"]["kl_weight"] == 1e-6
+    assert settings["train"]["steps"] == 10 and settings["train"]["loss"]["kl_weight"] == 1e-6
     assert settings["model"]["block_channels"] == TINY["block_channels"] and settings["precision"] == "fp32"
     # Checkpoints: every 2 steps, the last two kept, no temp files left behind.
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000004.pt", "step_0000006.pt"]
-    last = _weights(run / "checkpoints" / "step_0000006.pt")
-    assert last["step"] == 6 and last["discriminator"] is None
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000008.pt", "step_0000010.pt"]
+    last = _weights(run / "checkpoints" / "step_0000010.pt")
+    assert last["step"] == 10 and last["discriminator"] is None
     # The model folder holds the EMA weights, loadable by vaekit.load (diffusers layout).
     model = vaekit.load(str(run / "model"))
     assert (run / "model" / "config.json").is_file()
@@ -57,14 +58,14 @@ def test_a_run_writes_the_whole_run_folder(tmp_path: Path):
     assert metrics == result.metrics and metrics["final"]["n"] == 3 and metrics["stopped"] == "done"
     assert metrics["final"]["psnr"] > metrics["initial"]["psnr"] + 0.5
     assert [r["name"] for r in metrics["final"]["per_image"]] == ["chelsea", "coffee", "flower"]
-    # Logs: TensorBoard events and one JSON line per logged step; validation grids at 0, 3, 6.
+    # Logs: TensorBoard events and one JSON line per logged step; validation grids every 3 steps and at the end.
     assert list((run / "logs").glob("events.out.tfevents.*"))
     lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == [2, 4, 6]
+    assert [line["step"] for line in lines] == [2, 4, 6, 8, 10]
     assert all(math.isfinite(line["loss"]) and line["lr"] > 0 and line["images_per_s"] > 0 for line in lines)
     grids = sorted(p.name for p in (run / "samples").iterdir())
-    assert grids == ["step_0000000.png", "step_0000003.png", "step_0000006.png"]
-    assert Image.open(run / "samples" / "step_0000006.png").size == (3 * 32, 2 * 32)
+    assert grids == [f"step_{s:07d}.png" for s in (0, 3, 6, 9, 10)]
+    assert Image.open(run / "samples" / "step_0000010.png").size == (3 * 32, 2 * 32)
     with pytest.raises(ValueError, match="already holds checkpoints"):
         train(tiny_run(tmp_path / "run"), progress=False)
 
@@ -148,12 +149,12 @@ def test_quickstart_trains_within_its_budget_and_reports(tmp_path: Path, monkeyp
     # The real recipe needs minutes; the same code path with a tiny model needs seconds.
     small = dataclasses.replace(QUICKSTART, config=TINY, resolution=32, batch_size=4, warmup=5)
     monkeypatch.setattr(vaekit.train, "QUICKSTART", small)
-    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--seconds", "12"]) == 0
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--seconds", "15"]) == 0
     out = capsys.readouterr().out
     metrics = json.loads((tmp_path / "qs" / "metrics.json").read_text())
     assert metrics["val_resolution"] == 256 and metrics["final"]["n"] == 3
-    assert metrics["final"]["psnr"] > metrics["initial"]["psnr"] + 1.0 and metrics["final"]["ssim"] > metrics["initial"]["ssim"]
-    assert 10 < metrics["steps"] and metrics["seconds"] < 12 * 1.5
+    assert metrics["final"]["psnr"] > metrics["initial"]["psnr"] + 0.5 and metrics["final"]["ssim"] > metrics["initial"]["ssim"]
+    assert 6 < metrics["steps"] and metrics["seconds"] < 15 * 1.2  # slack for a loaded machine
     assert f"PSNR {metrics['final']['psnr']:.2f} dB" in out and "samples:" in out
     grid = sorted((tmp_path / "qs" / "samples").glob("*.png"))[-1]
     assert Image.open(grid).size == (3 * 256, 2 * 256)

@@ -492,7 +492,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     opt(g, "--sample-every", "steps between validation grids and metrics (0: only at the start and end)", d.sample_every, type=int)
     opt(g, "--save-every", "steps between checkpoints (one is always written at the end)", d.save_every, type=int)
     opt(g, "--keep-checkpoints", "checkpoints kept in RUN/checkpoints", d.keep_checkpoints, type=int)
-    opt(g, "--max-bad-steps", "stop after this many consecutive steps with non-finite loss or gradients", d.max_bad_steps, type=int)
+    opt(g, "--max-bad-steps", "stop (with a checkpoint) when more than N steps in a row had non-finite loss or gradients", d.max_bad_steps, type=int)
 
 
 def main(argv: list[str] | None = None) -> int:

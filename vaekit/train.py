@@ -74,7 +74,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-4
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
-    warmup: int = 500  # linear warm-up steps
+    warmup: int = 500  # linear warm-up steps (at most a quarter of the run)
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
     clip: float = 1.0  # gradient-norm clipping; 0 turns it off
@@ -151,7 +151,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     # ---- processes and devices: torchrun sets WORLD_SIZE/RANK/LOCAL_RANK ----
     world = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world > 1
-    if distributed and not dist.is_initialized():
+    own_group = distributed and not dist.is_initialized()
+    if own_group:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if distributed else 0
     master = rank == 0
@@ -371,6 +372,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         writer.close()
     if distributed:
         dist.barrier()
+    if own_group:
+        dist.destroy_process_group()
     return TrainResult(run, run / "model", metrics)
 
 
@@ -405,7 +408,9 @@ def build_model(cfg: TrainConfig) -> Autoencoder:
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay from 1 to `min_ratio` at `total`."""
+    """Linear warm-up over `warmup` steps (at most a quarter of the run, so a short or time-budgeted
+    run still reaches its peak and decays), then cosine decay from 1 to `min_ratio` at `total`."""
+    warmup = max(1, min(warmup, total // 4))
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
