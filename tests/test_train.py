@@ -171,3 +171,20 @@ def test_workers_load_the_same_batches_as_the_main_process(tmp_path: Path):
     b = train(tiny_run(tmp_path / "w2", data=str(folder), val="samples:val", workers=2, steps=3, sample_every=0), progress=False)
     wa, wb = (_weights(r.run / "checkpoints" / "step_0000003.pt")["model"] for r in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_training_streams_tar_shards(tmp_path: Path):
+    import io
+
+    import webdataset as wds
+
+    for s in range(2):
+        with wds.TarWriter(str(tmp_path / f"{s}.tar")) as sink:
+            for i in range(6):
+                buf = io.BytesIO()
+                Image.fromarray(np.random.default_rng(10 * s + i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(buf, format="PNG")
+                sink.write({"__key__": f"s{s}_{i}", "png": buf.getvalue()})
+    result = train(tiny_run(tmp_path / "run", data=str(tmp_path / "{0..1}.tar"), val_fraction=0.3, steps=4), progress=False)
+    held = [r["name"] for r in result.metrics["final"]["per_image"]]
+    assert held and all(vaekit.data.held_out(k, 0.3) for k in held)
+    assert result.metrics["data"].startswith("2 tar shard(s)") and result.metrics["step"] == 4

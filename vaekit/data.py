@@ -12,6 +12,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -117,19 +118,22 @@ def sample_images(split: str = "all") -> list[tuple[str, np.ndarray]]:
     return [(name, _sample_photo(name)) for name in names]
 
 
+def _webdataset() -> ModuleType:
+    try:
+        import webdataset
+    except ImportError:
+        raise ImportError("reading tar shards needs the webdataset package: pip install 'vaekit[train]'") from None
+    return webdataset
+
+
 def shard_urls(pattern: str) -> list[str]:
     """'dir/{000..099}.tar' -> the shard paths it names (brace expansion as in webdataset)."""
-    from webdataset.shardlists import expand_urls
-
-    return list(expand_urls(pattern))
+    return list(_webdataset().shardlists.expand_urls(pattern))
 
 
 def iter_shard_samples(urls: list[str], skipped: list[str] | None = None) -> Iterator[tuple[str, bytes]]:
     """(key, encoded image bytes) of every sample in the shards, in order; samples without an image are skipped."""
-    try:
-        import webdataset as wds
-    except ImportError:
-        raise ImportError("reading tar shards needs the webdataset package: pip install 'vaekit[train]'") from None
+    wds = _webdataset()
     for url in urls:
         if not Path(url).exists():
             raise FileNotFoundError(f"no such shard: {url}")
