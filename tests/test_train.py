@@ -143,6 +143,8 @@ def test_cli_train_resume_takes_the_runs_settings_and_lpips_fails_in_one_line(tm
     assert len(err.splitlines()) == 1 and "LPIPS" in err and "could not download" in err
     assert main(["train", "--out", str(tmp_path / "nodata")]) == 1
     assert "needs --data" in capsys.readouterr().err
+    assert main(["train", "--data", "samples", "--out", str(tmp_path / "x"), "--preset", "sd1", "--init", "m"]) == 1
+    assert "not --preset and --init" in capsys.readouterr().err
 
 
 def test_quickstart_trains_within_its_budget_and_reports(tmp_path: Path, monkeypatch, capsys):

@@ -257,6 +257,9 @@ def _train_config(args: argparse.Namespace):
     from .train import TrainConfig
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "fn")}
+    sources = [f"--{k}" for k in ("preset", "config", "init") if k in given]
+    if len(sources) > 1:
+        raise CLIError(f"give one of --preset, --config and --init, not {' and '.join(sources)}")
     base = TrainConfig()
     saved = Path(given["out"]) / "config.json"
     if given.get("resume") and saved.is_file():
