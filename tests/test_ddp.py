@@ -1,4 +1,4 @@
-"""`torchrun --nproc_per_node 2` trains one model with DDP (gloo on CPU): ranks split the data, keep
+"""`torchrun --nproc_per_node 2 ... vaekit train` trains one model with DDP (gloo on CPU): ranks split the data, keep
 identical weights, and only rank 0 writes the run folder."""
 
 import json
@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 import vaekit
-from vaekit.train import TrainConfig
 
 # Runs in each process: records what its rank trained on, what it wrote and its final weights.
 WORKER = r"""
@@ -41,7 +40,8 @@ def spy(name, fn):
 
 AutoencoderLoss.forward, T.ema_update = record, keep
 T.write_atomic, T.save_checkpoint, T._tensorboard = (spy(n, getattr(T, n)) for n in ("write_atomic", "save_checkpoint", "_tensorboard"))
-T.train(T.TrainConfig.from_dict(json.loads(sys.argv[1])), progress=False)
+from vaekit.cli import main
+assert main(json.loads(sys.argv[1])) == 0  # `vaekit train ...`, as a user runs it under torchrun
 disc = refs["loss"].discriminator
 torch.save({"seen": seen, "writes": writes, "model": refs["model"].state_dict(), "ema": refs["ema"].state_dict(),
             "disc": getattr(disc, "module", disc).state_dict(), "ddp": type(disc).__name__}, f"{out}/rank{rank}.pt")
@@ -53,20 +53,20 @@ def test_two_cpu_processes_train_one_model_on_split_data(tmp_path: Path):
     folder.mkdir()
     levels = [20 * i + 30 for i in range(8)]
     for i, v in enumerate(levels):
-        Image.fromarray(np.full((24, 24, 3), v, np.uint8)).save(folder / f"{i}.png")
+        Image.fromarray(np.full((40, 40, 3), v, np.uint8)).save(folder / f"{i}.png")
     run = tmp_path / "run"
-    cfg = TrainConfig(
-        data=str(folder), out=str(run), val=str(folder), val_images=4, val_resolution=16, resolution=16, steps=4,
-        batch_size=2, warmup=1, lr=1e-3, config=dict(block_channels=[8, 16], layers_per_block=1, norm_groups=8),
-        sample_every=0, save_every=2, log_every=1, workers=0,
-        loss=vaekit.train.LossConfig(gan_weight=0.5, gan_start=1, disc_channels=8, disc_layers=1),
-    )  # fmt: skip
+    (tmp_path / "tiny.json").write_text(json.dumps(dict(block_channels=[8, 16], layers_per_block=1, norm_groups=8)))
+    argv = ["train", "--data", str(folder), "--out", str(run), "--val", str(folder), "--val-images", "4",
+            "--val-resolution", "16", "--resolution", "32", "--steps", "4", "--batch-size", "2", "--warmup", "1",
+            "--lr", "1e-3", "--config", str(tmp_path / "tiny.json"), "--sample-every", "0", "--save-every", "2",
+            "--log-every", "1", "--workers", "0", "--gan-weight", "0.5", "--gan-start", "1"]  # fmt: skip
     (tmp_path / "worker.py").write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(vaekit.__file__).parents[1])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(tmp_path / "worker.py"), json.dumps(cfg.to_dict()), str(tmp_path)]  # fmt: skip
+           str(tmp_path / "worker.py"), json.dumps(argv), str(tmp_path)]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained 4 steps") == 1  # rank 0 reports, once
 
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     # Each rank trained on its own half of every epoch (8 images, 2 per rank per step: 2 steps an epoch).

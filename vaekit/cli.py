@@ -278,6 +278,8 @@ def _run_training(run: Callable, command: str) -> None:
         raise
     except ImportError as e:  # an optional extra is missing: the message says which
         raise CLIError(str(e)) from None
+    if result.rank != 0:  # under torchrun, rank 0 reports
+        return
     m = result.metrics
     print(f"trained {m['step']} steps in {m['seconds']:.0f} s ({m['stopped']}); run folder: {result.run}")
     print(f"model:   {result.model}  (vaekit.load, or diffusers AutoencoderKL.from_pretrained)")
@@ -417,8 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
             "PSNR/SSIM), RUN/logs/ (TensorBoard), RUN/samples/ (validation reconstructions). DATA is a folder "
             "(searched recursively), an image, tar shards ('shards/{000..099}.tar'), or 'samples' (built-in photos). "
             "--resume continues RUN exactly where its last checkpoint stopped, with the run's saved settings (options "
-            "given again override them); Ctrl-C saves a checkpoint first. Under `torchrun --nproc_per_node N vaekit "
-            "train ...` each process trains on its share of the data with DDP. See docs/TRAINING.md.")
+            "given again override them); Ctrl-C saves a checkpoint first. Under `torchrun --nproc_per_node N -m "
+            "vaekit.cli train ...` each process trains on its share of the data with DDP. See docs/TRAINING.md.")
     _add_train_args(p)
 
     p = add("quickstart", "train a small VAE on the built-in photos in a few minutes and report its held-out PSNR/SSIM",

@@ -133,7 +133,8 @@ QUICKSTART = TrainConfig(
 class TrainResult:
     run: Path
     model: Path  # the diffusers folder of the final EMA weights
-    metrics: dict[str, Any]
+    metrics: dict[str, Any]  # what RUN/metrics.json holds (empty on ranks other than 0)
+    rank: int = 0
 
 
 class TrainingDiverged(RuntimeError):
@@ -374,7 +375,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         dist.barrier()
     if own_group:
         dist.destroy_process_group()
-    return TrainResult(run, run / "model", metrics)
+    return TrainResult(run, run / "model", metrics, rank)
 
 
 def quickstart(out: str = QUICKSTART.out, seconds: float | None = None, progress: bool = True, **changes: Any) -> TrainResult:
