@@ -161,7 +161,7 @@ def test_quickstart_trains_within_its_budget_and_reports(tmp_path: Path, monkeyp
     grid = sorted((tmp_path / "qs" / "samples").glob("*.png"))[-1]
     assert Image.open(grid).size == (3 * 256, 2 * 256)
     assert vaekit.load(str(tmp_path / "qs" / "model")).config.latent_channels == 4
-    assert quickstart.__defaults__[0] == "quickstart" and QUICKSTART.seconds == 300 and QUICKSTART.data == "samples"
+    assert quickstart.__defaults__[0] == "quickstart" and QUICKSTART.seconds <= 295 and QUICKSTART.data == "samples"
 
 
 def test_workers_load_the_same_batches_as_the_main_process(tmp_path: Path):
