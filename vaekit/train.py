@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .checkpoints import load, write_atomic
 from .config import AutoencoderConfig, preset
-from .data import TrainingData, to_tensor, to_uint8, training_data, write_image
+from .data import CropDataset, TrainingData, to_tensor, to_uint8, training_data, write_image
 from .losses import AutoencoderLoss, LossConfig
 from .metrics import psnr, ssim
 from .model import Autoencoder
@@ -147,7 +147,7 @@ class TrainingDiverged(RuntimeError):
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     """Run (or resume) one training run as described by `cfg`; see the module docstring."""
     started = time.time()
-    _validate(cfg)
+    _check(cfg)
 
     # ---- processes and devices: torchrun sets WORLD_SIZE/RANK/LOCAL_RANK ----
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -544,13 +544,11 @@ def _reserve(eval_seconds: float) -> float:
 
 
 def _default_workers(data: TrainingData, world: int) -> int:
-    from .data import CropDataset
-
     in_memory = isinstance(data.dataset, CropDataset) and all(isinstance(i, np.ndarray) for i in data.dataset.items)
     return 0 if in_memory else min(4, max(1, (os.cpu_count() or 1) // world - 1))
 
 
-def _validate(cfg: TrainConfig) -> None:
+def _check(cfg: TrainConfig) -> None:
     if not cfg.data or not cfg.out:
         raise ValueError("training needs --data and --out")
     for name in ("steps", "batch_size", "grad_accum", "resolution", "keep_checkpoints", "log_every", "val_resolution"):
