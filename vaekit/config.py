@@ -35,6 +35,14 @@ class AutoencoderConfig:
     arch: str = "ldm"
     # Which published model this is ("sd1", "flux1", ...), or "" for a custom one.
     family: str = ""
+    # Options for fast-training new models (docs/TRAINING.md); the defaults are the LDM architecture.
+    # shortcuts: DC-AE's residual autoencoding. Each resampling also changes the channel count and
+    # adds a parameter-free path (2x2 pixels into channels, averaged; or channels repeated into 2x2
+    # pixels), and so does the latent bottleneck, so even the untrained model passes a thumbnail.
+    shortcuts: bool = False
+    # patch_size: pixels per side folded into channels before the first conv and unfolded after the
+    # last, so the full-resolution convolutions (most of the compute) run at 1/patch_size.
+    patch_size: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_channels", tuple(int(c) for c in self.block_channels))
@@ -47,11 +55,20 @@ class AutoencoderConfig:
         bad = [c for c in self.block_channels if c % self.norm_groups]
         if bad:
             raise ValueError(f"norm_groups={self.norm_groups} must divide every block channel count; {bad} do not")
+        if self.patch_size not in (1, 2):
+            raise ValueError(f"patch_size must be 1 or 2, got {self.patch_size}")
+        if self.shortcuts:
+            ch = self.block_channels
+            bad = [(a, b) for a, b in zip(ch, ch[1:]) if (4 * a) % b]
+            if bad:
+                raise ValueError(f"shortcuts need each level's channels to divide 4x the level before; {bad} do not")
+            if ch[-1] % self.latent_channels:
+                raise ValueError(f"shortcuts need latent_channels ({self.latent_channels}) to divide block_channels[-1] ({ch[-1]})")
 
     @property
     def factor(self) -> int:
         """Spatial downsampling factor: image side / latent side."""
-        return 2 ** (len(self.block_channels) - 1)
+        return self.patch_size * 2 ** (len(self.block_channels) - 1)
 
     def replace(self, **changes: Any) -> "AutoencoderConfig":
         return dataclasses.replace(self, **changes)

@@ -59,23 +59,45 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(y)
 
 
+def space_to_channel(x: Tensor, channels: int) -> Tensor:
+    """Half the resolution without parameters: each 2x2 block of pixels into channels, then the
+    means of consecutive channel groups down to `channels` (DC-AE's downsampling shortcut)."""
+    return F.pixel_unshuffle(x, 2).unflatten(1, (channels, -1)).mean(dim=2)
+
+
+def channel_to_space(x: Tensor, channels: int) -> Tensor:
+    """Twice the resolution without parameters: each channel repeated, then spread over 2x2 pixels
+    (DC-AE's upsampling shortcut). `space_to_channel` undoes it exactly."""
+    return F.pixel_shuffle(x.repeat_interleave(4 * channels // x.shape[1], dim=1), 2)
+
+
 class Downsample(nn.Module):
-    def __init__(self, channels: int):
+    """LDM's stride-2 conv; with `shortcut`, it also changes channels and adds `space_to_channel`."""
+
+    def __init__(self, channels: int, out: int | None = None, shortcut: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.out, self.shortcut = out or channels, shortcut
+        self.conv = nn.Conv2d(channels, self.out, 3, stride=2, padding=0)
 
     def forward(self, x: Tensor) -> Tensor:
         # LDM pads right/bottom only; checkpoints depend on this exact alignment.
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        y = self.conv(F.pad(x, (0, 1, 0, 1)))
+        return y + space_to_channel(x, self.out) if self.shortcut else y
 
 
 class Upsample(nn.Module):
-    def __init__(self, channels: int):
+    """LDM's nearest-neighbour 2x then conv; with `shortcut`, DC-AE's: a conv at the low resolution to
+    4x the output channels, put into 2x2 pixels (cheaper), plus `channel_to_space`."""
+
+    def __init__(self, channels: int, out: int | None = None, shortcut: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.out, self.shortcut = out or channels, shortcut
+        self.conv = nn.Conv2d(channels, self.out * (4 if shortcut else 1), 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        if not self.shortcut:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return F.pixel_shuffle(self.conv(x), 2) + channel_to_space(x, self.out)
 
 
 class MidBlock(nn.Module):
@@ -108,14 +130,17 @@ class Encoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         ch, g = cfg.block_channels, cfg.norm_groups
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.patch_size, self.shortcuts, self.latent_channels = cfg.patch_size, cfg.shortcuts, cfg.latent_channels
+        self.conv_in = nn.Conv2d(cfg.in_channels * cfg.patch_size**2, ch[0], 3, padding=1)
         self.down = nn.ModuleList()
         cin = ch[0]
         for i, cout in enumerate(ch):
             blocks = [ResnetBlock(cin if j == 0 else cout, cout, g) for j in range(cfg.layers_per_block)]
             last = i == len(ch) - 1
-            self.down.append(Level(blocks, None if last else Downsample(cout), "downsample"))
-            cin = cout
+            # With shortcuts the resampling itself moves to the next level's channel count.
+            nxt = ch[i + 1] if cfg.shortcuts and not last else cout
+            self.down.append(Level(blocks, None if last else Downsample(cout, nxt, cfg.shortcuts), "downsample"))
+            cin = nxt
         self.mid = MidBlock(ch[-1], g, cfg.mid_attention)
         self.norm_out = _norm(ch[-1], g)
         moments = 2 * cfg.latent_channels if cfg.kind == "vae" else cfg.latent_channels
@@ -123,7 +148,9 @@ class Encoder(nn.Module):
 
     def body_stages(self) -> list[nn.Module]:
         """The full-resolution layers in order; `vaekit.model.tiling` runs them one at a time."""
-        stages: list[nn.Module] = [self.conv_in]
+        # Not registered as a submodule: the checkpoint key stays `encoder.conv_in`.
+        stem = nn.Sequential(nn.PixelUnshuffle(self.patch_size), self.conv_in) if self.patch_size > 1 else self.conv_in
+        stages: list[nn.Module] = [stem]
         for level in self.down:
             stages += list(level.block)
             if level.resample is not None:
@@ -138,7 +165,14 @@ class Encoder(nn.Module):
 
     def head(self, h: Tensor) -> Tensor:
         """Latent-resolution part, with global attention: always runs on the whole image."""
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        h = self.mid(h)
+        moments = self.conv_out(F.silu(self.norm_out(h)))
+        if not self.shortcuts:
+            return moments
+        # The latent (the mean of a VAE's posterior, not its log-variance) gets the channel-group
+        # means of the features: the bottleneck's shortcut.
+        c = self.latent_channels
+        return torch.cat([moments[:, :c] + h.unflatten(1, (c, -1)).mean(dim=2), moments[:, c:]], dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
@@ -148,6 +182,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         ch, g = cfg.block_channels, cfg.norm_groups
+        self.patch_size, self.shortcuts = cfg.patch_size, cfg.shortcuts
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
         self.mid = MidBlock(ch[-1], g, cfg.mid_attention)
         # Indexed like LDM: up[i] works at the resolution of encoder level i; runs from the top.
@@ -156,15 +191,19 @@ class Decoder(nn.Module):
         for i in reversed(range(len(ch))):
             cout = ch[i]
             blocks = [ResnetBlock(cin if j == 0 else cout, cout, g) for j in range(cfg.layers_per_block + 1)]
-            levels.insert(0, Level(blocks, Upsample(cout) if i > 0 else None, "upsample"))
-            cin = cout
+            nxt = ch[i - 1] if cfg.shortcuts and i > 0 else cout
+            levels.insert(0, Level(blocks, Upsample(cout, nxt, cfg.shortcuts) if i > 0 else None, "upsample"))
+            cin = nxt
         self.up = nn.ModuleList(levels)
         self.norm_out = _norm(ch[0], g)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels * cfg.patch_size**2, 3, padding=1)
 
     def head(self, z: Tensor) -> Tensor:
         """Latent-resolution part, with global attention: always runs on the whole latent."""
-        return self.mid(self.conv_in(z))
+        h = self.conv_in(z)
+        if self.shortcuts:  # the bottleneck's shortcut: each latent channel repeated
+            h = h + z.repeat_interleave(h.shape[1] // z.shape[1], dim=1)
+        return self.mid(h)
 
     def body_stages(self) -> list[nn.Module]:
         """The upsampling layers in order; `vaekit.model.tiling` runs them one at a time."""
@@ -174,7 +213,8 @@ class Decoder(nn.Module):
             if level.resample is not None:
                 stages.append(level.resample)
         # Not registered as a submodule: checkpoint keys stay `decoder.norm_out` / `decoder.conv_out`.
-        stages.append(nn.Sequential(self.norm_out, nn.SiLU(), self.conv_out))
+        unpatch = [nn.PixelShuffle(self.patch_size)] if self.patch_size > 1 else []
+        stages.append(nn.Sequential(self.norm_out, nn.SiLU(), self.conv_out, *unpatch))
         return stages
 
     def body(self, h: Tensor) -> Tensor:

@@ -1,0 +1,139 @@
+"""The fast-training architecture options: DC-AE shortcuts (`shortcuts=True`) and the patch stem (`patch_size`)."""
+
+import pytest
+import torch
+from conftest import perturb
+from diffusers import AutoencoderKL
+
+import vaekit
+from vaekit import AutoencoderConfig
+from vaekit.config import PRESETS
+from vaekit.model import Autoencoder
+from vaekit.model.autoencoder import Downsample, Upsample, channel_to_space, space_to_channel
+
+
+def fast_config(latent_channels: int = 4, **changes) -> AutoencoderConfig:
+    base = dict(block_channels=(16, 32, 32), layers_per_block=1, norm_groups=8, latent_channels=latent_channels,
+                use_quant_conv=False, use_post_quant_conv=False, shortcuts=True, patch_size=2)  # fmt: skip
+    return AutoencoderConfig(**{**base, **changes})
+
+
+def test_space_to_channel_values():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 1, 2, 2)
+    assert space_to_channel(x, 4).flatten().tolist() == [1.0, 2.0, 3.0, 4.0]  # plain pixel unshuffle
+    assert space_to_channel(x, 2).flatten().tolist() == [1.5, 3.5]  # means of channel pairs
+    assert space_to_channel(x, 1).flatten().tolist() == [2.5]  # 2x2 average pooling
+    y = channel_to_space(torch.tensor([5.0, 7.0]).reshape(1, 2, 1, 1), 1)
+    assert y.tolist() == [[[[5.0, 5.0], [7.0, 7.0]]]]  # each channel repeated into 2 of the 4 pixels
+
+
+@pytest.mark.parametrize("cin, cout", [(8, 32), (8, 16), (8, 8), (16, 8)])
+def test_space_and_channel_ops_invert_each_other(cin, cout):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cin, 6, 10, generator=g)
+    up = channel_to_space(x, cout)
+    assert up.shape == (2, cout, 12, 20)
+    torch.testing.assert_close(space_to_channel(up, cin), x)  # exact: the averaged channels were copies
+    # Without averaging (4x the channels) both are plain pixel (un)shuffles, inverse both ways.
+    torch.testing.assert_close(channel_to_space(space_to_channel(up, 4 * cout), cout), up)
+
+
+def test_resampling_with_zero_conv_is_the_shortcut():
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    down, up = Downsample(16, 32, shortcut=True), Upsample(32, 16, shortcut=True)
+    for m in (down, up):
+        torch.nn.init.zeros_(m.conv.weight)
+        torch.nn.init.zeros_(m.conv.bias)
+    h = down(x)
+    torch.testing.assert_close(h, space_to_channel(x, 32))
+    torch.testing.assert_close(up(h), channel_to_space(h, 16))
+    assert up.conv.out_channels == 64  # DC-AE's upsampling conv runs at the low resolution, to 4x channels
+
+
+@pytest.mark.parametrize("channels", [4, 16])
+def test_shortcut_model_round_trips_shapes(channels):
+    cfg = fast_config(channels)
+    assert cfg.factor == 8  # 2 (patch) x 2 x 2 (two resamplings)
+    model = perturb(Autoencoder(cfg)).eval()
+    x = torch.rand(2, 3, 64, 48) * 2 - 1
+    with torch.no_grad():
+        posterior = model.encode(x)
+        assert posterior.mean.shape == (2, channels, 8, 6) and posterior.logvar.shape == (2, channels, 8, 6)
+        y = model.decode(posterior.mode())
+        assert y.shape == x.shape and torch.isfinite(y).all()
+        assert model.encode(x[:, :, :40]).mean.shape == (2, channels, 5, 6)
+        ae = Autoencoder(cfg.replace(kind="ae")).eval()
+        assert ae.encode(x).mean.shape == (2, channels, 8, 6) and ae.decode(ae.encode(x).mean).shape == x.shape
+
+
+def test_bottleneck_shortcut_feeds_the_mean_only():
+    model = Autoencoder(fast_config(4)).eval()
+    torch.nn.init.zeros_(model.encoder.conv_out.weight)
+    torch.nn.init.zeros_(model.encoder.conv_out.bias)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        h = model.encoder.mid(model.encoder.body(x))
+        posterior = model.encode(x)
+    torch.testing.assert_close(posterior.mean, h.unflatten(1, (4, -1)).mean(dim=2))
+    assert posterior.logvar.abs().max() == 0  # the log-variance has no shortcut
+    # The decoder's side repeats each latent channel across its group of 32 / 4 = 8 feature channels.
+    torch.nn.init.zeros_(model.decoder.conv_in.weight)
+    torch.nn.init.zeros_(model.decoder.conv_in.bias)
+    z = torch.randn(1, 4, 4, 4)
+    seen = {}
+    model.decoder.mid.register_forward_hook(lambda m, inp, out: seen.setdefault("in", inp[0]))
+    with torch.no_grad():
+        model.decode(z)
+    torch.testing.assert_close(seen["in"], z.repeat_interleave(8, dim=1))
+
+
+def test_patch_stem_changes_only_the_full_resolution_layers():
+    plain = Autoencoder(fast_config(4, patch_size=1))
+    patched = Autoencoder(fast_config(4, patch_size=2))
+    assert patched.encoder.conv_in.in_channels == 12 and patched.decoder.conv_out.out_channels == 12
+    assert plain.config.factor == 4 and patched.config.factor == 8
+    # Same module names (checkpoint keys) either way.
+    assert plain.state_dict().keys() == patched.state_dict().keys()
+
+
+def test_tiled_equals_untiled_with_shortcuts_and_patches():
+    model = perturb(Autoencoder(fast_config(4))).eval()
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z = model.encode(x).mean
+        torch.testing.assert_close(model.encode(x, tile=16).mean, z, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.decode(z, tile=16), model.decode(z), atol=1e-5, rtol=0)
+
+
+def test_checkpoints_round_trip_the_options(tmp_path):
+    model = perturb(Autoencoder(fast_config(16))).eval()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        want = model(x)[0]
+    for path, fmt in ((tmp_path / "folder", "diffusers"), (tmp_path / "one.safetensors", "single-file")):
+        model.save(str(path), format=fmt)
+        loaded = vaekit.load(path).eval()
+        assert loaded.config == model.config
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x)[0], want)
+
+
+def test_diffusers_refuses_a_shortcut_model_instead_of_misloading_it(tmp_path):
+    Autoencoder(fast_config(4, patch_size=1, block_channels=(32, 32, 32))).save(str(tmp_path / "m"))
+    with pytest.raises((RuntimeError, ValueError), match="size mismatch|shape"):
+        AutoencoderKL.from_pretrained(tmp_path / "m")
+
+
+def test_config_validation_and_real_presets_untouched():
+    with pytest.raises(ValueError, match="divide 4x"):
+        fast_config(block_channels=(8, 64, 64))  # 64 does not divide 4 * 8
+    with pytest.raises(ValueError, match="latent_channels"):
+        fast_config(latent_channels=12, block_channels=(16, 32, 32))
+    with pytest.raises(ValueError, match="patch_size"):
+        fast_config(patch_size=3)
+    for name in ("sd1", "sdxl", "sd3", "flux1", "tiny-f8c4", "tiny-f8c16"):
+        cfg = PRESETS[name].config
+        assert not cfg.shortcuts and cfg.patch_size == 1
+    # Configs written before these options existed still load (the fields default to the LDM layout).
+    old = {k: v for k, v in PRESETS["sd1"].config.to_dict().items() if k not in ("shortcuts", "patch_size")}
+    assert AutoencoderConfig.from_dict(old) == PRESETS["sd1"].config
