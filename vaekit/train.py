@@ -35,7 +35,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from .checkpoints import load, write_atomic
 from .config import AutoencoderConfig, preset
