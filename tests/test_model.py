@@ -118,3 +118,14 @@ def test_config_round_trip_and_validation():
         AutoencoderConfig(kind="vqgan")
     with pytest.raises(ValueError, match="vaekit presets"):
         preset("sd4")
+
+
+def test_kl_is_summed_in_fp32_for_half_posteriors():
+    g = torch.Generator().manual_seed(0)
+    mean, logvar = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g) * 0.3
+    exact = Posterior(mean, logvar).kl()
+    for dtype in (torch.bfloat16, torch.float16):
+        kl = Posterior(mean.to(dtype), logvar.to(dtype)).kl()
+        assert kl.dtype == torch.float32
+        # only the inputs' rounding remains, not a half-precision sum over 1024 elements
+        assert torch.allclose(kl, exact.float(), rtol=1e-2)

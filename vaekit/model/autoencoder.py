@@ -256,10 +256,12 @@ class Posterior:
         return self.mean + self.std * eps.to(self.mean.device)
 
     def kl(self) -> Tensor:
-        """KL(q || N(0, I)) summed over latent elements: one value per image."""
+        """KL(q || N(0, I)) summed over latent elements: one value per image, in fp32 (a sum over
+        thousands of elements loses its digits in bf16/fp16)."""
         if self.deterministic:
-            return self.mean.new_zeros(self.mean.shape[0])
-        return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=[1, 2, 3])
+            return self.mean.new_zeros(self.mean.shape[0], dtype=torch.float32)
+        mean, logvar = self.mean.float(), self.logvar.float()
+        return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=[1, 2, 3])
 
 
 class Autoencoder(nn.Module):
