@@ -128,4 +128,4 @@ def test_kl_is_summed_in_fp32_for_half_posteriors():
         kl = Posterior(mean.to(dtype), logvar.to(dtype)).kl()
         assert kl.dtype == torch.float32
         # only the inputs' rounding remains, not a half-precision sum over 1024 elements
-        assert torch.allclose(kl, exact.float(), rtol=1e-2)
+        assert torch.allclose(kl, exact, rtol=1e-3)  # a bf16 sum is off by ~2e-3 here
