@@ -278,9 +278,10 @@ class _WholeImageNorms:
         raise _StatsPending
 
     def _add(self, groups: Tensor) -> None:
-        """Chan et al.'s pairwise update: exact combination of per-tile means and variances."""
+        """Chan et al.'s pairwise update: exact combination of per-tile means and variances, in
+        float64 on the CPU (not every accelerator has float64)."""
         var, mean = torch.var_mean(groups.float(), dim=-1, correction=0)
-        count, mean, m2 = groups.shape[-1], mean.double().cpu(), var.double().cpu() * groups.shape[-1]
+        count, mean, m2 = groups.shape[-1], mean.cpu().double(), var.cpu().double() * groups.shape[-1]
         if self._moments is not None:
             n0, mean0, m20 = self._moments
             total, delta = n0 + count, mean - mean0
