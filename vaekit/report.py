@@ -230,7 +230,7 @@ def _plot_spectra(page: Page, name: str, curves: dict[str, tuple[Sequence[float]
     if ratio:  # a ratio reads best against 1, in plain numbers
         ax.axhline(1.0, color="#999", lw=1)
         lo, hi = ax.get_ylim()
-        ax.set_yticks([t for t in 2.0 ** np.arange(-8, 9) if lo <= t <= hi])
+        ax.set_yticks([t for t in (0.001, 0.01, 0.1, 0.25, 0.5, 1, 2, 4, 8) if lo <= t <= hi])
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
     ax.axvline(HIGH_FREQUENCY, color="#999", ls="--", lw=1)
