@@ -33,7 +33,7 @@ TABLE = [
     "completeness.prior.distance.gradient", "completeness.prior.distance.spectrum_slope", "completeness.prior.distance.color",
     "completeness.fitted.distance.gradient", "completeness.fitted.distance.spectrum_slope",
     "completeness.reconstructions.distance.gradient",
-    "latents.normalised_std", "latents.kl_mean", "latents.high_frequency_fraction",
+    "latents.normalised_std", "latents.kl_mean", "latents.posterior_noise", "latents.high_frequency_fraction",
 ]
 
 

@@ -179,6 +179,8 @@ def test_latent_statistics_kl_shows_an_unused_channel(tiny_config):
     assert stats["suggested_scaling_factor"] == pytest.approx(expected_scale)
     assert stats["suggested_shift_factor"] == pytest.approx(float(mean.mean()))
     assert sum(stats["channels"][0]["histogram"]) == pytest.approx(1.0)
+    # Posterior std: e^-2 on three channels and 1 on the unused one, over the spread of the means.
+    assert stats["posterior_noise"] == pytest.approx((3 * math.exp(-2) + 1) / 4 / float(mean.std()), rel=1e-5)
 
 
 def test_latent_statistics_of_a_plain_ae_have_no_kl(tiny_config):
@@ -187,6 +189,7 @@ def test_latent_statistics_of_a_plain_ae_have_no_kl(tiny_config):
     model = Autoencoder(tiny_config.replace(kind="ae"))
     stats = analysis.latent_statistics(model, torch.randn(8, 4, 4, 4), None)
     assert stats["kl_mean"] is None and all(c["kl"] is None for c in stats["channels"])
+    assert stats["posterior_noise"] == 0.0
 
 
 # ---- the whole analysis on a real (random) model ----------------------------------------------

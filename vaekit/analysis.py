@@ -376,6 +376,8 @@ def latent_statistics(model: Autoencoder, mean: Tensor, logvar: Tensor | None) -
         "suggested_shift_factor": float(mean.mean()),
         "kl_mean": None if logvar is None else float(np.mean([ch["kl"] for ch in channels])),
         "kl_min": None if logvar is None else float(min(ch["kl"] for ch in channels)),
+        # The neighbourhood of each latent that training decoded to the same image (0 for a plain AE).
+        "posterior_noise": 0.0 if logvar is None else float((0.5 * logvar).exp().mean() / mean.std()),
         "high_frequency_fraction": high_frequency_fraction(z),
         "spectrum": {"frequency": freqs.tolist(), "power": power.tolist()},
     }

@@ -60,6 +60,7 @@ MEASURES: dict[str, Measure] = {m.path: m for m in [
     Measure("latents.suggested_shift_factor", "shift (measured)", "The shift_factor that would give these images' latents zero mean.", "", 4),
     Measure("latents.kl_mean", "KL / element", "KL divergence of the posterior from the unit Gaussian, in nats per latent element (empty for a plain AE, which has no posterior).", "", 3),
     Measure("latents.kl_min", "KL, least-used ch.", "The smallest per-channel KL: near 0 means a channel carries no information (unused capacity); empty for a plain AE.", "", 4),
+    Measure("latents.posterior_noise", "posterior noise", "Mean posterior standard deviation over the spread of the latents: the size of the neighbourhood the decoder was trained to decode to the same image (0 for a plain AE, whose decoder only ever saw exact latents).", "", 3),
     Measure("latents.high_frequency_fraction", "latent high-freq.", "Share of the latents' spectral power in the upper half of the frequencies: latents with much of it are known to be harder for a diffusion model to learn.", "low"),
 ]}
 
@@ -394,7 +395,8 @@ def _latent_section(page: Page, a: Analysis) -> None:
     page.add('<p class="lead">What a diffusion model trained on these latents will see, after the model\'s configured '
              "normalisation <code>(z - shift) * scale</code>.</p>")
     paths = ["latents.normalised_mean", "latents.normalised_std", "latents.configured_scaling_factor", "latents.suggested_scaling_factor",
-             "latents.configured_shift_factor", "latents.suggested_shift_factor", "latents.kl_mean", "latents.kl_min", "latents.high_frequency_fraction"]
+             "latents.configured_shift_factor", "latents.suggested_shift_factor", "latents.kl_mean", "latents.kl_min", "latents.posterior_noise",
+             "latents.high_frequency_fraction"]
     page.add(_measures_table(a.numbers, paths))
     rows = [[str(i), fmt(ch["mean"]), fmt(ch["std"]), fmt(ch["kl"], 4), fmt(ch["high_frequency_fraction"])] for i, ch in enumerate(lat["channels"])]
     page.add("<h3>Per channel</h3>")
@@ -420,7 +422,7 @@ COMPARE_LATENT = [
     "continuity.perturbation.l2.mean_step",
     "continuity.perturbation.l2.worst_jump", "completeness.prior.distance.gradient", "completeness.prior.distance.spectrum_slope",
     "completeness.fitted.distance.gradient", "completeness.fitted.distance.spectrum_slope", "latents.normalised_std",
-    "latents.kl_min", "latents.high_frequency_fraction",
+    "latents.kl_min", "latents.posterior_noise", "latents.high_frequency_fraction",
 ]
 
 
