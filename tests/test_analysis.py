@@ -16,7 +16,7 @@ def photos(size: int = 32, n: int = 4) -> torch.Tensor:
     from vaekit.data import center_crop
 
     pictures = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()][:n]
-    return torch.cat([to_tensor(center_crop(p, size).copy()) for p in pictures])
+    return torch.cat([to_tensor(center_crop(p, size)) for p in pictures])
 
 
 def pink_noise(n: int, size: int, exponent: float, seed: int = 0) -> torch.Tensor:

@@ -145,7 +145,7 @@ def _analysis_images(args: argparse.Namespace) -> tuple[list[str], torch.Tensor,
     images = load_images(args.data, limit=args.limit, skipped=skipped)
     if len(images) < 2:
         raise CLIError(f"{args.data} has {len(images)} readable image(s); the analysis needs at least 2 (it interpolates between pairs)")
-    x = torch.cat([to_tensor(center_crop(image, args.resolution).copy()) for _, image in images])
+    x = torch.cat([to_tensor(center_crop(image, args.resolution)) for _, image in images])
     notes = [f"skipped unreadable {s}" for s in skipped]
     for note in notes:
         print(note, file=sys.stderr)
