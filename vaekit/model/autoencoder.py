@@ -53,7 +53,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
         y = self.norm(x)
-        q, k, v = (t(y).reshape(n, 1, c, h * w).transpose(2, 3) for t in (self.q, self.k, self.v))
+        # Contiguous (tokens, channels): with a transposed view SDPA falls back to its math kernel, which
+        # holds the whole tokens x tokens matrix (16 GiB for the latent of a 2048x2048 image).
+        q, k, v = (t(y).reshape(n, 1, c, h * w).transpose(2, 3).contiguous() for t in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v)
         y = y.transpose(2, 3).reshape(n, c, h, w)
         return x + self.proj_out(y)
