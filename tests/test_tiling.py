@@ -4,6 +4,7 @@ no seam, and picks its tile from a memory budget."""
 import pytest
 import torch
 from skimage import data as skdata
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vaekit import AutoencoderConfig, preset
 from vaekit.data import to_tensor
@@ -181,3 +182,15 @@ def test_tile_size_for_budget():
     assert tile_size_for_budget(sd1, 256 << 20, batch=4) < sizes[1]
     with pytest.raises(ValueError, match="too small"):
         tile_size_for_budget(sd1, 1 << 16)
+
+
+def test_whole_latent_attention_uses_a_fused_kernel(model, latent):
+    """The untiled head's attention must not need the math kernel, whose tokens x tokens matrix would
+    outgrow any tile budget (a 2048x2048 image's latent: 65536 tokens, a 16 GiB matrix)."""
+    h = model.decoder.conv_in(model.post_quant_conv(latent))
+    with torch.no_grad():
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # raises "No available kernel" on strided inputs
+            fused = model.decoder.mid.attn_1(h)
+        with sdpa_kernel([SDPBackend.MATH]):
+            reference = model.decoder.mid.attn_1(h)
+    assert (fused - reference).abs().max() <= 1e-4
