@@ -32,6 +32,7 @@ from vaekit.data import to_tensor, to_uint8
 from vaekit.model import Autoencoder
 from vaekit.model.tiling import _halo, _stage_shapes, decode_body_tiled, encode_body_tiled, tile_memory
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 IMAGES = {"astronaut": skdata.astronaut, "chelsea": skdata.chelsea, "coffee": skdata.coffee}
 
 
@@ -49,23 +50,31 @@ def diffusers_twin(model: Autoencoder):
 
 
 class Meter:
-    """Time, then (in a later phase: it changes how malloc works) peak memory, of single calls."""
+    """Peak memory, then (in a later phase) time, of single calls.
+
+    On CPU, peak memory is the process's peak resident size above its level before the call, read
+    from /proc (Linux). For it to follow the tensors, malloc must return freed blocks to the system
+    at once: from the start, every allocation over 64 KiB gets its own mapping. That makes each
+    allocation fault its pages in, so the timing phase goes back to malloc's usual reuse.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.phase = "time"
-        self.libc = ctypes.CDLL("libc.so.6") if device.type == "cpu" else None
-
-    def start_memory_phase(self) -> None:
         self.phase = "memory"
+        self.libc = ctypes.CDLL("libc.so.6") if device.type == "cpu" else None
         if self.libc is not None:
-            # A fixed mmap threshold returns freed tensors to the OS, so resident memory follows them;
-            # it also makes every large allocation fault its pages in, hence no timing in this phase.
-            self.libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: 64 KiB
+            self.libc.mallopt(_M_MMAP_THRESHOLD, 1 << 16)
+
+    def start_time_phase(self) -> None:
+        self.phase = "time"
+        if self.libc is not None:  # glibc's defaults once it has adapted: map only blocks over 32 MiB
+            self.libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            self.libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
 
     def time(self, fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
         """Output and seconds: wall time on CUDA; on CPU process time, which other jobs on shared
         cores do not inflate (summed over threads)."""
+        assert self.phase == "time"
         clock = time.perf_counter if self.device.type == "cuda" else time.process_time
         self._sync()
         start = clock()
@@ -156,12 +165,15 @@ def bench(configs: list[tuple[str, list[str]]], tiles: list[int], device: torch.
             with torch.inference_mode():
                 z = model.encode(x).mean  # also the warm-up: first calls allocate caches and pick kernels
             runs.append((name, model, image, cases(model, twin, x, z, tiles)))
+    models = {name: model for name, model, _, _ in runs}
+    working_sets = {(name, t): tile_working_set(model, t, meter) for name, model in models.items() for t in tiles}
+    peaks = {(name, image, call, method): meter.peak(fn) for name, _, image, found in runs for call, method, fn in found}
+    meter.start_time_phase()
     timed = {}
     for name, _, image, found in runs:
         for call, method, fn in found:
             outs, secs = zip(*(meter.time(fn) for _ in range(repeat)))
             timed[name, image, call, method] = (outs[0], min(secs))
-    meter.start_memory_phase()
     clock = "time s" if device.type == "cuda" else "cpu s"
     threads = "" if device.type == "cuda" else f", {torch.get_num_threads()} thread(s)"
     header = None
@@ -170,10 +182,10 @@ def bench(configs: list[tuple[str, list[str]]], tiles: list[int], device: torch.
             header = name
             print(f"\n## {name}: {model.num_parameters() / 1e6:.1f}M parameters, {device}{threads}")
             for t in tiles:
-                print(f"tile {t}: one tile's working set measured {tile_working_set(model, t, meter):.0f} MiB, "
+                print(f"tile {t}: one tile's working set measured {working_sets[name, t]:.0f} MiB, "
                       f"estimated {tile_memory(model.config, t) / 2**20:.0f} MiB (tile_memory)")
             print(f"{'image':10} {'call':7} {'method':30} {'mean lv':>8} {'max lv':>7} {'latent max':>11} {clock:>7} {'peak MiB':>9}")
-        for call, method, fn in found:
+        for call, method, _ in found:
             out, secs = timed[name, image, call, method]
             ref = timed[name, image, call, "vaekit untiled"][0]
             if call == "encode":
@@ -181,7 +193,7 @@ def bench(configs: list[tuple[str, list[str]]], tiles: list[int], device: torch.
             else:
                 lv_mean, lv_max = levels(out, ref)
                 diff = f"{lv_mean:8.3f} {lv_max:7d} {'':>11}"
-            print(f"{image:10} {call:7} {method:30} {diff} {secs:7.2f} {meter.peak(fn):9.0f}")
+            print(f"{image:10} {call:7} {method:30} {diff} {secs:7.2f} {peaks[name, image, call, method]:9.0f}")
 
 
 def _encode_local(model: Autoencoder, x: torch.Tensor, tile: int) -> torch.Tensor:
