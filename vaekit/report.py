@@ -9,7 +9,6 @@ caller's backend is left alone).
 from __future__ import annotations
 
 import html
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import numpy as np
 from . import __version__
 from .analysis import HIGH_FREQUENCY, Analysis, ERROR_MAP_CEILING
 from .data import write_image
+from .evaluate import to_json
 
 
 # ---- what each number means (one source for both reports) ----------------------------------
@@ -190,16 +190,7 @@ def _legend(paths: Sequence[str]) -> str:
 
 
 def _write_json(folder: Path, numbers: dict[str, Any]) -> None:
-    def clean(v: Any) -> Any:  # JSON has no inf/nan: they become null
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    (folder / "report.json").write_text(json.dumps(clean(numbers), indent=1), encoding="utf-8")
+    (folder / "report.json").write_text(to_json(numbers), encoding="utf-8")  # inf/nan become null
 
 
 # ---- plots ------------------------------------------------------------------------------------
