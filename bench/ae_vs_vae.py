@@ -37,12 +37,43 @@ TABLE = [
 ]
 
 
+def doc_images(report: Path, out: Path, frame: int = 80) -> None:
+    """Small copies of the report's pictures for docs/img/: rows labelled VAE / AE, frames downsized."""
+    from PIL import Image, ImageDraw
+
+    side = json.loads((report / "report.json").read_text())["models"]
+    side = next(iter(side.values()))["resolution"][0]
+    models = sorted((report / "models").iterdir())  # 1_... is the VAE, 2_... the AE
+
+    def frames(path: Path) -> list[Image.Image]:
+        image = Image.open(path).convert("RGB")
+        return [image.crop((x, 0, x + side, side)).resize((frame, frame), Image.LANCZOS) for x in range(0, min(image.width, 8 * side), side)]
+
+    def rows(name: str, pictures: list[list[Image.Image]], labels: list[str], label_width: int = 44) -> None:
+        cell = pictures[0][0].width
+        canvas = Image.new("RGB", (label_width + cell * max(map(len, pictures)), cell * len(pictures)), "white")
+        draw = ImageDraw.Draw(canvas)
+        for r, (label, row) in enumerate(zip(labels, pictures)):
+            draw.text((4, r * cell + cell // 2 - 6), label, fill="black")
+            for c, f in enumerate(row):
+                canvas.paste(f, (label_width + c * cell, r * cell))
+        canvas.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(out / f"ae_vs_vae_{name}.png", optimize=True)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("interpolation_0", "perturbation_0", "samples_prior", "samples_fitted"):
+        rows(name.removesuffix("_0").removeprefix("samples_"), [frames(m / f"{name}.png") for m in models], ["VAE", "AE"])
+    crops = sorted(report.glob("crop_*_original.png"))
+    grid = [[Image.open(report / c.name.replace("original", k)).convert("RGB") for k in ("original", "model0", "model1")] for c in crops]
+    rows("crops", [[im.resize((2 * frame, 2 * frame), Image.NEAREST) for im in row] for row in grid], [""] * len(grid), 0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/ae_vs_vae", help="folder for both runs and the report (default: runs/ae_vs_vae)")
     p.add_argument("--steps", type=int, help="train both for this many steps (default: the VAE's quickstart budget, then as many for the AE)")
     p.add_argument("--resolution", type=int, default=256, help="side of the held-out crops compared (default 256)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the quickstart's machine)")
+    p.add_argument("--doc-images", metavar="DIR", help="also write small copies of the report's pictures there (docs/img)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -69,6 +100,8 @@ def main() -> None:
         m = MEASURES[path]
         print(f"| {m.label} | " + " | ".join(fmt(lookup(numbers[model], path), m.digits) for model in models) + " |")
     print(f"\nsteps: {steps} each; report: {out / 'report' / 'report.html'}")
+    if args.doc_images:
+        doc_images(out / "report", Path(args.doc_images))
 
 
 if __name__ == "__main__":
