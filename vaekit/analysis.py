@@ -73,8 +73,8 @@ def decode(model: Autoencoder, z: Tensor, batch_size: int = 8, bar: tqdm | None 
 
 
 def quantise(x: Tensor) -> Tensor:
-    """What a saved PNG holds: clamp to [-1, 1] and round to the 256 uint8 levels."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    """What a saved PNG holds (to_uint8's rounding), back as NCHW floats in [-1, 1]."""
+    return torch.from_numpy(to_uint8(x)).movedim(-1, -3).float() / 127.5 - 1
 
 
 # ---- image distances and statistics --------------------------------------------------------
