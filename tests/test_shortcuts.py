@@ -133,7 +133,12 @@ def test_config_validation_and_real_presets_untouched():
         fast_config(patch_size=3)
     for name in ("sd1", "sdxl", "sd3", "flux1", "tiny-f8c4", "tiny-f8c16"):
         cfg = PRESETS[name].config
-        assert not cfg.shortcuts and cfg.patch_size == 1
+        assert not cfg.shortcuts and cfg.patch_size == 1 and cfg.diffusers_compatible
+    assert not fast_config().diffusers_compatible and not fast_config(shortcuts=False).diffusers_compatible
+    assert not PRESETS["sd1"].config.replace(kind="ae").diffusers_compatible
+    for name, channels in (("tiny-fast-f8c4", 4), ("tiny-fast-f8c16", 16)):
+        cfg = PRESETS[name].config
+        assert cfg.shortcuts and cfg.factor == 8 and cfg.latent_channels == channels
     # Configs written before these options existed still load (the fields default to the LDM layout).
     old = {k: v for k, v in PRESETS["sd1"].config.to_dict().items() if k not in ("shortcuts", "patch_size")}
     assert AutoencoderConfig.from_dict(old) == PRESETS["sd1"].config

@@ -270,6 +270,10 @@ def _train_config(args: argparse.Namespace):
 
 
 def _run_training(run: Callable, command: str) -> None:
+    import json
+
+    from .config import AutoencoderConfig
+
     try:
         result = run()
     except KeyboardInterrupt as e:
@@ -282,7 +286,9 @@ def _run_training(run: Callable, command: str) -> None:
         return
     m = result.metrics
     print(f"trained {m['step']} steps in {m['seconds']:.0f} s ({m['stopped']}); run folder: {result.run}")
-    print(f"model:   {result.model}  (vaekit.load, or diffusers AutoencoderKL.from_pretrained)")
+    config = AutoencoderConfig.from_dict(json.loads((result.run / "config.json").read_text())["model"])
+    loaders = "vaekit.load, or diffusers AutoencoderKL.from_pretrained" if config.diffusers_compatible else "vaekit.load"
+    print(f"model:   {result.model}  ({loaders})")
     if "final" in m:
         grid = sorted((result.run / "samples").glob("step_*.png"))[-1]
         f, before = m["final"], m.get("initial")

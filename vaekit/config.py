@@ -70,6 +70,11 @@ class AutoencoderConfig:
         """Spatial downsampling factor: image side / latent side."""
         return self.patch_size * 2 ** (len(self.block_channels) - 1)
 
+    @property
+    def diffusers_compatible(self) -> bool:
+        """Whether diffusers' AutoencoderKL has this architecture, so it can load vaekit's diffusers folder."""
+        return self.kind == "vae" and not self.shortcuts and self.patch_size == 1
+
     def replace(self, **changes: Any) -> "AutoencoderConfig":
         return dataclasses.replace(self, **changes)
 
@@ -99,6 +104,11 @@ class Preset:
 _SD = AutoencoderConfig()  # the LDM kl-f8 architecture shared by SD1/SD2/SDXL/PixArt
 _F16 = _SD.replace(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
 _TINY = AutoencoderConfig(block_channels=(32, 64, 128, 128), layers_per_block=1, norm_groups=8)
+# The quickstart's model: about as big as _TINY, but it trains in minutes on a CPU (docs/TRAINING.md).
+_FAST = AutoencoderConfig(
+    block_channels=(32, 64, 128), layers_per_block=1, norm_groups=8, patch_size=2, shortcuts=True,
+    use_quant_conv=False, use_post_quant_conv=False,
+)  # fmt: skip
 
 PRESETS: dict[str, Preset] = {
     "sd1": Preset(_SD.replace(scaling_factor=0.18215, family="sd1"), "Stable Diffusion 1.x/2.x VAE (kl-f8)"),
@@ -114,6 +124,13 @@ PRESETS: dict[str, Preset] = {
     "tiny-f8c16": Preset(
         _TINY.replace(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, family="tiny-f8c16"),
         "small 8x/16-channel VAE (Flux.1 layout) for tests and demos",
+    ),
+    "tiny-fast-f8c4": Preset(
+        _FAST.replace(family="tiny-fast-f8c4"),
+        "small 8x/4-channel VAE that trains in minutes on a CPU (DC-AE shortcuts, 2x2 patch stem); the quickstart's",
+    ),
+    "tiny-fast-f8c16": Preset(
+        _FAST.replace(latent_channels=16, family="tiny-fast-f8c16"), "tiny-fast-f8c4 with 16 latent channels"
     ),
 }
 
