@@ -85,14 +85,19 @@ class AutoencoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AutoencoderConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown config fields {unknown}; known: {sorted(names)}")
+        check_fields(cls, d, "config fields")
         return cls(**d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def check_fields(cls: type, d: dict[str, Any], what: str) -> None:
+    """A dataclass read from JSON: name unknown keys (typos, newer versions) instead of a TypeError."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; known: {sorted(names)}")
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoints import load, write_atomic
-from .config import AutoencoderConfig, preset
+from .config import AutoencoderConfig, check_fields, preset
 from .data import CropDataset, TrainingData, to_tensor, to_uint8, training_data, write_image
 from .losses import AutoencoderLoss, LossConfig
 from .metrics import psnr, ssim
@@ -100,10 +100,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown train settings {unknown}")
+        check_fields(cls, d, "train settings")
         d = dict(d)
         if isinstance(d.get("loss"), dict):
             d["loss"] = LossConfig(**d["loss"])
