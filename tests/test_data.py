@@ -89,6 +89,15 @@ def test_random_crop_scales_within_bounds_and_flips():
     assert random_crop(_photo(20, 30), 32, rng).shape == (32, 32, 3)
 
 
+def test_random_crop_permutes_colors_only_when_asked():
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[..., 0], image[..., 1], image[..., 2] = 10, 20, 30  # R, G, B told apart by value
+    rng = np.random.default_rng(0)
+    orders = {tuple(random_crop(image, 32, rng, permute_colors=True)[0, 0]) for _ in range(200)}
+    assert orders == {(10, 20, 30), (10, 30, 20), (20, 10, 30), (20, 30, 10), (30, 10, 20), (30, 20, 10)}
+    assert {tuple(random_crop(image, 32, rng)[0, 0]) for _ in range(50)} == {(10, 20, 30)}  # off by default
+
+
 def test_center_crop_resizes_the_shorter_side_then_cuts_the_middle():
     image = _photo(300, 451)
     assert center_crop(image, 256).shape == (256, 256, 3)

@@ -462,6 +462,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     opt(g, "--resolution", "training crop side in pixels", d.resolution, type=int)
     opt(g, "--min-scale", "scale each image by a random factor in [X, 1] before cropping (multi-scale)", d.min_scale, type=float)
     opt(g, "--flip", "random horizontal flips", d.flip, action=argparse.BooleanOptionalAction)
+    opt(g, "--permute-colors", "put each crop's R, G, B channels in a random order (more palettes from few photos)",
+        d.permute_colors, action=argparse.BooleanOptionalAction)
     opt(g, "--workers", "data-loading processes (default: 0 for the built-in photos, else up to 4)", type=int)
 
     g = p.add_argument_group("model")

@@ -199,13 +199,19 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(image[y : y + size, x : x + size])
 
 
-def random_crop(image: np.ndarray, size: int, rng: np.random.Generator, min_scale: float = 1.0, flip: bool = True) -> np.ndarray:
+def random_crop(
+    image: np.ndarray, size: int, rng: np.random.Generator, min_scale: float = 1.0, flip: bool = True,
+    permute_colors: bool = False,
+) -> np.ndarray:  # fmt: skip
     """A size x size training crop: the image scaled by a random factor in [min_scale, 1] (log-uniform,
-    Lanczos, never so small that the crop would not fit), a random square cut, a random horizontal flip.
+    Lanczos, never so small that the crop would not fit), a random square cut, a random horizontal flip,
+    and with `permute_colors` its R, G, B channels in a random order.
 
     Down-scaling shows the model whole objects at several sizes, not only the fine texture of large
     photos. Images smaller than the crop are scaled up just enough to fit. Only the cropped region is
-    resampled (PIL's resize with a box), so large photos cost no more than small ones.
+    resampled (PIL's resize with a box), so large photos cost no more than small ones. Permuting the
+    colours turns a few photos into many palettes: with little data (the 13 built-in photos) it is
+    what teaches the model colours its training photos lack (docs/TRAINING.md).
     """
     h, w = image.shape[:2]
     fit = size / min(h, w)  # the scale at which the shorter side equals the crop
@@ -220,6 +226,8 @@ def random_crop(image: np.ndarray, size: int, rng: np.random.Generator, min_scal
         crop = np.asarray(Image.fromarray(image).resize((size, size), Image.LANCZOS, box=(x, y, x + side, y + side)))
     if flip and rng.random() < 0.5:
         crop = crop[:, ::-1]
+    if permute_colors:
+        crop = crop[..., rng.permutation(3)]
     return crop.copy()  # contiguous, writable, and never a view of a cached image
 
 
@@ -254,10 +262,14 @@ class CropDataset(Dataset):
     readable one, and reported with the batch so the trainer can list it once.
     """
 
-    def __init__(self, items: Sequence[Path | np.ndarray], resolution: int, min_scale: float = 1.0, flip: bool = True):
+    def __init__(
+        self, items: Sequence[Path | np.ndarray], resolution: int, min_scale: float = 1.0, flip: bool = True,
+        permute_colors: bool = False,
+    ):  # fmt: skip
         if not items:
             raise ValueError("no training images")
         self.items, self.resolution, self.min_scale, self.flip = list(items), resolution, min_scale, flip
+        self.permute_colors = permute_colors
 
     def __len__(self) -> int:
         return len(self.items)
@@ -272,7 +284,7 @@ class CropDataset(Dataset):
             except Exception as e:
                 bad.append(f"{item}: {e}")
                 continue
-            crop = random_crop(image, self.resolution, np.random.default_rng(seed), self.min_scale, self.flip)
+            crop = random_crop(image, self.resolution, np.random.default_rng(seed), self.min_scale, self.flip, self.permute_colors)
             return torch.from_numpy(crop).permute(2, 0, 1), bad
         raise RuntimeError("none of the training images could be read: " + "; ".join(bad[:3]))
 
@@ -313,9 +325,11 @@ class ShardStream(IterableDataset):
     def __init__(
         self, pattern: str, resolution: int, min_scale: float = 1.0, flip: bool = True, val_fraction: float = 0.0,
         buffer: int = 256, batch_size: int = 1, seed: int = 0, rank: int = 0, world: int = 1, start: int = 0,
+        permute_colors: bool = False,
     ):  # fmt: skip
         self.urls = shard_urls(pattern)
         self.resolution, self.min_scale, self.flip, self.val_fraction, self.buffer = resolution, min_scale, flip, val_fraction, buffer
+        self.permute_colors = permute_colors
         self.batch_size, self.seed, self.rank, self.world, self.start = batch_size, seed, rank, world, start
 
     def _samples(self, stream: int, streams: int) -> Iterator[tuple[tuple[int, ...], str, bytes]]:
@@ -360,7 +374,7 @@ class ShardStream(IterableDataset):
                 except Exception as e:
                     bad.append(f"{key}: {e}")
                     continue
-                crop = random_crop(image, self.resolution, np.random.default_rng(seed), self.min_scale, self.flip)
+                crop = random_crop(image, self.resolution, np.random.default_rng(seed), self.min_scale, self.flip, self.permute_colors)
                 crops.append(torch.from_numpy(crop).permute(2, 0, 1))
             if not crops:
                 raise RuntimeError("a whole batch of shard samples was unreadable: " + "; ".join(bad[:3]))
@@ -398,7 +412,7 @@ def _ignore_sigint(worker_id: int) -> None:
 
 def training_data(
     data: str, resolution: int, val: str | None = None, val_fraction: float = 0.05, val_images: int = 16,
-    val_resolution: int = 256, min_scale: float = 1.0, flip: bool = True,
+    val_resolution: int = 256, min_scale: float = 1.0, flip: bool = True, permute_colors: bool = False,
 ) -> TrainingData:  # fmt: skip
     """Split DATA into training crops and validation images.
 
@@ -409,11 +423,11 @@ def training_data(
     held: list[tuple[str, np.ndarray]] = []
     if data == "samples" or data.startswith("samples:"):
         split = data.partition(":")[2] or "train"
-        dataset: CropDataset | ShardStream = CropDataset([im for _, im in sample_images(split)], resolution, min_scale, flip)
+        dataset: CropDataset | ShardStream = CropDataset([im for _, im in sample_images(split)], resolution, min_scale, flip, permute_colors)
         held = [] if val else sample_images("val")
         description = f"{len(dataset)} built-in photos ({split})"
     elif is_shards(data):
-        dataset = ShardStream(data, resolution, min_scale, flip, val_fraction=0.0 if val else val_fraction)
+        dataset = ShardStream(data, resolution, min_scale, flip, val_fraction=0.0 if val else val_fraction, permute_colors=permute_colors)
         if not val and val_fraction > 0:
             held_raw = ((k, raw) for k, raw in iter_shard_samples(dataset.urls) if held_out(k, val_fraction))
             held = [(k, read_image(io.BytesIO(raw))) for k, raw in itertools.islice(held_raw, val_images)]
@@ -427,7 +441,7 @@ def training_data(
         is_val = [not val and held_out(n, val_fraction) for n in names]
         if not val and val_fraction > 0 and not any(is_val) and len(files) > 1:
             is_val[min(range(len(names)), key=lambda i: zlib.crc32(names[i].encode()))] = True  # at least one
-        dataset = CropDataset([p for p, v in zip(files, is_val) if not v], resolution, min_scale, flip)
+        dataset = CropDataset([p for p, v in zip(files, is_val) if not v], resolution, min_scale, flip, permute_colors)
         for name, path in [(n, p) for n, p, v in zip(names, files, is_val) if v][:val_images]:
             try:
                 held.append((name, read_image(path)))

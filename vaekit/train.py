@@ -59,6 +59,7 @@ class TrainConfig:
     resolution: int = 256  # training crop side
     min_scale: float = 1.0  # random down-scale of each image by [min_scale, 1] before cropping
     flip: bool = True
+    permute_colors: bool = False  # random R/G/B order per crop: more palettes from few photos
     workers: int | None = None  # data loader processes; None: 0 for in-memory photos, else up to 4
     # Model: a preset, a JSON AutoencoderConfig (file path or dict), or a checkpoint to fine-tune.
     preset: str = "tiny-f8c4"
@@ -115,6 +116,7 @@ QUICKSTART = TrainConfig(
     preset="tiny-fast-f8c4",
     resolution=64,
     min_scale=0.25,
+    permute_colors=True,
     batch_size=16,
     lr=1e-3,
     warmup=50,
@@ -185,6 +187,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     data = training_data(
         cfg.data, cfg.resolution, val=cfg.val, val_fraction=cfg.val_fraction, val_images=cfg.val_images,
         val_resolution=cfg.val_resolution, min_scale=cfg.min_scale, flip=cfg.flip,
+        permute_colors=cfg.permute_colors,
     )  # fmt: skip
     workers = cfg.workers if cfg.workers is not None else _default_workers(data, world)
 
