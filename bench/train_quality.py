@@ -127,16 +127,16 @@ def vaekit_quickstart(channels: int, seconds: float, clock_kind: str, originals:
     if names != [n for n, _ in sample_images("val")]:
         raise RuntimeError(f"the trainer validated on {names}, not the benchmark's held-out photos")
     return {
-        "arm": "quickstart", "recipe": describe(recipe), "steps": result.metrics["step"], "wall_s": wall, "cpu_s": cpu,
+        "arm": "quickstart", "recipe": describe(recipe, channels), "steps": result.metrics["step"], "wall_s": wall, "cpu_s": cpu,
         "psnr": final["psnr"], "ssim": final["ssim"], "per_image_psnr": [round(p["psnr"], 2) for p in final["per_image"]],
     }  # fmt: skip
 
 
-def describe(recipe: Any) -> str:
+def describe(recipe: Any, channels: int) -> str:
     loss = recipe.loss
-    return (f"{recipe.preset}, AdamW lr {recipe.lr:g} (warm-up {recipe.warmup}, cosine to x{recipe.min_lr_ratio:g}), "
+    return (f"{recipe.preset} with {channels} latent channels, AdamW lr {recipe.lr:g} (warm-up {recipe.warmup}, cosine to x{recipe.min_lr_ratio:g}), "
             f"{loss.pixel} + {loss.kl_weight:g} KL, batch {recipe.batch_size}, {recipe.resolution}px crops "
-            f"(scale {recipe.min_scale:g}-1), EMA {recipe.ema_decay:g}")  # fmt: skip
+            f"(scale {recipe.min_scale:g}-1{', colours permuted' if recipe.permute_colors else ''}), EMA {recipe.ema_decay:g}")  # fmt: skip
 
 
 # ---- main -------------------------------------------------------------------------------------

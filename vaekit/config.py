@@ -112,7 +112,7 @@ _TINY = AutoencoderConfig(block_channels=(32, 64, 128, 128), layers_per_block=1,
 # The quickstart's model: about as big as _TINY, but it trains in minutes on a CPU (docs/TRAINING.md).
 _FAST = AutoencoderConfig(
     block_channels=(32, 64, 128), layers_per_block=1, norm_groups=8, patch_size=2, shortcuts=True,
-    use_quant_conv=False, use_post_quant_conv=False,
+    use_quant_conv=False, use_post_quant_conv=False, mid_attention=False,
 )  # fmt: skip
 
 PRESETS: dict[str, Preset] = {
