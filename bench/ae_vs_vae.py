@@ -2,11 +2,11 @@
 the same recipe and budget, then `vaekit compare` them on the held-out photos.
 
     python bench/ae_vs_vae.py                       # quickstart budget for the VAE, same steps for the AE
-    python bench/ae_vs_vae.py --steps 1500          # a fixed number of steps for both
+    python bench/ae_vs_vae.py --steps 1400          # a fixed number of steps for both (docs/AE_vs_VAE.md)
     python bench/ae_vs_vae.py --out runs/ae_vs_vae --resolution 256
 
-Recipe: `vaekit.train.QUICKSTART` (the `vaekit quickstart` settings: tiny-f8c4, 64 px crops of the
-13 built-in training photos, L1 + 1e-6 KL, ...), changing only `kind`. Budget: the VAE trains for the
+Recipe: `vaekit.train.QUICKSTART` (the `vaekit quickstart` settings: tiny-fast-f8c4, 64 px crops of
+the 13 built-in training photos, L1 + 1e-6 KL, ...), changing only `kind`. Budget: the VAE trains for the
 quickstart's wall-clock budget unless --steps is given; the AE then trains for exactly as many steps,
 so both see the same batches (same seed) and the same schedule. Both are compared on the three
 held-out photos (chelsea, coffee, flower). The run folders keep everything: OUT/vae, OUT/ae
