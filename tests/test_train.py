@@ -164,6 +164,22 @@ def test_quickstart_trains_within_its_budget_and_reports(tmp_path: Path, monkeyp
     assert quickstart.__defaults__[0] == "quickstart" and QUICKSTART.seconds <= 295 and QUICKSTART.data == "samples"
 
 
+def test_time_budget_is_measured_again_after_slow_first_steps(tmp_path: Path, monkeypatch):
+    # A fake clock: every reading costs 1 s for the first 10 s (slow first steps), then 0.1 s (a step
+    # reads it 3 times). The count from steps 2-6 alone (196 steps) would end the run at about 70 s.
+    class Clock:
+        now = 0.0
+
+        def time(self) -> float:
+            self.now += 1.0 if self.now < 10 else 0.1
+            return self.now
+
+    monkeypatch.setattr(vaekit.train, "time", Clock())
+    result = train(tiny_run(tmp_path / "r", steps=10_000, seconds=100, sample_every=0, save_every=0, log_every=1000), progress=False)
+    reserve = vaekit.train._reserve(2.0)  # the initial validation reads the clock twice: 2 s
+    assert result.metrics["stopped"] == "done" and 100 - reserve - 5 < result.metrics["seconds"] <= 100
+
+
 def test_workers_load_the_same_batches_as_the_main_process(tmp_path: Path):
     folder = tmp_path / "imgs"
     folder.mkdir()
