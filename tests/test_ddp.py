@@ -1,5 +1,5 @@
 """`torchrun --nproc_per_node 2 ... vaekit train` trains one model with DDP (gloo on CPU): ranks split the data, keep
-identical weights, and only rank 0 writes the run folder."""
+identical weights, only rank 0 writes the run folder, and `--resume` under torchrun continues bit-exactly."""
 
 import json
 import os
@@ -94,3 +94,29 @@ def test_two_cpu_processes_train_one_model_on_split_data(tmp_path: Path):
     last = torch.load(run / "checkpoints" / "step_0000004.pt", weights_only=True)
     assert last["world_size"] == 2 and all(torch.equal(last["model"][k], r1["model"][k]) for k in last["model"])
     assert json.loads((run / "metrics.json").read_text())["final"]["n"] == 4
+
+    # Exact resume under DDP: 2 steps, then `--resume` to 4 (from a copy of the step-2 checkpoint) ends with the
+    # same weights, EMA, discriminator and optimizer states as the 4 steps straight.
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    (resumed / "checkpoints" / "step_0000002.pt").write_bytes((run / "checkpoints" / "step_0000002.pt").read_bytes())
+    argv[argv.index(str(run))] = str(resumed)
+    (tmp_path / "r").mkdir()
+    cmd[-2:] = [json.dumps(argv + ["--resume"]), str(tmp_path / "r")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (torch.load(r / "checkpoints" / "step_0000004.pt", weights_only=True) for r in (run, resumed))
+
+    def tensors(tree, prefix=""):
+        if isinstance(tree, torch.Tensor):
+            yield prefix, tree
+        elif isinstance(tree, dict):
+            for k, v in tree.items():
+                yield from tensors(v, f"{prefix}/{k}")
+        elif isinstance(tree, (list, tuple)):
+            for i, v in enumerate(tree):
+                yield from tensors(v, f"{prefix}/{i}")
+
+    for part in ("model", "ema", "discriminator", "optimizer", "disc_optimizer"):
+        x, y = dict(tensors(a[part])), dict(tensors(b[part]))
+        assert len(x) > 4 and x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), part
