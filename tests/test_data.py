@@ -10,6 +10,7 @@ from vaekit.data import (
     SAMPLE_TRAIN,
     SAMPLE_VAL,
     CropDataset,
+    Crops,
     ShardStream,
     StreamSampler,
     center_crop,
@@ -152,7 +153,7 @@ def test_crop_dataset_replaces_an_unreadable_file_by_the_next_one(tmp_path: Path
     good = tmp_path / "good.png"
     Image.fromarray(_photo(20, 20)).save(good)
     (tmp_path / "bad.png").write_bytes(b"junk")
-    crop, bad = CropDataset([tmp_path / "bad.png", good], 16)[(0, (0, 0, 0))]
+    crop, bad = CropDataset([tmp_path / "bad.png", good], Crops(16))[(0, (0, 0, 0))]
     assert crop.shape == (3, 16, 16) and len(bad) == 1 and "bad.png" in bad[0]
 
 

@@ -255,6 +255,21 @@ def collate(items: list[tuple[Tensor, list[str]]]) -> Batch:
     return Batch(torch.stack([t for t, _ in items]), [s for _, bad in items for s in bad])
 
 
+@dataclass(frozen=True)
+class Crops:
+    """How every training dataset cuts its crops: `random_crop`'s options, in one place."""
+
+    resolution: int
+    min_scale: float = 1.0
+    flip: bool = True
+    permute_colors: bool = False
+
+    def __call__(self, image: np.ndarray, seed: tuple[int, ...]) -> Tensor:
+        """The crop of `image` that `seed` picks, as a CHW uint8 tensor."""
+        crop = random_crop(image, self.resolution, np.random.default_rng(seed), self.min_scale, self.flip, self.permute_colors)
+        return torch.from_numpy(crop).permute(2, 0, 1)
+
+
 class CropDataset(Dataset):
     """Random crops of a fixed list of images (files read on access, or arrays in memory).
 
@@ -262,14 +277,10 @@ class CropDataset(Dataset):
     readable one, and reported with the batch so the trainer can list it once.
     """
 
-    def __init__(
-        self, items: Sequence[Path | np.ndarray], resolution: int, min_scale: float = 1.0, flip: bool = True,
-        permute_colors: bool = False,
-    ):  # fmt: skip
+    def __init__(self, items: Sequence[Path | np.ndarray], crops: Crops):
         if not items:
             raise ValueError("no training images")
-        self.items, self.resolution, self.min_scale, self.flip = list(items), resolution, min_scale, flip
-        self.permute_colors = permute_colors
+        self.items, self.crops = list(items), crops
 
     def __len__(self) -> int:
         return len(self.items)
@@ -284,8 +295,7 @@ class CropDataset(Dataset):
             except Exception as e:
                 bad.append(f"{item}: {e}")
                 continue
-            crop = random_crop(image, self.resolution, np.random.default_rng(seed), self.min_scale, self.flip, self.permute_colors)
-            return torch.from_numpy(crop).permute(2, 0, 1), bad
+            return self.crops(image, seed), bad
         raise RuntimeError("none of the training images could be read: " + "; ".join(bad[:3]))
 
 
@@ -323,13 +333,11 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(
-        self, pattern: str, resolution: int, min_scale: float = 1.0, flip: bool = True, val_fraction: float = 0.0,
-        buffer: int = 256, batch_size: int = 1, seed: int = 0, rank: int = 0, world: int = 1, start: int = 0,
-        permute_colors: bool = False,
+        self, pattern: str, crops: Crops, val_fraction: float = 0.0, buffer: int = 256, batch_size: int = 1,
+        seed: int = 0, rank: int = 0, world: int = 1, start: int = 0,
     ):  # fmt: skip
         self.urls = shard_urls(pattern)
-        self.resolution, self.min_scale, self.flip, self.val_fraction, self.buffer = resolution, min_scale, flip, val_fraction, buffer
-        self.permute_colors = permute_colors
+        self.crops, self.val_fraction, self.buffer = crops, val_fraction, buffer
         self.batch_size, self.seed, self.rank, self.world, self.start = batch_size, seed, rank, world, start
 
     def _samples(self, stream: int, streams: int) -> Iterator[tuple[tuple[int, ...], str, bytes]]:
@@ -374,8 +382,7 @@ class ShardStream(IterableDataset):
                 except Exception as e:
                     bad.append(f"{key}: {e}")
                     continue
-                crop = random_crop(image, self.resolution, np.random.default_rng(seed), self.min_scale, self.flip, self.permute_colors)
-                crops.append(torch.from_numpy(crop).permute(2, 0, 1))
+                crops.append(self.crops(image, seed))
             if not crops:
                 raise RuntimeError("a whole batch of shard samples was unreadable: " + "; ".join(bad[:3]))
             yield Batch(torch.stack(crops), bad)
@@ -421,13 +428,14 @@ def training_data(
     """
     data = str(data)
     held: list[tuple[str, np.ndarray]] = []
+    crops = Crops(resolution, min_scale, flip, permute_colors)
     if data == "samples" or data.startswith("samples:"):
         split = data.partition(":")[2] or "train"
-        dataset: CropDataset | ShardStream = CropDataset([im for _, im in sample_images(split)], resolution, min_scale, flip, permute_colors)
+        dataset: CropDataset | ShardStream = CropDataset([im for _, im in sample_images(split)], crops)
         held = [] if val else sample_images("val")
         description = f"{len(dataset)} built-in photos ({split})"
     elif is_shards(data):
-        dataset = ShardStream(data, resolution, min_scale, flip, val_fraction=0.0 if val else val_fraction, permute_colors=permute_colors)
+        dataset = ShardStream(data, crops, val_fraction=0.0 if val else val_fraction)
         if not val and val_fraction > 0:
             held_raw = ((k, raw) for k, raw in iter_shard_samples(dataset.urls) if held_out(k, val_fraction))
             held = [(k, read_image(io.BytesIO(raw))) for k, raw in itertools.islice(held_raw, val_images)]
@@ -441,7 +449,7 @@ def training_data(
         is_val = [not val and held_out(n, val_fraction) for n in names]
         if not val and val_fraction > 0 and not any(is_val) and len(files) > 1:
             is_val[min(range(len(names)), key=lambda i: zlib.crc32(names[i].encode()))] = True  # at least one
-        dataset = CropDataset([p for p, v in zip(files, is_val) if not v], resolution, min_scale, flip, permute_colors)
+        dataset = CropDataset([p for p, v in zip(files, is_val) if not v], crops)
         for name, path in [(n, p) for n, p, v in zip(names, files, is_val) if v][:val_images]:
             try:
                 held.append((name, read_image(path)))
