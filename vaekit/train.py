@@ -239,6 +239,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     else:
         eval_seconds = 0.0
 
+    def steps_that_fit(per_step: float) -> int:
+        """The step count (at most --steps) that ends the run within --seconds at this speed."""
+        left = started + cfg.seconds - time.time() - _reserve(eval_seconds)
+        return _broadcast_int(max(step, min(cfg.steps, step + int(left / per_step))), distributed)
+
     def save() -> Path:
         """A checkpoint of everything needed to continue (rank 0 writes it, all ranks wait)."""
         path = run / "checkpoints" / f"step_{step:07d}.pt"
@@ -328,15 +333,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 # checkpoints included: early steps run slow, so the first count alone left 10-15% of
                 # the quickstart's budget unused. By a fifth of the run the cosine has barely moved.
                 per_step = float(np.mean(step_times[1:])) + (eval_seconds / cfg.sample_every if cfg.sample_every else 0.0)
-                left = started + cfg.seconds - time.time() - _reserve(eval_seconds)
-                total = _broadcast_int(max(step, min(cfg.steps, step + int(left / per_step))), distributed)
+                total = steps_that_fit(per_step)
                 bar.total, calibrated, recalibrate_at, since = total, True, max(step + 1, total // 5), (time.time(), step)
                 bar.refresh()
             elif step == recalibrate_at:  # the same step on every rank: the broadcast cannot deadlock
-                per_step = (time.time() - since[0]) / (step - since[1])
-                left = started + cfg.seconds - time.time() - _reserve(eval_seconds)
-                total = _broadcast_int(max(step, min(cfg.steps, step + int(left / per_step))), distributed)
-                bar.total = total
+                bar.total = total = steps_that_fit((time.time() - since[0]) / (step - since[1]))
                 bar.refresh()
 
             if step % cfg.log_every == 0 or step == total:
