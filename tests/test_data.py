@@ -1,4 +1,6 @@
 import io
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +197,23 @@ def test_shards_stream_every_sample_per_epoch_resume_exactly_and_split_ranks(tmp
     trained = set(_values(b for b, _ in zip(held.loader(1, seed=0), range(12))))
     assert trained.isdisjoint({int(im[0, 0, 0]) for _, im in held.val})
     assert [n for n, _ in load_images(pattern)][:3] == ["s0_00", "s0_01", "s0_02"]
+
+
+def test_training_never_validates_on_its_own_images_without_a_warning(tmp_path: Path):
+    # samples:all holds the three photos the built-in data validates on: refused, with what to do instead.
+    with pytest.raises(ValueError, match="samples:all includes chelsea, coffee and flower.*--val"):
+        training_data("samples:all", 32)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((40, 40, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # disjoint --val and --data: no warning
+        training_data("samples", 32, val=str(folder), val_resolution=32)
+        training_data(str(folder), 32, val="samples:val", val_resolution=32)
+        training_data("samples:all", 32, val=str(folder), val_resolution=32)
+    cases = [("samples", "samples:train", "13 image(s)"), ("samples:all", "samples:val", "3 image(s) with --data (samples:chelsea"),
+             (str(folder), str(folder / "2.png"), "1 image(s)"), (str(folder), str(folder), "4 image(s)")]  # fmt: skip
+    for data, val, shared in cases:
+        with pytest.warns(RuntimeWarning, match=re.escape(f"--val shares {shared}")):
+            training_data(data, 32, val=val, val_resolution=32)

@@ -176,6 +176,19 @@ def iter_images(data: str, skipped: list[str] | None = None) -> Iterator[tuple[s
         warnings.warn(f"skipped {len(skipped)} unreadable image(s): " + "; ".join(skipped), RuntimeWarning, stacklevel=2)
 
 
+def sources(data: str) -> set[str]:
+    """What a DATA string reads, by identity: 'samples:NAME' for built-in photos, the resolved path of
+    each image file or tar shard. Two DATA strings overlap when their sources do (a copy of a file
+    under another path is another source)."""
+    data = str(data)
+    if data == "samples" or data.startswith("samples:"):
+        split = data.partition(":")[2] or "all"
+        names = {"train": SAMPLE_TRAIN, "val": SAMPLE_VAL, "all": SAMPLE_TRAIN + SAMPLE_VAL}.get(split, ())
+        return {f"samples:{name}" for name in names}
+    paths = shard_urls(data) if is_shards(data) else find_images(data)
+    return {str(Path(p).resolve()) for p in paths}
+
+
 def load_images(data: str, limit: int | None = None, skipped: list[str] | None = None) -> list[tuple[str, np.ndarray]]:
     """`iter_images` as a list (the first `limit` images when given)."""
     return list(itertools.islice(iter_images(data, skipped), limit))
@@ -424,13 +437,21 @@ def training_data(
     """Split DATA into training crops and validation images.
 
     Validation comes from `val` (any DATA string) when given; else "samples" uses its fixed held-out
-    photos, and folders and shards hold out the images whose name `held_out(name, val_fraction)`.
+    photos, and folders and shards hold out the images whose name `held_out(name, val_fraction)`. A `val`
+    that shares files with `data` gets a warning: it would score images the model trains on.
     """
     data = str(data)
     held: list[tuple[str, np.ndarray]] = []
     crops = Crops(resolution, min_scale, flip, permute_colors)
+    trained_on = data
     if data == "samples" or data.startswith("samples:"):
         split = data.partition(":")[2] or "train"
+        trained_on = f"samples:{split}"
+        if split == "all" and not val:
+            raise ValueError(
+                "samples:all includes chelsea, coffee and flower, the photos the built-in data validates on: "
+                "train on 'samples' (they are held out), or pass --val with other images"
+            )
         dataset: CropDataset | ShardStream = CropDataset([im for _, im in sample_images(split)], crops)
         held = [] if val else sample_images("val")
         description = f"{len(dataset)} built-in photos ({split})"
@@ -458,5 +479,12 @@ def training_data(
         description = f"{len(dataset)} training images from {root}"
     if val:
         held = load_images(val, limit=val_images)
+        shared = sorted(sources(val) & sources(trained_on))
+        if shared:
+            warnings.warn(
+                f"--val shares {len(shared)} image(s) with --data ({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}): "
+                "validation then scores images the model trains on; give --val images that are not in --data",
+                RuntimeWarning, stacklevel=2,
+            )  # fmt: skip
     crops = [(name, center_crop(image, val_resolution)) for name, image in held]
     return TrainingData(dataset, crops, description + f", {len(crops)} validation images")
