@@ -321,9 +321,10 @@ def test_total_is_the_weighted_sum_of_its_logged_terms(setup):
     assert logs["nll"].item() == pytest.approx(nll.item(), rel=1e-6)
     terms = crit.terms(x, recon, posterior, step=0)
     nll_live = terms["l1"] + c.ssim_weight * terms["ssim"] + c.lpips_weight * terms["lpips"]
-    expected_weight = c.gan_weight * adaptive_gan_weight(nll_live, terms["gan_g"], last)
+    pixels = x[0].numel()  # the weights are LDM's: its loss sums the pixel loss over C*H*W, vaekit's is that / C*H*W
+    expected_weight = c.gan_weight * adaptive_gan_weight(nll_live, terms["gan_g"], last, scale=pixels)
     assert logs["gan_weight"].item() == pytest.approx(expected_weight.item(), rel=1e-5) and expected_weight > 0
-    total = nll + c.kl_weight * logs["kl"] + logs["gan_weight"] * logs["gan_g"]
+    total = nll + (c.kl_weight * logs["kl"] + logs["gan_weight"] * logs["gan_g"]) / pixels
     assert loss.item() == pytest.approx(total.item(), rel=1e-5) and logs["loss"].item() == loss.item()
     assert all(not v.requires_grad and v.ndim == 0 for v in logs.values())
 
@@ -332,6 +333,48 @@ def test_total_is_the_weighted_sum_of_its_logged_terms(setup):
     fixed = AutoencoderLoss(everything(adaptive_gan_weight=False))
     _, logs = fixed(x, recon, posterior, step=0)
     assert logs["gan_weight"].item() == 0.5
+
+
+def ldm_autoencoder_loss(x, recon, posterior, kl_weight, perceptual_weight, lpips, disc, disc_weight, last_layer):
+    """LDM's `LPIPSWithDiscriminator` autoencoder loss (optimizer_idx 0, logvar 0, disc_factor 1), transcribed:
+    L1 plus the per-image LPIPS added to every pixel, summed over C*H*W and averaged over the batch."""
+    rec = (x - recon).abs() + perceptual_weight * lpips.net(x, recon)
+    nll = rec.sum() / rec.shape[0]
+    kl = posterior.kl().sum() / posterior.mean.shape[0]
+    g = -disc(recon).mean()
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g, last_layer, retain_graph=True)[0]
+    d_weight = (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach() * disc_weight
+    return nll + kl_weight * kl + d_weight * g
+
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("clamped", [False, True])
+def test_every_weight_means_ldms_at_any_crop_size(tiny_config, size, clamped):
+    # The same weights (KL 5, LPIPS 1, GAN 0.5) in vaekit and in LDM's loss: vaekit's loss and its gradient
+    # are LDM's divided by C*H*W, so every term pulls with LDM's relative strength at every crop size.
+    torch.manual_seed(0)
+    model = perturb(Autoencoder(tiny_config))
+    crit = AutoencoderLoss(everything(ssim_weight=0.0, kl_weight=5.0))
+    with torch.no_grad():  # a discriminator with a tiny gradient: LDM's adaptive weight hits its 1e4 clamp
+        crit.discriminator.main[-1].weight.mul_(1e-7 if clamped else 10.0)
+    x = torch.cat([photo(size), noisy(photo(size), 0.3, seed=1)])
+    params, last = list(model.parameters()), model.decoder.conv_out.weight
+
+    def loss_and_gradient(loss_fn):
+        recon, posterior = model(x, sample_posterior=True, generator=torch.Generator().manual_seed(0))
+        loss = loss_fn(recon, posterior)
+        return loss.item(), torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+    logs = {}
+    ours, ours_grad = loss_and_gradient(lambda r, p: logs.update(crit(x, r, p, 0, last)[1]) or crit(x, r, p, 0, last)[0])
+    ldm, ldm_grad = loss_and_gradient(lambda r, p: ldm_autoencoder_loss(x, r, p, 5.0, 1.0, crit.lpips, crit.discriminator, 0.5, last))
+    no_kl = loss_and_gradient(lambda r, p: ldm_autoencoder_loss(x, r, p, 0.0, 1.0, crit.lpips, crit.discriminator, 0.5, last))[1]
+    pixels = 3 * size * size
+    assert ours * pixels == pytest.approx(ldm, rel=1e-5)
+    assert ((ours_grad * pixels - ldm_grad).norm() / ldm_grad.norm()).item() < 1e-5
+    assert ((no_kl - ldm_grad).norm() / ldm_grad.norm()).item() > 0.01  # the KL term is part of what was compared
+    assert (logs["gan_weight"].item() == 0.5e4) == clamped  # logged in LDM's scale: its d_weight
 
 
 def test_bf16_autocast_gives_finite_losses_close_to_fp32(setup):
@@ -357,7 +400,8 @@ def test_zero_weights_build_nothing_and_gan_waits_for_its_start(setup):
     assert plain.lpips is None and plain.discriminator is None
     _, logs = plain(x, recon, posterior, step=10**6)
     assert set(logs) == {"charbonnier", "kl", "nll", "loss"}
-    assert logs["loss"].item() == pytest.approx(logs["charbonnier"].item() + 1e-6 * logs["kl"].item(), rel=1e-6)
+    kl_term = 1e-6 * logs["kl"].item() / x[0].numel()
+    assert logs["loss"].item() == pytest.approx(logs["charbonnier"].item() + kl_term, rel=1e-6)
     with pytest.raises(ValueError, match="gan_weight is 0"):
         plain.discriminator_loss(x, recon)
 

@@ -65,16 +65,16 @@ def test_resuming_from_a_checkpoint_continues_bit_for_bit(straight: Path, tmp_pa
 
 
 def test_ctrl_c_saves_a_checkpoint_after_the_current_step_and_resume_is_exact(straight: Path, tmp_path: Path, monkeypatch):
-    forward = AutoencoderLoss.forward
+    terms = AutoencoderLoss.terms
 
-    def interrupt_at_step_7(self, x, recon, posterior, step, last_layer=None):
+    def interrupt_at_step_7(self, x, recon, posterior, step):
         if step == 6 and not interrupted:  # 0-based: during the 7th step
             interrupted.append(True)
             os.kill(os.getpid(), signal.SIGINT)
-        return forward(self, x, recon, posterior, step, last_layer)
+        return terms(self, x, recon, posterior, step)
 
     interrupted: list[bool] = []
-    monkeypatch.setattr(AutoencoderLoss, "forward", interrupt_at_step_7)
+    monkeypatch.setattr(AutoencoderLoss, "terms", interrupt_at_step_7)
     run = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt, match="step_0000007.pt; continue with --resume"):
         train(config(run), progress=False)

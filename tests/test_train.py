@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import os
 import math
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import vaekit
 import vaekit.train
 from vaekit.cli import main
 from vaekit.losses import AutoencoderLoss, LossConfig
-from vaekit.train import QUICKSTART, TrainConfig, TrainingDiverged, lr_factor, quickstart, train
+from vaekit.train import QUICKSTART, Schedule, TrainConfig, TrainingDiverged, quickstart, train
 
 TINY = dict(block_channels=[16, 32, 32, 32], layers_per_block=1, norm_groups=8, latent_channels=4)
 
@@ -30,11 +31,30 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
-    f = [lr_factor(s, 100, 10, 0.1) for s in range(100)]
+    f = [Schedule.of(100, 10, 0.1).factor(s) for s in range(100)]
     assert f[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
     assert f[10] == pytest.approx(1.0) and f[55] == pytest.approx(0.55) and f[99] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
-    assert lr_factor(4, 20, 10, 0.1) == 1.0  # warm-up is capped at a quarter of the run
+    assert Schedule.of(20, 10, 0.1).factor(4) == 1.0  # warm-up is capped at a quarter of the run
+
+
+def test_retargeting_the_schedule_never_moves_the_lr_backwards():
+    def curve(schedule: Schedule, at: int, total: int) -> list[float]:
+        after = schedule.retarget(at, total)
+        return [schedule.factor(s) for s in range(at)] + [after.factor(s) for s in range(at, total)]
+
+    first = Schedule.of(100, 500, 0.1)  # warm-up capped at 25 steps
+    # The issue's case: the count grows from 100 to 130 at step 20, during warm-up. The old rule (warm-up =
+    # a quarter of the new count) went from 0.84 at step 20 to 21/32 = 0.66.
+    f = curve(first, 20, 130)
+    assert f[19] == pytest.approx(0.8) and f[20] == pytest.approx(0.84) and f[24] == 1.0
+    assert all(a < b for a, b in zip(f[:24], f[1:25])) and all(a >= b for a, b in zip(f[24:], f[25:]))
+    assert f[-1] == pytest.approx(0.1, abs=1e-3)
+    # In the decay, growing or shrinking the count continues from the current value to the floor at the new end.
+    for total in (60, 200):
+        f = curve(first, 40, total)
+        assert f[40] == pytest.approx(first.factor(40)) and 0.1 < f[-1] < 0.11, total  # continuous, to the floor
+        assert all(a >= b for a, b in zip(f[24:], f[25:])), total
 
 
 def test_a_run_writes_the_whole_run_folder(tmp_path: Path):
@@ -180,6 +200,59 @@ def test_time_budget_is_measured_again_after_slow_first_steps(tmp_path: Path, mo
     assert result.metrics["stopped"] == "done" and 100 - reserve - 5 < result.metrics["seconds"] <= 100
 
 
+def test_a_time_budget_that_grows_during_warm_up_never_lowers_the_lr(tmp_path: Path, monkeypatch):
+    # A fake clock: 1 s per reading for the first 40 s (a step reads it 4 times when it logs), then 0.1 s. The
+    # first count (from steps 2-6) caps warm-up at a quarter of it; the second measurement, still in warm-up,
+    # finds the run much faster and raises the count. Warm-up keeps its length, so the learning rate rises to
+    # its peak and then only falls (with warm-up a quarter of the new count it fell from 0.81 to 0.58 of the peak).
+    class Clock:
+        now = 0.0
+
+        def time(self) -> float:
+            self.now += 1.0 if self.now < 40 else 0.1
+            return self.now
+
+    monkeypatch.setattr(vaekit.train, "time", Clock())
+    small = dict(block_channels=[8, 16], layers_per_block=1, norm_groups=8)  # only the learning rate matters here
+    run = tiny_run(tmp_path / "r", config=small, resolution=16, batch_size=1, steps=10_000, seconds=300, sample_every=0,
+                   save_every=0, log_every=1, warmup=500)  # fmt: skip
+    result = train(run, progress=False)
+    lr = [json.loads(line)["lr"] for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    peak = lr.index(max(lr))
+    assert len(lr) == result.metrics["steps"] and max(lr) == pytest.approx(1e-3) and 10 < peak < len(lr) // 4
+    assert all(a < b for a, b in zip(lr[:peak], lr[1 : peak + 1])) and all(a >= b for a, b in zip(lr[peak:], lr[peak + 1 :]))
+
+
+def _first_step_gradients(run: TrainConfig, monkeypatch) -> list[torch.Tensor]:
+    """The gradients the first optimizer step applies: the autoencoder's, then the discriminator's."""
+    clip, grads = torch.nn.utils.clip_grad_norm_, []
+
+    def record(params, max_norm, *args, **kwargs):
+        params = list(params)
+        grads.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]).clone())
+        return clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record)
+    train(dataclasses.replace(run, steps=1, sample_every=0), progress=False)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    return grads
+
+
+def test_gradient_accumulation_with_a_gan_equals_the_larger_batch(tmp_path: Path, monkeypatch):
+    # A VAE (posterior samples), KL, the adaptive GAN weight from the first step. The adaptive weight is taken
+    # from the whole step's gradients, and each image's posterior noise is keyed by its place in the step, so
+    # 2 micro-batches of 4 give batch 8's gradients (with a weight per micro-batch they were 75% apart). A
+    # batch-norm discriminator normalises each micro-batch alone, so the check uses GroupNorm.
+    loss = LossConfig(kl_weight=1.0, gan_weight=0.5, gan_start=0, disc_channels=8, disc_layers=2, disc_norm="group")
+    one = _first_step_gradients(tiny_run(tmp_path / "one", batch_size=8, loss=loss, log_every=1), monkeypatch)
+    acc = _first_step_gradients(tiny_run(tmp_path / "acc", batch_size=4, grad_accum=2, loss=loss, log_every=1), monkeypatch)
+    assert len(one) == len(acc) == 2  # the autoencoder's and the discriminator's
+    for a, b in zip(one, acc):
+        assert a.norm() > 0 and ((a - b).norm() / a.norm()).item() < 1e-5
+    logged = [json.loads((tmp_path / r / "log.jsonl").read_text())["gan_weight"] for r in ("one", "acc")]
+    assert logged[0] > 0 and logged[1] == pytest.approx(logged[0], rel=1e-4)
+
+
 def test_workers_load_the_same_batches_as_the_main_process(tmp_path: Path):
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -206,3 +279,72 @@ def test_training_streams_tar_shards(tmp_path: Path):
     held = [r["name"] for r in result.metrics["final"]["per_image"]]
     assert held and all(vaekit.data.held_out(k, 0.3) for k in held)
     assert result.metrics["data"].startswith("2 tar shard(s)") and result.metrics["step"] == 4
+
+
+def test_the_discriminator_trains_with_ldms_adam_unclipped(tmp_path: Path, monkeypatch):
+    # LDM: Adam betas (0.5, 0.9), no weight decay, no gradient clipping, the autoencoder's learning rate
+    # unless --disc-lr says otherwise. Here the autoencoder is clipped hard (--clip 1e-6) to show the
+    # discriminator's gradient reaches its optimizer as computed.
+    seen: dict[str, list[float]] = {"ae": [], "disc": []}
+    steps = {name: getattr(torch.optim, name).step for name in ("Adam", "AdamW")}
+
+    def record(name):
+        def step(self, *args, **kwargs):
+            norm = torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"] if p.grad is not None]).norm()
+            seen["disc" if name == "Adam" else "ae"].append(float(norm))
+            return steps[name](self, *args, **kwargs)
+        return step
+
+    for name in steps:
+        monkeypatch.setattr(getattr(torch.optim, name), "step", record(name))
+    loss = LossConfig(gan_weight=0.5, gan_start=0, disc_channels=8, disc_layers=2)
+    train(tiny_run(tmp_path / "run", loss=loss, steps=3, clip=1e-6, disc_lr=3e-4, warmup=1, sample_every=0), progress=False)
+    assert len(seen["disc"]) == 3 and min(seen["disc"]) > 1e-3 and max(seen["ae"]) <= 1.01e-6
+    state = _weights(tmp_path / "run" / "checkpoints" / "step_0000003.pt")
+    (group,) = state["disc_optimizer"]["param_groups"]
+    assert group["betas"] == (0.5, 0.9) and group["weight_decay"] == 0.0
+    assert group["lr"] == pytest.approx(3e-4 * Schedule.of(3, 1, 0.1).factor(2))  # its own peak, the same schedule
+    assert state["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)  # the autoencoder keeps --betas
+
+
+def test_resuming_a_run_from_before_ldm_weights_keeps_its_kl_strength(tmp_path: Path, capsys):
+    # A run whose checkpoints predate the LDM convention: kl_weight 1e-4 then multiplied a KL against a mean
+    # pixel loss; at 32x32 crops LDM's equivalent is 1e-4 x 3 x 32 x 32. Resuming converts it and says so.
+    run = tmp_path / "old"
+    loss = LossConfig(kl_weight=1e-4)
+    train(tiny_run(run, loss=loss, steps=2, sample_every=0), progress=False)
+    path = run / "checkpoints" / "step_0000002.pt"
+    state = _weights(path)
+    assert state["loss_convention"] == "ldm" and json.loads((run / "config.json").read_text())["loss_convention"] == "ldm"
+    del state["loss_convention"], state["schedule"]
+    torch.save(state, path)
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--steps", "3"]) == 0
+    assert "its kl_weight 0.0001 (on a KL against a mean pixel loss) continues as 0.3072" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["train"]["loss"]["kl_weight"] == pytest.approx(0.3072)
+    assert _weights(run / "checkpoints" / "step_0000003.pt")["loss_convention"] == "ldm"
+    # A --kl-weight given anew is taken in LDM's terms as it is.
+    torch.save(state, path)
+    (run / "checkpoints" / "step_0000003.pt").unlink()
+    assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--kl-weight", "1e-6"]) == 0
+    assert "--kl-weight 1e-06 is taken as LDM's" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["train"]["loss"]["kl_weight"] == 1e-6
+
+
+def test_deterministic_runs_its_steps_with_deterministic_algorithms(tmp_path: Path, monkeypatch):
+    terms, modes = AutoencoderLoss.terms, []
+
+    def record(self, *args):
+        modes.append(torch.are_deterministic_algorithms_enabled())
+        return terms(self, *args)
+
+    monkeypatch.setattr(AutoencoderLoss, "terms", record)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    a = train(tiny_run(tmp_path / "det", deterministic=True, steps=2, sample_every=0), progress=False)
+    assert modes == [True, True] and not torch.are_deterministic_algorithms_enabled()  # restored afterwards
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert json.loads((a.run / "config.json").read_text())["train"]["deterministic"] is True
+    b = train(tiny_run(tmp_path / "plain", steps=2, sample_every=0), progress=False)
+    assert modes[2:] == [False, False]
+    wa, wb = (_weights(r.run / "checkpoints" / "step_0000002.pt")["model"] for r in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # on the CPU it changes nothing

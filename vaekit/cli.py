@@ -479,25 +479,36 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     opt(g, "--seconds", "wall-clock budget: the step count (at most --steps) is calibrated from the speed of the first steps", type=float)
     opt(g, "--batch-size", "images per process per micro-step", d.batch_size, type=int)
     opt(g, "--grad-accum", "micro-steps per optimizer step", d.grad_accum, type=int)
-    opt(g, "--lr", "peak learning rate (AdamW; the discriminator uses the same)", d.lr, type=float)
+    opt(g, "--lr", "peak learning rate of the autoencoder (AdamW)", d.lr, type=float)
     opt(g, "--min-lr-ratio", "cosine decay ends at lr * X", d.min_lr_ratio, type=float)
-    opt(g, "--warmup", "linear warm-up steps", d.warmup, type=int)
+    opt(g, "--warmup", "linear warm-up steps (at most a quarter of the run)", d.warmup, type=int)
     opt(g, "--betas", "AdamW betas", " ".join(map(str, d.betas)), type=float, nargs=2, metavar=("B1", "B2"))
     opt(g, "--weight-decay", "AdamW weight decay", d.weight_decay, type=float)
-    opt(g, "--clip", "gradient-norm clipping (0: off)", d.clip, type=float)
+    opt(g, "--clip", "gradient-norm clipping of the autoencoder (0: off; LDM has none). The loss is LDM's / (3*R*R), "
+        "so diffusers' --max_grad_norm 1 is --clip 1/(3*R*R) here", d.clip, type=float)
+    opt(g, "--disc-lr", "peak learning rate of the discriminator (default: --lr, as in LDM)", type=float)
+    opt(g, "--disc-betas", "Adam betas of the discriminator (LDM's; no weight decay, no clipping)",
+        " ".join(map(str, d.disc_betas)), type=float, nargs=2, metavar=("B1", "B2"))
     opt(g, "--ema-decay", "EMA of the weights, used for validation and the saved model", d.ema_decay, type=float)
     opt(g, "--precision", "autocast precision (default: bf16 on CUDA, fp32 on CPU, where bf16 is slower)", choices=["fp32", "bf16"])
     opt(g, "--seed", "seed of the initial weights, the data order and crops, and the posterior samples", d.seed, type=int)
+    opt(g, "--deterministic", "deterministic CUDA algorithms: repeated and resumed runs bit-exact on the same GPU and "
+        "software, at some speed (docs/TRAINING.md); CPU runs are deterministic without it", action="store_true")
 
     g = p.add_argument_group("loss")
     opt(g, "--pixel", "reconstruction loss", d.loss.pixel, choices=["l1", "l2", "charbonnier"])
     opt(g, "--ssim-weight", "weight of the 1 - SSIM loss", d.loss.ssim_weight, type=float)
-    opt(g, "--kl-weight", "weight of the KL term (summed over latent elements; ignored for --kind ae)", d.loss.kl_weight, type=float)
-    opt(g, "--lpips-weight", "weight of the LPIPS loss (needs the backbone weights; LDM uses 1.0)", d.loss.lpips_weight, type=float)
+    opt(g, "--kl-weight", "LDM's kl_weight, as in published configs (SD's VAE: 1e-6): it multiplies the KL summed over "
+        "latent elements against the pixel loss summed over an image's 3*R*R values, at any crop size; ignored for "
+        "--kind ae", d.loss.kl_weight, type=float)
+    opt(g, "--lpips-weight", "weight of the LPIPS loss: LDM's perceptual_weight (LDM: 1.0; needs the backbone weights)", d.loss.lpips_weight, type=float)
     opt(g, "--lpips-net", "LPIPS backbone", d.loss.lpips_net, choices=["vgg", "alex"])
     opt(g, "--gan-weight", "PatchGAN weight (LDM: 0.5), scaled by the adaptive weight", d.loss.gan_weight, type=float)
     opt(g, "--gan-start", "first step with the GAN term and discriminator updates (LDM: 50001)", d.loss.gan_start, type=int)
     opt(g, "--gan-loss", "discriminator loss", d.loss.gan_loss, choices=["hinge", "vanilla"])
+    opt(g, "--disc-norm", "discriminator normalisation: LDM's batch norm, or group/none, which do not depend on the "
+        "batch (with --grad-accum, only they make accumulation equal a larger batch)", d.loss.disc_norm,
+        choices=["batch", "group", "none"])
 
     g = p.add_argument_group("run")
     opt(g, "--resume", "continue RUN from its last checkpoint (starts fresh if it has none)", action="store_true")

@@ -1,15 +1,15 @@
 """The autoencoder training losses of the LDM recipe, each usable on its own, and `AutoencoderLoss`
 that combines them for the trainer.
 
-Scale conventions (they decide what a weight means):
-- pixel, SSIM and LPIPS terms are means (per pixel / per image), so their weights do not depend on
-  the crop size;
-- the KL is summed over latent elements and averaged over the batch, as LDM and diffusers do.
-  Against a *mean* pixel loss, LDM's `kl_weight` (which multiplies a pixel loss *summed* over
-  C*H*W) corresponds to `kl_weight / (C*H*W)` here; `kl_weight=1e-6` here is the diffusers-script
-  convention.
-- LDM's learned output log-variance is left out: LDM never gives it to an optimizer, so it stays 0
-  and `rec / exp(0) + 0 = rec`.
+Scale convention: every weight means what it means in LDM's `LPIPSWithDiscriminator` and diffusers'
+`train_autoencoderkl.py`, so numbers copy from published configs. Those sum the pixel loss over the
+C*H*W values of an image (mean over the batch) and add `kl_weight * KL` with the KL summed over latent
+elements. `AutoencoderLoss` is exactly that loss divided by C*H*W, so its pixel, SSIM and LPIPS terms
+are means (LDM adds LPIPS to every pixel before summing, so `lpips_weight` is its perceptual_weight),
+the KL enters as `kl_weight * KL / (C*H*W)`, and the GAN term as `weight * g / (C*H*W)` with LDM's
+weight (its adaptive weight, clamp at 1e4 included). The relative strength of every term is then
+LDM's at any crop size and channel count. LDM's learned output log-variance is left out: LDM never
+gives it to an optimizer, so it stays 0 and `rec / exp(0) + 0 = rec`.
 """
 
 from __future__ import annotations
@@ -220,19 +220,26 @@ def generator_loss(logits_fake: Tensor, kind: GanLoss = "hinge") -> Tensor:
     raise ValueError(f"unknown GAN loss {kind!r}; use 'hinge' or 'vanilla'")
 
 
-def adaptive_gan_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4) -> Tensor:
-    """LDM's adaptive GAN weight ||d nll / dW|| / (||d g / dW|| + 1e-4), W the decoder's last layer,
-    clamped to [0, max_weight] and detached, so the GAN term pushes the last layer about as hard as
-    the reconstruction does.
+def adaptive_gan_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor, scale: float = 1.0) -> Tensor:
+    """LDM's adaptive GAN weight of one batch: `gan_weight_from_grads` of the gradients of the
+    reconstruction loss and the generator loss with respect to `last_layer` (the decoder's last conv
+    weight). Both graphs are retained for the caller's backward."""
+    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return gan_weight_from_grads(nll_grad, g_grad, scale)
 
-    Norms are taken in fp32 (an fp16 gradient norm overflows long before the gradients do). If
-    either gradient is non-finite the weight is 0: that step trains without the GAN term rather than
-    with an arbitrary one. Zero gradients give 0 / 1e-4 = 0, never 0/0. Both graphs are retained
-    for the caller's backward.
+
+def gan_weight_from_grads(nll_grad: Tensor, g_grad: Tensor, scale: float = 1.0, max_weight: float = 1e4) -> Tensor:
+    """LDM's adaptive weight `scale * ||nll_grad|| / (||g_grad|| + 1e-4)`, clamped to [0, max_weight] and
+    detached, so the GAN term pushes the decoder's last layer about as hard as the reconstruction does.
+    `scale` = C*H*W turns the gradient of a mean pixel loss into that of LDM's summed one.
+
+    Norms are taken in fp32 (an fp16 gradient norm overflows long before the gradients do). If either
+    gradient is non-finite the weight is 0: that step trains without the GAN term rather than with an
+    arbitrary one. Zero gradients give 0 / 1e-4 = 0, never 0/0.
     """
-    nll_norm = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0].float().norm()
-    g_norm = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0].float().norm()
-    weight = (nll_norm / (g_norm + 1e-4)).clamp(0.0, max_weight)
+    nll_norm, g_norm = nll_grad.float().norm(), g_grad.float().norm()
+    weight = (scale * nll_norm / (g_norm + 1e-4)).clamp(0.0, max_weight)
     finite = torch.isfinite(nll_norm) & torch.isfinite(g_norm)  # inf/nan gradients (or norms past fp32)
     return torch.where(finite, weight, torch.zeros_like(weight)).detach()  # no host sync
 
@@ -242,20 +249,22 @@ def adaptive_gan_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor, ma
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Every knob of the autoencoder loss. A weight of 0 switches its term off entirely."""
+    """Every knob of the autoencoder loss. A weight of 0 switches its term off entirely. Every weight
+    is LDM's (see the module docstring): copy `kl_weight`, `lpips_weight` (perceptual_weight),
+    `gan_weight` (disc_weight) and `gan_start` (disc_start) from an LDM config as they are."""
 
     pixel: PixelLoss = "l1"
     pixel_weight: float = 1.0
     charbonnier_eps: float = 1e-3
     ssim_weight: float = 0.0
-    kl_weight: float = 1e-6  # on the KL summed over latent elements (see the module docstring)
+    kl_weight: float = 1e-6  # LDM's: KL summed over latent elements vs. pixel loss summed over C*H*W
     lpips_weight: float = 0.0
     lpips_net: Literal["vgg", "alex"] = "vgg"
     lpips_pretrained: bool = True  # False: random backbone, for tests only
     gan_weight: float = 0.0  # LDM's disc_weight (0.5 in its kl-f8 config)
     gan_loss: GanLoss = "hinge"
     gan_start: int = 0  # first step with a GAN term and discriminator updates (LDM's disc_start)
-    adaptive_gan_weight: bool = True
+    adaptive_gan_weight: bool = True  # False: gan_weight is the fixed weight (LDM's scale, like the rest)
     disc_layers: int = 3
     disc_channels: int = 64
     disc_norm: DiscNorm = "batch"
@@ -278,8 +287,8 @@ class LossConfig:
 
 
 class AutoencoderLoss(nn.Module):
-    """The trainer's loss: reconstruction (+ SSIM, LPIPS) + kl_weight * KL + GAN term, and the
-    discriminator it trains against.
+    """The trainer's loss, LDM's divided by C*H*W: reconstruction (+ SSIM, LPIPS)
+    + kl_weight * KL / (C*H*W) + GAN weight * g / (C*H*W), and the discriminator it trains against.
 
     Per step: `loss, logs = crit(x, recon, posterior, step, last_layer)` for the autoencoder, then,
     if `crit.gan_active(step)`, `d_loss, d_logs = crit.discriminator_loss(x, recon)` for the
@@ -323,30 +332,40 @@ class AutoencoderLoss(nn.Module):
                 out["gan_g"] = generator_loss(disc(recon), c.gan_loss)
         return out
 
-    def forward(
-        self, x: Tensor, recon: Tensor, posterior: Posterior, step: int, last_layer: Tensor | None = None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Autoencoder loss and its logged parts (detached fp32 scalars). `last_layer` is the
-        decoder's last weight (`model.decoder.conv_out.weight`), needed by the adaptive GAN weight."""
+    def without_gan(self, x: Tensor, recon: Tensor, posterior: Posterior, step: int) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+        """The loss before its GAN term (weighted reconstruction terms + KL term), the unweighted
+        generator loss (None before `gan_start`) and the logged parts (detached fp32 scalars). The
+        trainer uses it when gradient accumulation decides the GAN weight once per optimizer step."""
         c = self.config
         terms = self.terms(x, recon, posterior, step)
         weights = {c.pixel: c.pixel_weight, "ssim": c.ssim_weight, "lpips": c.lpips_weight}
         nll = sum(weights[k] * v for k, v in terms.items() if k in weights)
-        total = nll + c.kl_weight * terms["kl"] if "kl" in terms else nll
+        loss = nll + c.kl_weight / x[0].numel() * terms["kl"] if "kl" in terms else nll  # LDM's kl_weight
         logs = {k: v.detach() for k, v in terms.items()}
-        logs["nll"] = nll.detach()
-        if "gan_g" in terms:
-            if not c.adaptive_gan_weight:
-                weight = torch.full((), c.gan_weight, device=x.device)
-            elif not torch.is_grad_enabled():  # validation: no gradients to compare
-                weight = torch.zeros((), device=x.device)
-            elif last_layer is None:
-                raise ValueError("the adaptive GAN weight needs last_layer=model.decoder.conv_out.weight")
-            else:
-                weight = c.gan_weight * adaptive_gan_weight(nll, terms["gan_g"], last_layer)
-            total = total + weight * terms["gan_g"]
-            logs["gan_weight"] = weight
-        logs["loss"] = total.detach()
+        logs["nll"], logs["loss"] = nll.detach(), loss.detach()
+        return loss, terms.get("gan_g"), logs
+
+    def forward(
+        self, x: Tensor, recon: Tensor, posterior: Posterior, step: int, last_layer: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Autoencoder loss and its logged parts (detached fp32 scalars; `gan_weight` in LDM's scale,
+        its d_weight). `last_layer` is the decoder's last weight (`model.decoder.conv_out.weight`),
+        needed by the adaptive GAN weight."""
+        c = self.config
+        loss, gan_g, logs = self.without_gan(x, recon, posterior, step)
+        if gan_g is None:
+            return loss, logs
+        pixels = x[0].numel()
+        if not c.adaptive_gan_weight:
+            weight = torch.full((), c.gan_weight, device=x.device)
+        elif not torch.is_grad_enabled():  # validation: no gradients to compare
+            weight = torch.zeros((), device=x.device)
+        elif last_layer is None:
+            raise ValueError("the adaptive GAN weight needs last_layer=model.decoder.conv_out.weight")
+        else:  # the KL term has no path to the decoder, so this is the gradient of the reconstruction terms
+            weight = c.gan_weight * adaptive_gan_weight(loss, gan_g, last_layer, scale=pixels)
+        total = loss + weight / pixels * gan_g
+        logs["gan_weight"], logs["loss"] = weight, total.detach()
         return total, logs
 
     def discriminator_loss(self, x: Tensor, recon: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -40,7 +40,7 @@ from torch import nn
 from .checkpoints import load, write_atomic
 from .config import AutoencoderConfig, check_fields, preset
 from .data import CropDataset, TrainingData, to_tensor, to_uint8, training_data, write_image
-from .losses import AutoencoderLoss, LossConfig
+from .losses import AutoencoderLoss, LossConfig, gan_weight_from_grads
 from .metrics import psnr, ssim
 from .model import Autoencoder
 
@@ -78,9 +78,12 @@ class TrainConfig:
     warmup: int = 500  # linear warm-up steps (at most a quarter of the run)
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
-    clip: float = 1.0  # gradient-norm clipping; 0 turns it off
+    clip: float = 1.0  # gradient-norm clipping of the autoencoder; 0 turns it off
+    disc_lr: float | None = None  # the discriminator's peak learning rate; None: lr (LDM)
+    disc_betas: tuple[float, float] = (0.5, 0.9)  # LDM's Adam betas for the discriminator (no decay, no clipping)
     ema_decay: float = 0.999
     precision: str | None = None  # "fp32" or "bf16" autocast; None: bf16 on CUDA, fp32 on CPU
+    deterministic: bool = False  # deterministic CUDA algorithms: bit-exact repeats and resumes on a GPU, slower
     seed: int = 0
     loss: LossConfig = field(default_factory=LossConfig)
     # Bookkeeping.
@@ -92,11 +95,11 @@ class TrainConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
+        self.betas, self.disc_betas = tuple(self.betas), tuple(self.disc_betas)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
+        d["betas"], d["disc_betas"] = list(self.betas), list(self.disc_betas)
         return d
 
     @classmethod
@@ -121,7 +124,9 @@ QUICKSTART = TrainConfig(
     lr=1e-3,
     warmup=50,
     ema_decay=0.99,
-    loss=LossConfig(pixel="l1", kl_weight=1e-6),
+    # LDM's kl_weight; 0.012288 = 1e-6 x 3 x 64 x 64 is the strength the recipe was tuned at (1e-6 on a mean
+    # pixel loss at 64^2 crops, before vaekit's weights meant LDM's), docs/TRAINING.md
+    loss=LossConfig(pixel="l1", kl_weight=0.012288),
     sample_every=200,
     save_every=200,
     val_resolution=256,
@@ -140,6 +145,11 @@ class TrainingDiverged(RuntimeError):
     """Loss or gradients stayed non-finite for too many consecutive steps."""
 
 
+# What LossConfig's weights mean, recorded in config.json and every checkpoint: "ldm" = LDM's and diffusers'
+# (see vaekit.losses). Runs from before it (no entry) put kl_weight on a KL against a *mean* pixel loss.
+LOSS_CONVENTION = "ldm"
+
+
 # ---- the loop --------------------------------------------------------------------------------
 
 
@@ -147,6 +157,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     """Run (or resume) one training run as described by `cfg`; see the module docstring."""
     started = time.time()
     _check(cfg)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS first runs
 
     # ---- processes and devices: torchrun sets WORLD_SIZE/RANK/LOCAL_RANK ----
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -168,6 +180,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     checkpoint_path = latest_checkpoint(run / "checkpoints")
     if checkpoint_path and not cfg.resume:
         raise ValueError(f"{run} already holds checkpoints: pass --resume to continue it, or choose another --out")
+    state = torch.load(checkpoint_path, map_location=device, weights_only=True) if checkpoint_path else None
+    if state is not None and state.get("loss_convention") != LOSS_CONVENTION:
+        cfg = _convert_old_kl_weight(cfg, state, master)
 
     # ---- model, EMA, loss, optimizers (identical on every rank: seeded the same) ----
     _seed_everything(cfg.seed)
@@ -181,7 +196,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     disc = crit.discriminator
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=cfg.betas) if disc is not None else None
+    disc_lr = cfg.disc_lr or cfg.lr
+    disc_opt = torch.optim.Adam(disc.parameters(), lr=disc_lr, betas=cfg.disc_betas) if disc is not None else None  # LDM's
 
     # ---- data (after the loss, so a missing LPIPS backbone fails before any image is read) ----
     data = training_data(
@@ -192,10 +208,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     workers = cfg.workers if cfg.workers is not None else _default_workers(data, world)
 
     # ---- resume ----
-    step, total, skipped_steps, bad_in_a_row = 0, cfg.steps, 0, 0
+    step, skipped_steps, bad_in_a_row = 0, 0, 0
+    schedule = Schedule.of(cfg.steps, cfg.warmup, cfg.min_lr_ratio)
     metrics: dict[str, Any] = {}
-    if checkpoint_path:
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+    if state is not None:
         if AutoencoderConfig.from_dict(state["model_config"]) != model.config:
             raise ValueError(f"{checkpoint_path} holds a different architecture than this run's settings")
         model.load_state_dict(state["model"])
@@ -206,7 +222,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 raise ValueError(f"{checkpoint_path} has no discriminator, but this run has --gan-weight > 0")
             disc.load_state_dict(state["discriminator"])
             disc_opt.load_state_dict(state["disc_optimizer"])
-        step, total = state["step"], state["steps"] if cfg.seconds else cfg.steps
+        step = state["step"]
+        if cfg.seconds:  # a time budget keeps its calibrated schedule; otherwise --steps sets it, as in a fresh run
+            schedule = Schedule(**state["schedule"]) if "schedule" in state else Schedule.of(state["steps"], cfg.warmup, cfg.min_lr_ratio)
         skipped_steps, bad_in_a_row = state["skipped_steps"], state["bad_in_a_row"]
         if state["initial_metrics"]:
             metrics["initial"] = state["initial_metrics"]
@@ -228,8 +246,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     writer = None
     if master:
         (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-        settings = {"train": cfg.to_dict(), "model": model.config.to_dict(), "world_size": world,
-                    "precision": precision, "workers": workers, "versions": _versions()}  # fmt: skip
+        settings = {"train": cfg.to_dict(), "model": model.config.to_dict(), "loss_convention": LOSS_CONVENTION,
+                    "world_size": world, "precision": precision, "workers": workers, "versions": _versions()}  # fmt: skip
         write_atomic(run / "config.json", lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
         writer = _tensorboard(run / "logs")
     if master and data.val and step == 0:
@@ -244,12 +262,18 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         left = started + cfg.seconds - time.time() - _reserve(eval_seconds)
         return _broadcast_int(max(step, min(cfg.steps, step + int(left / per_step))), distributed)
 
+    # With gradient accumulation the adaptive GAN weight is decided once per optimizer step, from the
+    # whole step's gradients, so accumulation equals a larger batch (see _add_deferred_gan_term).
+    defer_gan = cfg.grad_accum > 1 and disc is not None and cfg.loss.adaptive_gan_weight
+    last_layer = model.decoder.conv_out.weight
+
     def save() -> Path:
         """A checkpoint of everything needed to continue (rank 0 writes it, all ranks wait)."""
         path = run / "checkpoints" / f"step_{step:07d}.pt"
         if master:
             state = {
-                "step": step, "steps": total, "model": model.state_dict(), "ema": ema.state_dict(),
+                "step": step, "steps": schedule.total, "schedule": dataclasses.asdict(schedule),
+                "loss_convention": LOSS_CONVENTION, "model": model.state_dict(), "ema": ema.state_dict(),
                 "optimizer": opt.state_dict(), "discriminator": disc.state_dict() if disc is not None else None,
                 "disc_optimizer": disc_opt.state_dict() if disc_opt is not None else None,
                 "rng": _rng_state(), "skipped_steps": skipped_steps, "bad_in_a_row": bad_in_a_row,
@@ -263,20 +287,24 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 
     # ---- the loop ----
     batches = iter(data.loader(cfg.batch_size, cfg.seed, rank, world, start=step * cfg.grad_accum, workers=workers))
-    bar = _progress_bar(total, step, master and progress)
+    bar = _progress_bar(schedule.total, step, master and progress)
     sums: dict[str, float] = {}  # logged terms, summed over the finite steps since the last log line
     logged = 0
     seen_unreadable: set[str] = set()
     t_log, images_since_log = time.time(), 0
     step_times: list[float] = []
     stop_reason = ""
-    with _deferred_interrupt() as interrupted:
-        while step < total:
+    with _deferred_interrupt() as interrupted, _deterministic_algorithms(cfg.deterministic):
+        while step < schedule.total:
             t_step = time.time()
-            lr = cfg.lr * lr_factor(step, total, cfg.warmup, cfg.min_lr_ratio)
-            for group in opt.param_groups + (disc_opt.param_groups if disc_opt else []):
+            lr = cfg.lr * schedule.factor(step)
+            for group in opt.param_groups:
                 group["lr"] = lr
+            for group in disc_opt.param_groups if disc_opt else []:
+                group["lr"] = disc_lr * schedule.factor(step)
             gan = crit.gan_active(step)
+            defer = gan and defer_gan
+            g_grads: list[torch.Tensor | None] = []  # the generator loss's gradients, summed over micro-steps
             finite = True
             step_logs: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
@@ -287,10 +315,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                         _note(True, f"skipped unreadable image {s}")
                 x = batch.images.to(device, non_blocking=True).float() / 127.5 - 1.0
                 last_micro = micro == cfg.grad_accum - 1
+                # Posterior noise keyed by the sample's place in the step: accumulation = a larger batch.
+                noise = [_generator(cfg.seed, rank, step, micro * cfg.batch_size + i, device) for i in range(len(x))]
                 with _maybe_no_sync(ddp_model, not last_micro):
                     with autocast:
-                        recon, posterior = ddp_model(x, sample_posterior=True, generator=_generator(cfg.seed, rank, step, micro, device))
-                    loss, logs = crit(x, recon.float(), posterior, step, last_layer=model.decoder.conv_out.weight)
+                        recon, posterior = ddp_model(x, sample_posterior=True, generator=noise)
+                    if defer:
+                        loss, g_loss, logs = crit.without_gan(x, recon.float(), posterior, step)
+                        grads = torch.autograd.grad(g_loss / cfg.grad_accum, params, retain_graph=True, allow_unused=True)
+                        g_grads = [_sum(a, b) for a, b in zip(g_grads, grads)] if g_grads else list(grads)
+                    else:
+                        loss, logs = crit(x, recon.float(), posterior, step, last_layer=last_layer)
                     (loss / cfg.grad_accum).backward()
                 if gan:
                     with _maybe_no_sync(crit.discriminator, not last_micro):
@@ -302,10 +337,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 for k, v in logs.items():
                     step_logs[k] = step_logs.get(k, 0.0) + float(v) / cfg.grad_accum
                 images_since_log += len(x) * world
+            if defer:
+                _add_deferred_gan_term(params, g_grads, last_layer, cfg.loss.gan_weight, x[0].numel(), step_logs, distributed)
 
             # One update per step, or none when anything is non-finite (ranks agree on it).
             grad_norm = nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf)
-            d_norm = nn.utils.clip_grad_norm_(disc.parameters(), cfg.clip if cfg.clip > 0 else math.inf) if gan else grad_norm
+            d_norm = nn.utils.clip_grad_norm_(disc.parameters(), math.inf) if gan else grad_norm  # LDM: not clipped
             out_of_time = calibrated and cfg.seconds is not None and time.time() > started + cfg.seconds - _reserve(eval_seconds)
             flags = _agree([not (finite and torch.isfinite(grad_norm) and torch.isfinite(d_norm)), interrupted(), out_of_time], distributed)
             bad, stop_now, late = flags
@@ -331,16 +368,19 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 # Time budget: a first step count from the speed of steps 2-6 (the schedule needs one),
                 # and again at a fifth of the run from the wall-clock rate since then, validations and
                 # checkpoints included: early steps run slow, so the first count alone left 10-15% of
-                # the quickstart's budget unused. By a fifth of the run the cosine has barely moved.
+                # the quickstart's budget unused. The first count sets the schedule (warm-up capped at a
+                # quarter of it); the second only retargets it, so the learning rate never steps back.
                 per_step = float(np.mean(step_times[1:])) + (eval_seconds / cfg.sample_every if cfg.sample_every else 0.0)
-                total = steps_that_fit(per_step)
-                bar.total, calibrated, recalibrate_at, since = total, True, max(step + 1, total // 5), (time.time(), step)
+                schedule = Schedule.of(steps_that_fit(per_step), cfg.warmup, cfg.min_lr_ratio)
+                calibrated, recalibrate_at, since = True, max(step + 1, schedule.total // 5), (time.time(), step)
+                bar.total = schedule.total
                 bar.refresh()
             elif step == recalibrate_at:  # the same step on every rank: the broadcast cannot deadlock
-                bar.total = total = steps_that_fit((time.time() - since[0]) / (step - since[1]))
+                schedule = schedule.retarget(step, steps_that_fit((time.time() - since[0]) / (step - since[1])))
+                bar.total = schedule.total
                 bar.refresh()
 
-            if step % cfg.log_every == 0 or step == total:
+            if step % cfg.log_every == 0 or step == schedule.total:
                 now = time.time()
                 scalars = {k: v / logged for k, v in sums.items()} if logged else {}
                 scalars.update(lr=lr, grad_norm=float(grad_norm), skipped_steps=skipped_steps,
@@ -352,9 +392,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             if bad_in_a_row > cfg.max_bad_steps:
                 stop_reason = "diverged"
                 break
-            if master and data.val and cfg.sample_every and step % cfg.sample_every == 0 and step < total:
+            if master and data.val and cfg.sample_every and step % cfg.sample_every == 0 and step < schedule.total:
                 validate(ema, data, device, run / "samples" / f"step_{step:07d}.png", writer, step)
-            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+            if cfg.save_every and step % cfg.save_every == 0 and step < schedule.total:
                 save()
             if stop_now:
                 stop_reason = "interrupted"
@@ -377,7 +417,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         ema.save(str(run / "model"))
         if data.val:
             metrics["final"] = validate(ema, data, device, run / "samples" / f"step_{step:07d}.png", writer, step)
-        metrics.update(step=step, steps=total, skipped_steps=skipped_steps, stopped=stop_reason or "done",
+        metrics.update(step=step, steps=schedule.total, skipped_steps=skipped_steps, stopped=stop_reason or "done",
                        seconds=round(time.time() - started, 1), val_resolution=cfg.val_resolution,
                        unreadable=sorted(seen_unreadable), data=data.description)  # fmt: skip
         write_atomic(run / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
@@ -419,14 +459,37 @@ def build_model(cfg: TrainConfig) -> Autoencoder:
     return Autoencoder(config)
 
 
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up over `warmup` steps (at most a quarter of the run, so a short or time-budgeted
-    run still reaches its peak and decays), then cosine decay from 1 to `min_ratio` at `total`."""
-    warmup = max(1, min(warmup, total // 4))
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate's factor at each step: linear warm-up over `warmup` steps, then cosine decay
+    from 1 to `min_ratio` at `total`. A time budget's second measurement moves `total` mid-run through
+    `retarget`, which keeps the curve continuous and monotone: warm-up keeps its length, and a decay
+    already under way continues from where it is to the new end."""
+
+    total: int
+    warmup: int
+    min_ratio: float
+    start: int  # the decay runs from `start`, where its progress is `start_progress`, to `total`
+    start_progress: float = 0.0
+
+    @classmethod
+    def of(cls, total: int, warmup: int, min_ratio: float) -> "Schedule":
+        """Warm-up capped at a quarter of the run, so a short or time-budgeted run still reaches its peak and decays."""
+        warmup = max(1, min(warmup, total // 4))
+        return cls(total, warmup, min_ratio, start=warmup)
+
+    def progress(self, step: int) -> float:
+        return min(1.0, self.start_progress + (1.0 - self.start_progress) * (step - self.start) / max(1, self.total - self.start))
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * self.progress(step)))
+
+    def retarget(self, step: int, total: int) -> "Schedule":
+        if step <= self.start:  # the decay has not begun: only its end moves
+            return dataclasses.replace(self, total=total)
+        return dataclasses.replace(self, total=total, start=step, start_progress=self.progress(step))
 
 
 @torch.no_grad()
@@ -474,11 +537,53 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -
     return path
 
 
-def _generator(seed: int, rank: int, step: int, micro: int, device: torch.device) -> torch.Generator:
-    """The posterior-sampling generator of one micro-step: keyed, so resume needs no state for it."""
+def _generator(seed: int, rank: int, step: int, sample: int, device: torch.device) -> torch.Generator:
+    """The posterior-sampling generator of one sample of a step: keyed, so resume needs no state for it."""
     g = torch.Generator(device)
-    g.manual_seed(int(np.random.SeedSequence((seed, rank, step, micro)).generate_state(1, np.uint64)[0] >> 1))
+    g.manual_seed(int(np.random.SeedSequence((seed, rank, step, sample)).generate_state(1, np.uint64)[0] >> 1))
     return g
+
+
+def _sum(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+def _add_deferred_gan_term(
+    params: list[nn.Parameter], g_grads: list[torch.Tensor | None], last_layer: nn.Parameter, gan_weight: float,
+    pixels: int, logs: dict[str, float], distributed: bool,
+) -> None:  # fmt: skip
+    """Finish a step whose micro-steps backpropagated the loss without its GAN term and collected the
+    generator loss's gradients apart: LDM's adaptive weight from the whole step's gradients (under DDP,
+    all ranks'), then that weight times the generator's gradients added in. The same gradient as one
+    batch of every micro-batch together; costs one more backward pass per micro-step."""
+    if distributed:  # DDP averaged the .grad part over ranks; average this part too
+        present = [g for g in g_grads if g is not None]
+        flat = torch.cat([g.flatten() for g in present]) / dist.get_world_size()
+        dist.all_reduce(flat)
+        for g, t in zip(present, flat.split([g.numel() for g in present])):
+            g.copy_(t.view_as(g))
+    i = next(i for i, p in enumerate(params) if p is last_layer)
+    # The KL term has no path to the decoder, so last_layer.grad is the reconstruction terms' gradient.
+    weight = gan_weight * float(gan_weight_from_grads(last_layer.grad, g_grads[i], scale=pixels))
+    for p, g in zip(params, g_grads):
+        if g is not None:
+            p.grad = g * (weight / pixels) if p.grad is None else p.grad.add_(g, alpha=weight / pixels)
+    logs["gan_weight"] = weight
+    logs["loss"] += weight / pixels * logs["gan_g"]
+
+
+def _convert_old_kl_weight(cfg: TrainConfig, state: dict[str, Any], master: bool) -> TrainConfig:
+    """A checkpoint from before LOSS_CONVENTION put kl_weight on a KL against a mean pixel loss: continue it
+    with the same strength in LDM's terms (kl_weight x C x H x W of its crops), unless --kl-weight was given anew."""
+    old = state["train"]["loss"]["kl_weight"]
+    if cfg.loss.kl_weight != old or old == 0:
+        _note(master, f"this run's checkpoints predate LDM-scaled loss weights; --kl-weight {cfg.loss.kl_weight:g} is taken as LDM's")
+        return cfg
+    pixels = state["model_config"].get("in_channels", 3) * state["train"]["resolution"] ** 2
+    new = old * pixels
+    _note(master, f"this run's checkpoints predate LDM-scaled loss weights: its kl_weight {old:g} (on a KL against a mean pixel "
+                  f"loss) continues as {new:g} in LDM's terms (x {pixels} values per {state['train']['resolution']}px crop), the same strength")  # fmt: skip
+    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, kl_weight=new))
 
 
 def _seed_everything(seed: int) -> None:
@@ -528,6 +633,19 @@ def _maybe_no_sync(module: nn.Module, skip_sync: bool) -> contextlib.AbstractCon
 
 
 @contextlib.contextmanager
+def _deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """--deterministic: PyTorch's deterministic algorithms (cuDNN and cuBLAS included) for the training
+    steps; an op without one stops the run with PyTorch's error naming it. The previous mode is restored."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+@contextlib.contextmanager
 def _deferred_interrupt() -> Iterator[Any]:
     """The first Ctrl-C only asks the loop to stop after the current step (it then saves a
     checkpoint); a second one interrupts at once."""
@@ -573,6 +691,11 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
     if cfg.seconds is not None and cfg.seconds <= 0:
         raise ValueError(f"seconds must be positive, got {cfg.seconds}")
+    if cfg.disc_lr is not None and cfg.disc_lr <= 0:
+        raise ValueError(f"disc_lr must be positive, got {cfg.disc_lr}")
+    for name in ("betas", "disc_betas"):
+        if len(getattr(cfg, name)) != 2 or not all(0 <= b < 1 for b in getattr(cfg, name)):
+            raise ValueError(f"{name} must be two numbers in [0, 1), got {list(getattr(cfg, name))}")
 
 
 def _versions() -> dict[str, str]:

@@ -250,12 +250,22 @@ class Posterior:
     def mode(self) -> Tensor:
         return self.mean
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+        """mean + std * noise. A list holds one generator per image (as in diffusers), so an image's
+        noise does not depend on the batch it is in."""
         if self.deterministic:
             return self.mean
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != len(self.mean):
+                raise ValueError(f"{len(generator)} generators for a batch of {len(self.mean)}; give one per image")
+            eps = torch.stack([self._noise(self.mean.shape[1:], g) for g in generator])
+        else:
+            eps = self._noise(self.mean.shape, generator)
+        return self.mean + self.std * eps
+
+    def _noise(self, shape: torch.Size, generator: torch.Generator | None) -> Tensor:
         device = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps.to(self.mean.device)
+        return torch.randn(shape, generator=generator, device=device, dtype=self.mean.dtype).to(self.mean.device)
 
     def kl(self) -> Tensor:
         """KL(q || N(0, I)) summed over latent elements: one value per image, in fp32 (a sum over
@@ -315,7 +325,8 @@ class Autoencoder(nn.Module):
         return x[..., : size[0], : size[1]] if size is not None else x
 
     def forward(
-        self, x: Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None, pad: bool = False
+        self, x: Tensor, sample_posterior: bool = False, generator: torch.Generator | list[torch.Generator] | None = None,
+        pad: bool = False,
     ) -> tuple[Tensor, Posterior]:
         posterior = self.encode(x, pad=pad)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
