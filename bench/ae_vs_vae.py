@@ -4,13 +4,15 @@ the same recipe and budget, then `vaekit compare` them on the held-out photos.
     python bench/ae_vs_vae.py                       # quickstart budget for the VAE, same steps for the AE
     python bench/ae_vs_vae.py --steps 1400          # a fixed number of steps for both (docs/AE_vs_VAE.md)
     python bench/ae_vs_vae.py --out runs/ae_vs_vae --resolution 256
+    python bench/ae_vs_vae.py --steps 1400 --kl-weights 0.012288 1e-6   # two VAEs (LDM's kl_weight) and the AE
 
 Recipe: `vaekit.train.QUICKSTART` (the `vaekit quickstart` settings: tiny-fast-f8c4, 64 px crops of
-the 13 built-in training photos, L1 + 1e-6 KL, ...), changing only `kind`. Budget: the VAE trains for the
-quickstart's wall-clock budget unless --steps is given; the AE then trains for exactly as many steps,
-so both see the same batches (same seed) and the same schedule. Both are compared on the three
-held-out photos (chelsea, coffee, flower). The run folders keep everything: OUT/vae, OUT/ae
-(checkpoints, samples, metrics.json) and OUT/report (report.html, report.json).
+the 13 built-in training photos, L1 + KL, ...), changing only `kind` and, with --kl-weights, the KL
+weight (LDM's convention, docs/TRAINING.md). Budget: the first VAE trains for the quickstart's
+wall-clock budget unless --steps is given; the other models then train for exactly as many steps, so
+all see the same batches (same seed) and the same schedule. All are compared on the three held-out
+photos (chelsea, coffee, flower). The run folders keep everything: OUT/vae (OUT/vae_kl<W> for each
+further weight), OUT/ae (checkpoints, samples, metrics.json) and OUT/report (report.html, report.json).
 """
 
 from __future__ import annotations
@@ -37,19 +39,19 @@ TABLE = [
 ]
 
 
-def doc_images(report: Path, out: Path, frame: int = 80) -> None:
-    """Small copies of the report's pictures for docs/img/: rows labelled VAE / AE, frames downsized."""
+def doc_images(report: Path, out: Path, labels: list[str], frame: int = 80) -> None:
+    """Small copies of the report's pictures for docs/img/: one row per model (labelled), frames downsized."""
     from PIL import Image, ImageDraw
 
     side = json.loads((report / "report.json").read_text())["models"]
     side = next(iter(side.values()))["resolution"][0]
-    models = sorted((report / "models").iterdir())  # 1_... is the VAE, 2_... the AE
+    models = sorted((report / "models").iterdir())  # in the order compared, as `labels`
 
     def frames(path: Path) -> list[Image.Image]:
         image = Image.open(path).convert("RGB")
         return [image.crop((x, 0, x + side, side)).resize((frame, frame), Image.LANCZOS) for x in range(0, min(image.width, 8 * side), side)]
 
-    def rows(name: str, pictures: list[list[Image.Image]], labels: list[str], label_width: int = 44) -> None:
+    def rows(name: str, pictures: list[list[Image.Image]], labels: list[str], label_width: int = 56) -> None:
         cell = pictures[0][0].width
         canvas = Image.new("RGB", (label_width + cell * max(map(len, pictures)), cell * len(pictures)), "white")
         draw = ImageDraw.Draw(canvas)
@@ -61,16 +63,19 @@ def doc_images(report: Path, out: Path, frame: int = 80) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     for name in ("interpolation_0", "perturbation_0", "samples_prior", "samples_fitted"):
-        rows(name.removesuffix("_0").removeprefix("samples_"), [frames(m / f"{name}.png") for m in models], ["VAE", "AE"])
+        rows(name.removesuffix("_0").removeprefix("samples_"), [frames(m / f"{name}.png") for m in models], labels)
     crops = sorted(report.glob("crop_*_original.png"))
-    grid = [[Image.open(report / c.name.replace("original", k)).convert("RGB") for k in ("original", "model0", "model1")] for c in crops]
+    kinds = ["original"] + [f"model{i}" for i in range(len(models))]
+    grid = [[Image.open(report / c.name.replace("original", k)).convert("RGB") for k in kinds] for c in crops]
     rows("crops", [[im.resize((2 * frame, 2 * frame), Image.NEAREST) for im in row] for row in grid], [""] * len(grid), 0)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/ae_vs_vae", help="folder for both runs and the report (default: runs/ae_vs_vae)")
-    p.add_argument("--steps", type=int, help="train both for this many steps (default: the VAE's quickstart budget, then as many for the AE)")
+    p.add_argument("--steps", type=int, help="train each model for this many steps (default: the first VAE's quickstart budget, then as many for the others)")
+    p.add_argument("--kl-weights", type=float, nargs="+", metavar="W", default=[QUICKSTART.loss.kl_weight],
+                   help=f"one VAE per KL weight (LDM's convention; default: the quickstart's {QUICKSTART.loss.kl_weight:g})")
     p.add_argument("--resolution", type=int, default=256, help="side of the held-out crops compared (default 256)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the quickstart's machine)")
     p.add_argument("--doc-images", metavar="DIR", help="also write small copies of the report's pictures there (docs/img)")
@@ -79,29 +84,32 @@ def main() -> None:
     out = Path(args.out)
 
     steps = args.steps
+    arms = {("vae" if i == 0 else f"vae_kl{w:g}"): ("vae", w) for i, w in enumerate(args.kl_weights)} | {"ae": ("ae", 0.0)}
     runs = {}
-    for kind in ("vae", "ae"):
-        cfg = dataclasses.replace(QUICKSTART, out=str(out / kind), kind=kind)
+    for name, (kind, kl_weight) in arms.items():
+        loss = dataclasses.replace(QUICKSTART.loss, kl_weight=kl_weight) if kind == "vae" else QUICKSTART.loss
+        cfg = dataclasses.replace(QUICKSTART, out=str(out / name), kind=kind, loss=loss)
         if steps:
             cfg = dataclasses.replace(cfg, steps=steps, seconds=None)
         result = train(cfg)
-        steps = result.metrics["steps"]  # the AE gets exactly the VAE's budget in steps
-        runs[kind] = result
-        print(f"{kind}: {steps} steps, held-out PSNR {result.metrics['final']['psnr']:.2f} dB")
+        steps = result.metrics["steps"]  # the others get exactly the first VAE's budget in steps
+        runs[name] = result
+        print(f"{name}: {steps} steps, held-out PSNR {result.metrics['final']['psnr']:.2f} dB")
 
-    models = [str(runs[kind].model) for kind in ("vae", "ae")]
+    models = [str(run.model) for run in runs.values()]
+    labels = [f"VAE {arms[name][1]:g}" if arms[name][0] == "vae" else "AE" for name in runs]
     code = vaekit(["compare", *models, "samples:val", "--report", str(out / "report"), "--resolution", str(args.resolution),
                    "--samples", "16", "--pairs", "3"])
     if code:
         raise SystemExit(code)
     numbers = json.loads((out / "report" / "report.json").read_text())["models"]
-    print(f"\n| measure | VAE | AE |\n|---|---|---|")
+    print(f"\n| measure | {' | '.join(labels)} |\n|---|{'---|' * len(labels)}")
     for path in TABLE:
         m = MEASURES[path]
         print(f"| {m.label} | " + " | ".join(fmt(lookup(numbers[model], path), m.digits) for model in models) + " |")
     print(f"\nsteps: {steps} each; report: {out / 'report' / 'report.html'}")
     if args.doc_images:
-        doc_images(out / "report", Path(args.doc_images))
+        doc_images(out / "report", Path(args.doc_images), labels)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ Arms, all on the built-in photos (`--data samples`: 13 training photos, held out
 flower, shorter side resized to 256 with Lanczos and centre-cropped, as vaekit.data.center_crop):
 
   diffusers   the plain way: diffusers `AutoencoderKL`, block channels (32, 64, 128, 128), one layer
-              per block, AdamW (torch defaults) at --diffusers-lr, L1 + 1e-6 * KL (sum over latent
-              elements, as diffusers' posterior.kl()), batch 16, 64x64 random crops (vaekit's crops,
+              per block, AdamW (torch defaults) at --diffusers-lr, mean L1 + 1e-6 * KL (sum over latent
+              elements, as diffusers' posterior.kl(); against a *mean* L1 that is LDM's kl_weight
+              1e-6 x 3 x 64 x 64 = 0.012288, the quickstart's), batch 16, 64x64 random crops (vaekit's crops,
               no down-scaling), posterior sampled; evaluated on the posterior mode.
   quickstart  `vaekit.train.quickstart`: the QUICKSTART recipe, the real code path of `vaekit
               quickstart` (its own step calibration, EMA model, validation); 16 channels change only

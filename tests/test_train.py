@@ -184,35 +184,32 @@ def test_quickstart_trains_within_its_budget_and_reports(tmp_path: Path, monkeyp
     assert quickstart.__defaults__[0] == "quickstart" and QUICKSTART.seconds <= 295 and QUICKSTART.data == "samples"
 
 
+class FakeClock:
+    """Stands in for the trainer's `time`: each reading costs 1 s until `slow_until`, then 0.1 s."""
+
+    def __init__(self, slow_until: float):
+        self.now, self.slow_until = 0.0, slow_until
+
+    def time(self) -> float:
+        self.now += 1.0 if self.now < self.slow_until else 0.1
+        return self.now
+
+
 def test_time_budget_is_measured_again_after_slow_first_steps(tmp_path: Path, monkeypatch):
-    # A fake clock: every reading costs 1 s for the first 10 s (slow first steps), then 0.1 s (a step
-    # reads it 3 times). The count from steps 2-6 alone (196 steps) would end the run at about 70 s.
-    class Clock:
-        now = 0.0
-
-        def time(self) -> float:
-            self.now += 1.0 if self.now < 10 else 0.1
-            return self.now
-
-    monkeypatch.setattr(vaekit.train, "time", Clock())
+    # Slow first steps: 1 s per clock reading for the first 10 s, then 0.1 s (a step reads it 3 times).
+    # The count from steps 2-6 alone (196 steps) would end the run at about 70 s.
+    monkeypatch.setattr(vaekit.train, "time", FakeClock(slow_until=10))
     result = train(tiny_run(tmp_path / "r", steps=10_000, seconds=100, sample_every=0, save_every=0, log_every=1000), progress=False)
     reserve = vaekit.train._reserve(2.0)  # the initial validation reads the clock twice: 2 s
     assert result.metrics["stopped"] == "done" and 100 - reserve - 5 < result.metrics["seconds"] <= 100
 
 
 def test_a_time_budget_that_grows_during_warm_up_never_lowers_the_lr(tmp_path: Path, monkeypatch):
-    # A fake clock: 1 s per reading for the first 40 s (a step reads it 4 times when it logs), then 0.1 s. The
-    # first count (from steps 2-6) caps warm-up at a quarter of it; the second measurement, still in warm-up,
-    # finds the run much faster and raises the count. Warm-up keeps its length, so the learning rate rises to
-    # its peak and then only falls (with warm-up a quarter of the new count it fell from 0.81 to 0.58 of the peak).
-    class Clock:
-        now = 0.0
-
-        def time(self) -> float:
-            self.now += 1.0 if self.now < 40 else 0.1
-            return self.now
-
-    monkeypatch.setattr(vaekit.train, "time", Clock())
+    # 1 s per clock reading for the first 40 s (a step reads it 4 times when it logs), then 0.1 s. The first
+    # count (from steps 2-6) caps warm-up at a quarter of it; the second measurement, still in warm-up, finds
+    # the run much faster and raises the count. Warm-up keeps its length, so the learning rate rises to its
+    # peak and then only falls (with warm-up a quarter of the new count it fell from 0.81 to 0.58 of the peak).
+    monkeypatch.setattr(vaekit.train, "time", FakeClock(slow_until=40))
     small = dict(block_channels=[8, 16], layers_per_block=1, norm_groups=8)  # only the learning rate matters here
     run = tiny_run(tmp_path / "r", config=small, resolution=16, batch_size=1, steps=10_000, seconds=300, sample_every=0,
                    save_every=0, log_every=1, warmup=500)  # fmt: skip

@@ -297,11 +297,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     with _deferred_interrupt() as interrupted, _deterministic_algorithms(cfg.deterministic):
         while step < schedule.total:
             t_step = time.time()
-            lr = cfg.lr * schedule.factor(step)
+            factor = schedule.factor(step)
+            lr = cfg.lr * factor
             for group in opt.param_groups:
                 group["lr"] = lr
             for group in disc_opt.param_groups if disc_opt else []:
-                group["lr"] = disc_lr * schedule.factor(step)
+                group["lr"] = disc_lr * factor
             gan = crit.gan_active(step)
             defer = gan and defer_gan
             g_grads: list[torch.Tensor | None] = []  # the generator loss's gradients, summed over micro-steps
