@@ -51,7 +51,7 @@ def doc_images(report: Path, out: Path, labels: list[str], frame: int = 80) -> N
         image = Image.open(path).convert("RGB")
         return [image.crop((x, 0, x + side, side)).resize((frame, frame), Image.LANCZOS) for x in range(0, min(image.width, 8 * side), side)]
 
-    def rows(name: str, pictures: list[list[Image.Image]], labels: list[str], label_width: int = 56) -> None:
+    def rows(name: str, pictures: list[list[Image.Image]], labels: list[str], label_width: int = 76) -> None:
         cell = pictures[0][0].width
         canvas = Image.new("RGB", (label_width + cell * max(map(len, pictures)), cell * len(pictures)), "white")
         draw = ImageDraw.Draw(canvas)

@@ -182,7 +182,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         raise ValueError(f"{run} already holds checkpoints: pass --resume to continue it, or choose another --out")
     state = torch.load(checkpoint_path, map_location=device, weights_only=True) if checkpoint_path else None
     if state is not None and state.get("loss_convention") != LOSS_CONVENTION:
-        cfg = _convert_old_kl_weight(cfg, state, master)
+        cfg = _convert_old_weights(cfg, state, master)
 
     # ---- model, EMA, loss, optimizers (identical on every rank: seeded the same) ----
     _seed_everything(cfg.seed)
@@ -573,18 +573,26 @@ def _add_deferred_gan_term(
     logs["loss"] += weight / pixels * logs["gan_g"]
 
 
-def _convert_old_kl_weight(cfg: TrainConfig, state: dict[str, Any], master: bool) -> TrainConfig:
-    """A checkpoint from before LOSS_CONVENTION put kl_weight on a KL against a mean pixel loss: continue it
-    with the same strength in LDM's terms (kl_weight x C x H x W of its crops), unless --kl-weight was given anew."""
-    old = state["train"]["loss"]["kl_weight"]
-    if cfg.loss.kl_weight != old or old == 0:
-        _note(master, f"this run's checkpoints predate LDM-scaled loss weights; --kl-weight {cfg.loss.kl_weight:g} is taken as LDM's")
-        return cfg
-    pixels = state["model_config"].get("in_channels", 3) * state["train"]["resolution"] ** 2
-    new = old * pixels
-    _note(master, f"this run's checkpoints predate LDM-scaled loss weights: its kl_weight {old:g} (on a KL against a mean pixel "
-                  f"loss) continues as {new:g} in LDM's terms (x {pixels} values per {state['train']['resolution']}px crop), the same strength")  # fmt: skip
-    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, kl_weight=new))
+def _convert_old_weights(cfg: TrainConfig, state: dict[str, Any], master: bool) -> TrainConfig:
+    """Checkpoints from before LOSS_CONVENTION weighed the KL (and a fixed GAN weight) against a mean pixel
+    loss: continue with the same strengths in LDM's terms (x C*H*W of the run's crops), except for weights
+    given anew, which are taken as LDM's. Each change is stated."""
+    saved, model = state["train"]["loss"], state["model_config"]
+    pixels = model.get("in_channels", 3) * state["train"]["resolution"] ** 2
+    names = ["kl_weight"] if model.get("kind", "vae") == "vae" else []
+    names += [] if saved.get("adaptive_gan_weight", True) else ["gan_weight"]
+    changes = {}
+    for name in names:
+        old, given = saved[name], getattr(cfg.loss, name)
+        if old == 0:
+            continue
+        if given != old:
+            _note(master, f"this run's checkpoints predate LDM-scaled loss weights; {name} {given:g} is taken as LDM's")
+            continue
+        changes[name] = old * pixels
+        _note(master, f"this run's checkpoints predate LDM-scaled loss weights: its {name} {old:g} (against a mean pixel "
+                      f"loss) continues as {old * pixels:g} in LDM's terms (x {pixels} values per crop), the same strength")  # fmt: skip
+    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, **changes))
 
 
 def _seed_everything(seed: int) -> None:
