@@ -242,12 +242,12 @@ def test_progress_bar_counts_every_image_through_the_model(tiny_model, monkeypat
         def update(self, k=1):
             self.n += k
 
-        def set_postfix_str(self, s):
+        def set_postfix_str(self, s, refresh=True):
             pass
 
         def close(self):
             pass
 
-    monkeypatch.setattr(analysis, "tqdm", Recorder)
+    monkeypatch.setattr(analysis, "progress_bar", lambda **kwargs: Recorder(**kwargs))
     analysis.analyze(tiny_model, photos(16, n=3), pairs=2, steps=3, samples=2)
     assert bars[0].total == 2 * 3 + 2 * 2 * 3 + 2 * 2 and bars[0].n == bars[0].total

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 import vaekit
 from vaekit import AutoencoderConfig, preset
-from vaekit.checkpoints import diffusers_key_map, read_checkpoint, save, write_atomic
+from vaekit.checkpoints import diffusers_key_map, read_checkpoint, save
+from vaekit.files import write_atomic
 from vaekit.model import Autoencoder
 
 
@@ -166,8 +167,14 @@ def test_preset_source():
     ck = read_checkpoint("preset:tiny-f8c16")
     assert ck.config == preset("tiny-f8c16") and ck.normalisation_source == "preset"
     assert vaekit.load("preset:tiny-f8c16").config == preset("tiny-f8c16")
-    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+    with pytest.raises(ValueError, match="unknown preset or family 'nope'; choose one of sd1, sdxl, .* flux1"):
         read_checkpoint("preset:nope")
+    # Random weights are seeded: the same seed gives the same model, another seed another one,
+    # and the caller's random state is left alone.
+    state = torch.get_rng_state()
+    a, b, c = (read_checkpoint("preset:tiny-f8c4", seed=s).state_dict for s in (0, 0, 1))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_unknown_source_errors(tmp_path):
@@ -316,8 +323,12 @@ def test_family_argument_sets_the_normalisation(flux_sized_file):
     assert ck.config == preset("sd3")
     with pytest.raises(ValueError, match=r"family 'sd1' has 4-channel latents \(SD1/SDXL family\); this checkpoint has 16-channel latents"):
         read_checkpoint(flux_sized_file, family="sd1")
-    with pytest.raises(ValueError, match="unknown preset 'flux'"):
-        read_checkpoint(flux_sized_file, family="flux")
+    # Family names are case-insensitive and take the common aliases; the config records the canonical name.
+    for alias in ("flux", "FLUX.1", "Flux1"):
+        assert read_checkpoint(flux_sized_file, family=alias).config == preset("flux1")
+    assert read_checkpoint(flux_sized_file, family="SD3.5").normalisation_source == "family='sd3' argument"
+    with pytest.raises(ValueError, match="unknown preset or family 'flux9'; .*alias: flux, "):
+        read_checkpoint(flux_sized_file, family="flux9")
 
 
 def test_4ch_assumption_is_sd1(tmp_path):

@@ -120,9 +120,28 @@ def test_unreadable_files_are_skipped_and_recorded(photos, tiny_model, tmp_path)
     folder.mkdir()
     Image.open(photos / "coffee.png").save(folder / "coffee.png")
     (folder / "broken.png").write_text("not an image")
-    with pytest.warns(RuntimeWarning, match="skipped 1 unreadable"):
+    with pytest.warns(RuntimeWarning, match="skipped 1 image"):
         r = evaluate(tiny_model, folder, progress=False)
     assert r["n"] == 1 and len(r["protocol"]["images"]["skipped"]) == 1 and "broken.png" in r["protocol"]["images"]["skipped"][0]
+
+
+def test_images_too_small_for_a_metric_are_skipped_before_reconstruction(photos, tiny_model, tmp_path, monkeypatch, capsys):
+    # A 5x5 image among good ones: SSIM needs 7 px a side. It is skipped by name, before the model sees it;
+    # the others are scored, and the JSON lists it. (It used to end the run after the work, naming no file.)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.open(photos / "coffee.png").save(folder / "coffee.png")
+    Image.fromarray(photo("chelsea", (5, 5))).save(folder / "tiny.png")
+    seen = []
+    forward = type(tiny_model).forward
+    monkeypatch.setattr(type(tiny_model), "forward", lambda self, x, **kw: seen.append(tuple(x.shape[-2:])) or forward(self, x, **kw))
+    tiny_model.save(str(tmp_path / "m"))
+    assert main(["eval", str(tmp_path / "m"), str(folder), "--json", str(tmp_path / "r.json")]) == 0
+    captured = capsys.readouterr()
+    assert "tiny.png: 5x5 px, below the 7 px a side ssim needs" in captured.err and "1 image (own sizes)" in captured.out
+    assert seen == [(64, 64)]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert [p["source"] for p in result["per_image"]] == ["coffee.png"] and "tiny.png" in result["protocol"]["images"]["skipped"][0]
 
 
 def test_identical_images_give_null_psnr_in_strict_json(photos, tiny_model):
@@ -134,7 +153,7 @@ def test_identical_images_give_null_psnr_in_strict_json(photos, tiny_model):
 @pytest.mark.parametrize("metrics, expected", [
     ("lpips", "alexnet-owt-7be5be79.pth"),
     ("psnr,rfid", "weights-inception-2015-12-05-6726825d.pth"),
-    ("ms-ssim", "at least 161 px"),
+    ("ms-ssim", "64x64 px, below the 161 px a side ms-ssim needs (score at a larger --resolution, or leave ms-ssim out) (and 3 more)"),
     ("psnr,fid", "unknown metric(s) fid"),
 ])  # fmt: skip
 def test_cli_errors_are_one_line(photos, model_dir, monkeypatch, tmp_path, capsys, metrics, expected):
@@ -145,5 +164,5 @@ def test_cli_errors_are_one_line(photos, model_dir, monkeypatch, tmp_path, capsy
 
 
 def test_no_images_is_an_error(tiny_model, tmp_path):
-    with pytest.raises(ValueError, match="no readable images"):
+    with pytest.raises(ValueError, match="no image in .* could be scored"):
         evaluate(tiny_model, tmp_path, progress=False)

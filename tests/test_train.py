@@ -317,14 +317,14 @@ def test_resuming_a_run_from_before_ldm_weights_keeps_its_kl_strength(tmp_path: 
     torch.save(state, path)
     capsys.readouterr()
     assert main(["train", "--out", str(run), "--resume", "--steps", "3"]) == 0
-    assert "its kl_weight 0.0001 (against a mean pixel loss) continues as 0.3072 in LDM's terms" in capsys.readouterr().out
+    assert "its kl_weight 0.0001 (against a mean pixel loss) continues as 0.3072 in LDM's terms" in capsys.readouterr().err
     assert json.loads((run / "config.json").read_text())["train"]["loss"]["kl_weight"] == pytest.approx(0.3072)
     assert _weights(run / "checkpoints" / "step_0000003.pt")["loss_convention"] == "ldm"
     # A --kl-weight given anew is taken in LDM's terms as it is.
     torch.save(state, path)
     (run / "checkpoints" / "step_0000003.pt").unlink()
     assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--kl-weight", "1e-6"]) == 0
-    assert "kl_weight 1e-06 is taken as LDM's" in capsys.readouterr().out
+    assert "kl_weight 1e-06 is taken as LDM's" in capsys.readouterr().err
     assert json.loads((run / "config.json").read_text())["train"]["loss"]["kl_weight"] == 1e-6
 
 

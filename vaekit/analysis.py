@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .data import to_uint8
 from .metrics import psnr, ssim
 from .model import Autoencoder
+from .progress import progress as progress_bar
 
 # Frequencies above this (cycles per pixel; Nyquist is 0.5) count as "high": the top half of the band.
 HIGH_FREQUENCY = 0.25
@@ -446,8 +447,8 @@ def analyze(
     })
     # Progress in images through the model: encode and reconstruct all, then the lines and samples.
     total = 2 * n + 2 * len(pair_list) * steps + 2 * samples
-    bar = tqdm(total=total, desc="analyze", unit="img", disable=None if progress else True)
-    bar.set_postfix_str("reconstruction")
+    bar = progress_bar(desc="analyze", unit="img", total=total, enabled=progress)
+    bar.set_postfix_str("reconstruction", refresh=False)
     mean, logvar = encode(model, x, batch_size, bar)
     z = model.normalize(mean)
     result.reconstructions = decode(model, z, batch_size, bar)
@@ -459,7 +460,7 @@ def analyze(
         "completeness": lambda: completeness(model, x, z, result.reconstructions, samples, batch_size, seed, bar),
     }
     for name, measure in parts.items():
-        bar.set_postfix_str(name)
+        bar.set_postfix_str(name, refresh=False)
         part = measure()
         result.numbers[name] = part.numbers
         result.images.update(part.images)

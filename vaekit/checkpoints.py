@@ -34,7 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .config import PRESETS, AutoencoderConfig, describe_channels, preset
+from .config import PRESETS, AutoencoderConfig, describe_channels, preset, preset_name
+from .files import write_atomic
 from .model import Autoencoder
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
@@ -85,11 +86,12 @@ def load(
     family: str | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    seed: int = 0,
 ) -> Autoencoder:
     """Any supported checkpoint (see `read_checkpoint`) -> an `Autoencoder` in eval mode.
 
     Weights keep their stored dtype unless `dtype` is given."""
-    ck = read_checkpoint(source, family=family)
+    ck = read_checkpoint(source, family=family, seed=seed)
     with torch.device("meta"):  # no random init: the checkpoint's tensors become the parameters
         model = Autoencoder(ck.config)
     stored = {t.dtype for t in ck.state_dict.values() if t.is_floating_point()}
@@ -99,16 +101,17 @@ def load(
     return model.to(device=device, dtype=dtype).eval()
 
 
-def read_checkpoint(source: str | os.PathLike, family: str | None = None) -> Checkpoint:
+def read_checkpoint(source: str | os.PathLike, family: str | None = None, seed: int = 0) -> Checkpoint:
     """Read `source` without building a model.
 
     `source`: a diffusers folder (or a pipeline folder with `vae/`), a `.safetensors` file (VAE-only
     in LDM/FLUX.1 or diffusers naming, or a full SD/SDXL/SD3 checkpoint), a `.ckpt/.pt/.pth/.bin`
-    file, a Hugging Face repo id, or `preset:NAME` (random weights). `family` (a preset name) gives
-    the latent normalisation when the source does not state it."""
+    file, a Hugging Face repo id, or `preset:NAME` (random weights, the same for the same `seed`).
+    `family` (a preset name) gives the latent normalisation when the source does not state it."""
     text = os.fspath(source)
+    family = preset_name(family) if family else None
     if text.startswith("preset:"):
-        found = _from_preset(text.removeprefix("preset:"))
+        found = _from_preset(text.removeprefix("preset:"), seed)
     else:
         path = Path(text).expanduser()
         if path.exists():
@@ -147,16 +150,6 @@ def save(model: Autoencoder, path: str | os.PathLike, format: str = "diffusers",
     else:
         raise ValueError(f"format must be 'diffusers' or 'single-file', got {format!r}")
     return path
-
-
-def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """Call write(tmp) then rename tmp to path, so a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---- native <-> diffusers names --------------------------------------------------------------
@@ -293,9 +286,12 @@ class _Found:
     notes: list[str] = field(default_factory=list)
 
 
-def _from_preset(name: str) -> _Found:
+def _from_preset(name: str, seed: int) -> _Found:
     config = preset(name)
-    return _Found(Autoencoder(config).state_dict(), f"preset {name} (random init)", config, "preset")
+    with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's random state
+        torch.manual_seed(seed)
+        tensors = Autoencoder(config).state_dict()
+    return _Found(tensors, f"preset {config.family} (random init, seed {seed})", config, "preset")
 
 
 def _from_path(path: Path) -> _Found:
@@ -483,7 +479,7 @@ def _with_family(config: AutoencoderConfig, name: str) -> AutoencoderConfig:
     if p.latent_channels != config.latent_channels:
         raise ValueError(f"family {name!r} has {describe_channels(p.latent_channels, 'latents')}; this checkpoint has "
                          f"{describe_channels(config.latent_channels, 'latents')}")
-    return config.replace(scaling_factor=p.scaling_factor, shift_factor=p.shift_factor, family=name)
+    return config.replace(scaling_factor=p.scaling_factor, shift_factor=p.shift_factor, family=p.family)
 
 
 def _normalisation(config: AutoencoderConfig, found: _Found, family: str | None) -> tuple[AutoencoderConfig, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -65,48 +66,92 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .checkpoints import load
+    from .checkpoints import DIFFUSERS_WEIGHTS, load
+    from .files import check_targets
 
-    model = load(args.source, family=args.family)
+    dest = Path(args.dest)
+    single = dest.suffix == ".safetensors"
+    fmt = args.format or ("single-file" if single else "diffusers")
+    if fmt == "diffusers" and single:
+        raise CLIError(f"DEST {dest} names a .safetensors file but --format diffusers writes a folder: drop --format, or give a folder name")
+    if fmt == "diffusers" and dest.is_file():
+        raise CLIError(f"DEST {dest} is a file; --format diffusers writes a folder: give a folder name")
+    source = Path(args.source).expanduser()
+    inputs = [p for p in (source.rglob("*") if source.is_dir() else [source]) if p.is_file()] if source.exists() else []
+    check_targets([dest] if fmt == "single-file" else [dest / DIFFUSERS_WEIGHTS[0], dest / "config.json"], inputs, args.overwrite)
+    model = load(args.source, family=args.family, seed=args.seed)
     dtype = DTYPES[args.dtype] if args.dtype else None
-    model.save(args.dest, format=args.format, dtype=dtype)
-    print(f"wrote {args.dest} ({args.format}{', ' + args.dtype if args.dtype else ''})")
+    model.save(dest, format=fmt, dtype=dtype)
+    print(f"wrote {dest} ({fmt}{', ' + args.dtype if args.dtype else ''})")
 
 
 # ---- reconstruct -------------------------------------------------------------------------
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
     from .checkpoints import load
-    from .data import find_images, read_image, to_tensor, to_uint8, write_image
+    from .data import IMAGE_SUFFIXES, find_images, read_image, to_tensor, to_uint8, write_image
+    from .files import check_targets, mark_output_folder
+    from .progress import progress
 
-    src = Path(args.input)
-    files = find_images(src)
+    src, out = Path(args.input), Path(args.outdir)
+    to_file = src.is_file() and out.suffix.lower() in IMAGE_SUFFIXES  # `reconstruct M photo.jpg recon.png`
+    if src.is_dir() and out.resolve() == src.resolve():
+        raise CLIError(f"OUTDIR is INPUT ({src}): the reconstructions would land among the originals; choose another folder")
+    if out.is_file() and not to_file:
+        raise CLIError(f"OUTDIR {out} is a file: give a folder (or, for one input image, a file name ending in .png)")
+    files = [f for f in find_images(src) if not f.resolve().is_relative_to(out.resolve())]  # not our own outputs
     if not files:
         raise CLIError(f"no images (png/jpg/webp/bmp/tif) found under {src}")
-    model = load(args.model, family=args.family, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None).eval()
-    out = Path(args.outdir)
-    failed: list[str] = []
-    done = 0
-    for path in tqdm(files, desc="reconstruct", unit="img", disable=None):
-        rel = path.relative_to(src) if src.is_dir() else Path(path.name)
+    targets = [out] if to_file else [out / name for name in output_names(files, src)]
+    check_targets(targets, files, args.overwrite)
+    model = load(args.model, family=args.family, device=args.device, dtype=DTYPES[args.dtype], seed=args.seed).eval()
+    if not to_file:
+        mark_output_folder(out, "vaekit reconstruct")
+    skipped: list[str] = []
+    for path, target in progress(list(zip(files, targets)), "reconstruct", "img"):
         try:
             image = read_image(path)
         except Exception as e:  # unreadable files are reported and skipped, not fatal
-            failed.append(f"{path}: {e}")
+            skipped.append(f"skipped unreadable {path}: {e}")
+            continue
+        h, w = image.shape[:2]
+        if not args.pad and (h % model.factor or w % model.factor):
+            f = model.factor
+            fits = " or ".join(dict.fromkeys(f"{a}x{b}" for a, b in ((h - h % f or f, w - w % f or f), (h - h % f + f, w - w % f + f))))
+            message = f"{path} is {h}x{w}, not a multiple of the model's factor {f}: crop or resize it to {fits}, or drop --no-pad"
+            if src.is_file():
+                raise CLIError(message)
+            skipped.append(f"skipped {message}")
             continue
         x = to_tensor(image).to(model.device)
         with torch.inference_mode():
             recon, _ = model(x, pad=args.pad) if not args.tile else _tiled_recon(model, x, args.pad, args.tile)
-        write_image(out / rel.with_suffix(".png"), to_uint8(recon)[0])
-        done += 1
-    for f in failed:
-        print(f"skipped unreadable {f}", file=sys.stderr)
-    if not done:
-        raise CLIError(f"none of the {len(files)} files under {src} could be read")
-    print(f"wrote {done} reconstructions to {out}" + (f" ({len(failed)} skipped)" if failed else ""))
+        write_image(target, to_uint8(recon)[0])
+    written = len(files) - len(skipped)
+    if not written:
+        raise CLIError(f"no image under {src} could be reconstructed ({skipped[0]}{f'; {len(skipped) - 1} more' if len(skipped) > 1 else ''})")
+    for line in skipped:
+        print(line, file=sys.stderr)
+    print(f"wrote {plural(written, 'reconstruction')} to {out}" + (f" ({len(skipped)} skipped)" if skipped else ""))
+
+
+def output_names(files: list[Path], src: Path) -> list[Path]:
+    """Where each input's reconstruction goes, relative to OUTDIR: its relative path with a .png suffix;
+    when two inputs would share that name (x.jpg and x.png), those not already named so keep their
+    whole name plus .png (x.jpg.png), so no reconstruction replaces another."""
+    rel = [f.relative_to(src) if src.is_dir() else Path(f.name) for f in files]
+    wanted = [r.with_suffix(".png") for r in rel]
+    shared = {w for w, n in Counter(wanted).items() if n > 1}
+    names = [r.with_name(r.name + ".png") if w in shared and r != w else w for r, w in zip(rel, wanted)]
+    clash = next((n for n, k in Counter(names).items() if k > 1), None)
+    if clash is not None:
+        raise CLIError(f"two inputs would both be reconstructed to {clash}; rename one of them")
+    return names
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _tiled_recon(model, x: torch.Tensor, pad: bool, tile: int | str):
@@ -118,19 +163,28 @@ def _tiled_recon(model, x: torch.Tensor, pad: bool, tile: int | str):
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from .data import find_images
     from .evaluate import evaluate, format_table, to_json
+    from .files import check_targets, write_atomic
     from .metrics import METRICS
+    from .weights import MissingWeights
 
     metrics = [m.strip().lower() for m in args.metrics.split(",") if m.strip()]
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise CLIError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(METRICS)}")
-    result = evaluate(args.model, args.data, metrics=metrics, resolution=args.resolution, batch_size=args.batch_size,
-                      lpips_net=args.lpips_net, device=args.device, family=args.family)
+    if args.json:  # the scores may replace an earlier JSON, never an input image
+        check_targets([Path(args.json)], find_images(args.data) if Path(args.data).exists() else [], overwrite=True)
+    try:
+        result = evaluate(args.model, args.data, metrics=metrics, resolution=args.resolution, batch_size=args.batch_size,
+                          lpips_net=args.lpips_net, device=args.device, family=args.family, dtype=DTYPES[args.dtype],
+                          seed=args.seed)
+    except MissingWeights as e:
+        raise CLIError(e.message("leave it out of --metrics")) from None
     print(format_table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(to_json(result) + "\n")
+        write_atomic(Path(args.json), lambda tmp: tmp.write_text(to_json(result) + "\n"))
         print(f"wrote {args.json}")
 
 
@@ -155,7 +209,7 @@ def _analysis_images(args: argparse.Namespace) -> tuple[list[str], torch.Tensor,
 def _analysis_model(source: str, args: argparse.Namespace):
     from .checkpoints import load
 
-    model = load(source, family=args.family, device=args.device, dtype=torch.float32)
+    model = load(source, family=args.family, device=args.device, dtype=torch.float32, seed=args.seed)
     if args.resolution % model.factor:
         f, r = model.factor, args.resolution
         raise CLIError(f"--resolution {r} is not a multiple of {source}'s factor {f}: use {max(f, r - r % f)} or {r - r % f + f}")
@@ -168,10 +222,13 @@ def _analysis_lpips(args: argparse.Namespace):
         return None, None
     from .metrics import LPIPS
 
+    from .weights import MissingWeights
+
     try:
         return LPIPS(args.lpips, device=args.device), None
     except (RuntimeError, OSError, ImportError) as e:
-        note = f"LPIPS not measured ({e})"
+        reason = e.message("pass --lpips off to leave it out without this note") if isinstance(e, MissingWeights) else e
+        note = f"LPIPS not measured ({reason})"
         print(f"note: {note}", file=sys.stderr)
         return None, note
 
@@ -239,13 +296,13 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from .train import train
 
-    _run_training(lambda: train(_train_config(args)), "train")
+    _run_training(lambda: train(_train_config(args)), "train", "--lpips-weight 0")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from .train import quickstart
 
-    _run_training(lambda: quickstart(args.out, args.seconds), "quickstart")
+    _run_training(lambda: quickstart(args.out, args.seconds), "quickstart", "set lpips_weight=0")
 
 
 def _train_config(args: argparse.Namespace):
@@ -264,15 +321,18 @@ def _train_config(args: argparse.Namespace):
     saved = Path(given["out"]) / "config.json"
     if given.get("resume") and saved.is_file():
         base = TrainConfig.from_dict(json.loads(saved.read_text())["train"])
+    elif given.get("resume") and "data" not in given:
+        raise CLIError(f"no run to resume in {given['out']} (it has no config.json): start one with --data DATA")
     loss_names = {f.name for f in dataclasses.fields(LossConfig)}
     loss = dataclasses.replace(base.loss, **{k: v for k, v in given.items() if k in loss_names})
     return dataclasses.replace(base, loss=loss, **{k: v for k, v in given.items() if k not in loss_names})
 
 
-def _run_training(run: Callable, command: str) -> None:
+def _run_training(run: Callable, command: str, without_lpips: str) -> None:
     import json
 
     from .config import AutoencoderConfig
+    from .weights import MissingWeights
 
     try:
         result = run()
@@ -280,21 +340,29 @@ def _run_training(run: Callable, command: str) -> None:
         if str(e):
             print(f"vaekit {command}: {e}", file=sys.stderr)
         raise
+    except MissingWeights as e:
+        raise CLIError(e.message(f"train without it ({without_lpips})")) from None
     except ImportError as e:  # an optional extra is missing: the message says which
         raise CLIError(str(e)) from None
     if result.rank != 0:  # under torchrun, rank 0 reports
         return
     m = result.metrics
-    print(f"trained {m['step']} steps in {m['seconds']:.0f} s ({m['stopped']}); run folder: {result.run}")
+    done = m["step"] - m["start_step"]
+    if done == 0:
+        print(f"nothing to train: {result.run} was already at step {m['step']} of {m['steps']} (a larger --steps continues it)")
+    else:
+        span = f", steps {m['start_step']}-{m['step']} of {m['steps']}" if m["start_step"] else ""
+        print(f"trained {plural(done, 'step')} in {m['seconds']:.0f} s ({m['stopped']}{span}); run folder: {result.run}")
     config = AutoencoderConfig.from_dict(json.loads((result.run / "config.json").read_text())["model"])
     loaders = "vaekit.load, or diffusers AutoencoderKL.from_pretrained" if config.diffusers_compatible else "vaekit.load"
     print(f"model:   {result.model}  ({loaders})")
     if "final" in m:
         grid = sorted((result.run / "samples").glob("step_*.png"))[-1]
         f, before = m["final"], m.get("initial")
-        was = f" (untrained {before['psnr']:.2f} dB / {before['ssim']:.3f})" if before else ""
+        start = "before fine-tuning" if m.get("init") else "untrained"
+        was = f" ({start} {before['psnr']:.2f} dB / {before['ssim']:.3f})" if before else ""
         print(f"samples: {grid}  (validation images above, reconstructions below)")
-        print(f"held-out {f['n']} images at {m['val_resolution']}x{m['val_resolution']}: PSNR {f['psnr']:.2f} dB, SSIM {f['ssim']:.4f}{was}")
+        print(f"held-out {plural(f['n'], 'image')} at {m['val_resolution']}x{m['val_resolution']}: PSNR {f['psnr']:.2f} dB, SSIM {f['ssim']:.4f}{was}")
         print(f"metrics: {result.run / 'metrics.json'}   logs: tensorboard --logdir {result.run / 'logs'}")
 
 
@@ -310,8 +378,11 @@ def _tile_arg(value: str) -> int | str:
 # ---- wiring ------------------------------------------------------------------------------
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--family", help="normalisation family when the file does not say (e.g. sd3 or flux1 for 16-channel VAEs)")
+def _add_model_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
+    p.add_argument("--family", help="normalisation family when the file does not say (e.g. sd3 or flux1 for 16-channel VAEs; "
+                   "case-insensitive, aliases such as flux, sd15, sd2 accepted)")
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset:NAME model (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,29 +402,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("inspect", "show a checkpoint's format, config, size, normalisation and dtype", cmd_inspect)
     p.add_argument("source", metavar="SOURCE")
-    _add_model_args(p)
+    _add_model_args(p, seed=False)
 
     p = add("convert", "convert a checkpoint to a diffusers folder or a single .safetensors file", cmd_convert,
-            "Convert SOURCE (any loadable checkpoint, or preset:NAME for random weights) to DEST.")
+            "Convert SOURCE (any loadable checkpoint, or preset:NAME for random weights) to DEST. Never writes over "
+            "an existing file unless --overwrite is given.")
     p.add_argument("source", metavar="SOURCE")
-    p.add_argument("dest", metavar="DEST", help="a folder for --format diffusers, a .safetensors file for single-file")
-    p.add_argument("--format", choices=["diffusers", "single-file"], default="diffusers")
+    p.add_argument("dest", metavar="DEST", help="a .safetensors file (single-file) or a folder (diffusers)")
+    p.add_argument("--format", choices=["diffusers", "single-file"],
+                   help="default: single-file when DEST ends in .safetensors, else a diffusers folder")
     p.add_argument("--dtype", choices=list(DTYPES), help="store weights in this dtype (default: as loaded)")
+    p.add_argument("--overwrite", action="store_true", help="replace DEST's model files if they exist")
     _add_model_args(p)
 
     p = add("reconstruct", "encode and decode images; write PNGs of the same size and relative names", cmd_reconstruct,
             "Reconstruct INPUT (an image or a folder, searched recursively) into OUTDIR as PNGs with the same "
-            "relative names and pixel size. Unreadable files are reported and skipped.")
+            "relative names (suffix .png) and pixel size; when two inputs would share a name (x.jpg and x.png), "
+            "the one not already a .png keeps its whole name (x.jpg.png). Unreadable files are reported and "
+            "skipped. Safe by default: OUTDIR may not be INPUT, no input is ever written over, an existing file "
+            "only with --overwrite, and folders vaekit wrote (they hold a .vaekit-output file) are never read "
+            "as INPUT.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("input", metavar="INPUT")
-    p.add_argument("outdir", metavar="OUTDIR")
+    p.add_argument("outdir", metavar="OUTDIR", help="output folder; for one input image, a file name ending in .png "
+                   "(or .jpg, .webp, ...) writes that file")
+    p.add_argument("--overwrite", action="store_true", help="replace reconstructions that already exist in OUTDIR")
     p.add_argument("--pad", action=argparse.BooleanOptionalAction, default=True,
                    help="reflect-pad sides to a multiple of the model's factor and crop back (default: on); "
                         "--no-pad rejects such images")
     p.add_argument("--tile", type=_tile_arg, metavar="N", help="run the full-resolution layers in N-pixel tiles to bound "
                    "GPU memory, with the untiled result; 'auto' picks N from free GPU memory (see docs/TILING.md)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default fp32)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                   help="compute dtype (default fp32, whatever the file stores; fp16/bf16 are faster on a GPU and "
+                        "move some pixels by a level or two)")
     _add_model_args(p)
 
     p = add("eval", "score reconstructions: PSNR, SSIM, MS-SSIM, LPIPS, rFID, with the protocol behind the numbers", cmd_eval,
@@ -375,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips-net", choices=["alex", "vgg"], default="alex",
                    help="LPIPS backbone (default alex; VGG gives several times larger values, so compare like with like)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                   help="compute dtype (default fp32, whatever the file stores; recorded in the JSON protocol)")
     _add_model_args(p)
 
     analysis_help = (
@@ -397,9 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="LPIPS backbone for the reconstruction and continuity distances (default alex); without its "
                             "downloaded weights the report says so and uses RMSE only")
         p.add_argument("--batch-size", type=int, default=8, metavar="B", help="images decoded together (default 8)")
-        p.add_argument("--seed", type=int, default=0, help="seed of the random latents and noise directions (default 0)")
+        p.add_argument("--seed", type=int, default=0,
+                       help="seed of the random latents and noise directions, and of preset:NAME's random weights (default 0)")
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        _add_model_args(p)
+        _add_model_args(p, seed=False)
 
     p = add("analyze", "measure a model's reconstructions and latent space (continuity, completeness, statistics, blur) into an HTML report",
             cmd_analyze,

@@ -154,8 +154,22 @@ def describe_channels(n: int, noun: str) -> str:
     return f"{n}-channel {noun}" + (f" ({family})" if family else "")
 
 
+# Other names people use for the same families (matched after lower-casing).
+ALIASES = {
+    "flux": "flux1", "flux.1": "flux1", "flux-1": "flux1", "sd15": "sd1", "sd1.5": "sd1", "sd14": "sd1", "sd1.4": "sd1",
+    "sd2": "sd1", "sd21": "sd1", "sd2.1": "sd1", "sd35": "sd3", "sd3.5": "sd3", "lumina": "lumina2", "pixart-alpha": "pixart",
+}  # fmt: skip
+
+
+def preset_name(name: str) -> str:
+    """The preset a family or preset name means: case-insensitive, with the common aliases (flux, sd15, sd2, ...)."""
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset or family {name!r}; choose one of {', '.join(PRESETS)} "
+                         f"(or an alias: {', '.join(ALIASES)}); `vaekit presets` describes them")  # fmt: skip
+    return key
+
+
 def preset(name: str) -> AutoencoderConfig:
-    try:
-        return PRESETS[name].config
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; run `vaekit presets` to list them: {', '.join(PRESETS)}") from None
+    return PRESETS[preset_name(name)].config

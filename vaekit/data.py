@@ -7,10 +7,11 @@ import copy
 import functools
 import io
 import itertools
+import os
 import signal
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Iterator, Sequence
@@ -20,6 +21,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+
+from .files import OUTPUT_MARKER, write_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -41,8 +44,13 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def write_image(path: str | Path, image: np.ndarray) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
+    """Write HxWx3 uint8 in the format the suffix names (atomically: a crash leaves no half file)."""
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"cannot tell an image format from the name {path.name}: end it in .png (or .jpg, .webp, ...)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: Image.fromarray(image).save(tmp, format=fmt))
 
 
 def to_tensor(image: np.ndarray) -> Tensor:
@@ -58,13 +66,21 @@ def to_uint8(x: Tensor) -> np.ndarray:
 
 
 def find_images(root: str | Path) -> list[Path]:
-    """Image files under root (recursive, sorted), or [root] itself if it is a file."""
+    """Image files under root (recursive, sorted), or [root] itself if it is a file. Folders below
+    root that vaekit wrote outputs into (they hold `files.OUTPUT_MARKER`) are skipped, so earlier
+    reconstructions, run folders and reports never come back as inputs."""
     root = Path(root)
     if root.is_file():
         return [root]
     if not root.is_dir():
         raise FileNotFoundError(f"no such file or folder: {root}")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    found = []
+    for folder, subfolders, names in os.walk(root):  # like rglob: symlinked folders are not entered
+        if OUTPUT_MARKER in names and Path(folder) != root:
+            subfolders.clear()
+            continue
+        found += [Path(folder, n) for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(p for p in found if p.is_file())
 
 
 # ---- what a DATA argument names ------------------------------------------------------------
@@ -408,6 +424,7 @@ class TrainingData:
     dataset: CropDataset | ShardStream
     val: list[tuple[str, np.ndarray]]  # name, val_resolution x val_resolution uint8 (centre crops)
     description: str
+    skipped: list[str] = field(default_factory=list)  # unreadable validation images ("path: reason")
 
     def loader(self, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0, workers: int = 0) -> DataLoader:
         """Endless batches for one rank, from batch `start` on (the batches a resumed run has not seen)."""
@@ -437,11 +454,15 @@ def training_data(
     """Split DATA into training crops and validation images.
 
     Validation comes from `val` (any DATA string) when given; else "samples" uses its fixed held-out
-    photos, and folders and shards hold out the images whose name `held_out(name, val_fraction)`. A `val`
-    that shares files with `data` gets a warning: it would score images the model trains on.
+    photos, and folders and shards hold out the images whose name `held_out(name, val_fraction)`; in a
+    folder, an unreadable held-out image is replaced by the next readable one in hash order (taken out
+    of training), so one bad file never leaves validation empty. A `val` that shares files with `data`
+    gets a warning: it would score images the model trains on. Unreadable validation images are listed
+    in the result's `skipped`.
     """
     data = str(data)
     held: list[tuple[str, np.ndarray]] = []
+    skipped: list[str] = []
     crops = Crops(resolution, min_scale, flip, permute_colors)
     trained_on = data
     if data == "samples" or data.startswith("samples:"):
@@ -458,8 +479,13 @@ def training_data(
     elif is_shards(data):
         dataset = ShardStream(data, crops, val_fraction=0.0 if val else val_fraction)
         if not val and val_fraction > 0:
-            held_raw = ((k, raw) for k, raw in iter_shard_samples(dataset.urls) if held_out(k, val_fraction))
-            held = [(k, read_image(io.BytesIO(raw))) for k, raw in itertools.islice(held_raw, val_images)]
+            for key, raw in (kr for kr in iter_shard_samples(dataset.urls) if held_out(kr[0], val_fraction)):
+                if len(held) == val_images:
+                    break
+                try:
+                    held.append((key, read_image(io.BytesIO(raw))))
+                except Exception as e:
+                    skipped.append(f"{key}: {e}")
         description = f"{len(dataset.urls)} tar shard(s)"
     else:
         root = Path(data)
@@ -467,18 +493,26 @@ def training_data(
         if not files:
             raise ValueError(f"no images (png/jpg/webp/bmp/tif) found under {root}")
         names = [str(p.relative_to(root)) if root.is_dir() else p.name for p in files]
-        is_val = [not val and held_out(n, val_fraction) for n in names]
-        if not val and val_fraction > 0 and not any(is_val) and len(files) > 1:
-            is_val[min(range(len(names)), key=lambda i: zlib.crc32(names[i].encode()))] = True  # at least one
-        dataset = CropDataset([p for p, v in zip(files, is_val) if not v], crops)
-        for name, path in [(n, p) for n, p, v in zip(names, files, is_val) if v][:val_images]:
+        order = sorted(range(len(files)), key=lambda i: zlib.crc32(names[i].encode()))  # the held-out ones first
+        queue = [] if val or val_fraction <= 0 else [i for i in order if held_out(names[i], val_fraction)]
+        if not val and val_fraction > 0 and not queue and len(files) > 1:
+            queue = order[:1]  # at least one
+        out_of_training, wanted = set(queue), min(len(queue), val_images)
+        spares = (i for i in order if i not in out_of_training)
+        while queue and len(held) < wanted:
+            i = queue.pop(0)
             try:
-                held.append((name, read_image(path)))
+                held.append((names[i], read_image(files[i])))
             except Exception as e:
-                warnings.warn(f"skipped unreadable validation image {path}: {e}", RuntimeWarning, stacklevel=2)
+                skipped.append(f"{files[i]}: {e}")
+                spare = next(spares, None) if len(files) - len(out_of_training) > 1 else None
+                if spare is not None:  # the next readable image in hash order takes its place
+                    out_of_training.add(spare)
+                    queue.append(spare)
+        dataset = CropDataset([p for i, p in enumerate(files) if i not in out_of_training], crops)
         description = f"{len(dataset)} training images from {root}"
     if val:
-        held = load_images(val, limit=val_images)
+        held = load_images(val, limit=val_images, skipped=skipped)
         shared = sorted(sources(val) & sources(trained_on))
         if shared:
             warnings.warn(
@@ -487,4 +521,4 @@ def training_data(
                 RuntimeWarning, stacklevel=2,
             )  # fmt: skip
     crops = [(name, center_crop(image, val_resolution)) for name, image in held]
-    return TrainingData(dataset, crops, description + f", {len(crops)} validation images")
+    return TrainingData(dataset, crops, description + f", {len(crops)} validation images", skipped)

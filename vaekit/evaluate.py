@@ -20,6 +20,7 @@ import torch
 from .data import center_crop, find_images, iter_images, to_tensor
 from .metrics import DEFAULT_METRICS, FID, LPIPS, PerImageMetric, as_uint8_images, build_metric, package_version
 from .model import Autoencoder
+from .progress import progress as progress_bar
 
 Metric = PerImageMetric | LPIPS | FID
 
@@ -34,6 +35,8 @@ def evaluate(
     device: str | torch.device | None = None,
     family: str | None = None,
     progress: bool = True,
+    dtype: torch.dtype | None = torch.float32,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Reconstruct every image of `data` and score it.
 
@@ -44,7 +47,10 @@ def evaluate(
     side to R and cuts the centre R x R (`vaekit.data.center_crop`). batch_size > 1 reconstructs
     images of one size together: faster on a GPU, but a batch's float rounding differs from a single
     image's, so a few pixels may land one level away from `vaekit reconstruct`'s PNGs (1-2 of 12288
-    measured at 64x64); batch_size=1 gives exactly those pixels.
+    measured at 64x64); batch_size=1 gives exactly those pixels. dtype: the compute dtype of a loaded
+    model (fp32 by default, whatever the file stores; None keeps the stored one); seed: preset:NAME's
+    random weights. Images smaller than a metric can score (SSIM 7 px, LPIPS 16-31 px, MS-SSIM 161
+    px) are skipped before they are reconstructed and listed with the unreadable ones.
 
     Returns {"model", "data", "n", "resolution", "mean", "per_image", "seconds", "protocol"};
     rfid is a set-level score, so it appears in "mean" only.
@@ -58,7 +64,7 @@ def evaluate(
         from .checkpoints import load
 
         name = str(model)
-        model = load(name, family=family, device=str(device) if device is not None else None)
+        model = load(name, family=family, device=str(device) if device is not None else None, dtype=dtype, seed=seed)
     else:
         name = _describe(model)
     device = model.device
@@ -71,15 +77,14 @@ def evaluate(
             m.reset()
 
     skipped: list[str] = []
-    images = _images(data, resolution, skipped)
+    smallest = max(scorers, key=lambda m: m.min_side)
+    images = _images(data, resolution, skipped, smallest)
     total = len(find_images(data)) if Path(data).exists() else None
     per_image: dict[int, dict[str, Any]] = {}
     was_training = model.training
     model.eval()
     try:
-        from tqdm import tqdm
-
-        with tqdm(total=total, desc="eval", unit="img", disable=not progress or None) as bar:
+        with progress_bar(desc="eval", unit="img", total=total, enabled=progress) as bar:
             for batch in _same_size_batches(images, batch_size):
                 stack = np.stack([im for _, _, im in batch])  # a writable copy (sample photos are read-only)
                 real = torch.from_numpy(stack).permute(0, 3, 1, 2).to(device)
@@ -99,9 +104,10 @@ def evaluate(
     finally:
         model.train(was_training)
     if not per_image:
-        raise ValueError(f"no readable images in {data}" + (f" ({len(skipped)} unreadable)" if skipped else ""))
+        more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+        raise ValueError(f"no image in {data} could be scored" + (f": {skipped[0]}{more}" if skipped else ""))
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s): " + "; ".join(skipped), RuntimeWarning, stacklevel=2)
+        warnings.warn(f"skipped {len(skipped)} image(s): " + "; ".join(skipped), RuntimeWarning, stacklevel=2)
 
     rows = [per_image[i] for i in sorted(per_image)]
     mean: dict[str, float] = {}
@@ -120,9 +126,16 @@ def evaluate(
     }
 
 
-def _images(data: str | Path, resolution: int | None, skipped: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+def _images(data: str | Path, resolution: int | None, skipped: list[str], smallest: Metric) -> Iterator[tuple[str, np.ndarray]]:
+    """The images as scored; those below the metrics' smallest size are skipped (named in `skipped`)."""
     for source, image in iter_images(str(data), skipped):
-        yield source, (center_crop(image, resolution) if resolution else image)
+        image = center_crop(image, resolution) if resolution else image
+        h, w = image.shape[:2]
+        if min(h, w) < smallest.min_side:
+            skipped.append(f"{source}: {h}x{w} px, below the {smallest.min_side} px a side {smallest.name} needs "
+                           f"(score at a larger --resolution, or leave {smallest.name} out)")
+            continue
+        yield source, image
 
 
 def _same_size_batches(
@@ -194,7 +207,8 @@ def to_json(result: dict[str, Any]) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """The summary a person reads: one row per metric with mean, std, min and max over images."""
     size = "own sizes" if result["resolution"] is None else f"{result['resolution']}x{result['resolution']}"
-    lines = [f"{result['model']} on {result['data']}: {result['n']} images ({size}), {result['seconds']:.1f} s"]
+    n = result["n"]
+    lines = [f"{result['model']} on {result['data']}: {n} image{'' if n == 1 else 's'} ({size}), {result['seconds']:.1f} s"]
     rows = [("metric", "mean", "std", "min", "max")]
     for name, value in result["mean"].items():
         values = [r[name] for r in result["per_image"] if name in r]

@@ -39,6 +39,7 @@ MS_SSIM_MIN_SIDE = (MS_SSIM_WIN - 1) * 2**4 + 1  # 5 scales: the coarsest must s
 FID_FEATURES = 2048
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 LPIPS_BACKBONES = ("alex", "vgg")
+LPIPS_MIN_SIDE = {"alex": 31, "vgg": 16}  # below these the backbones' pooling leaves no feature map
 
 
 def package_version(name: str) -> str:
@@ -136,6 +137,7 @@ class PerImageMetric:
     name: str
     fn: Callable[[Tensor, Tensor], Tensor]
     info: dict = field(default_factory=dict)
+    min_side: int = 1  # smaller images cannot be scored (checked by `vaekit eval` before reconstructing)
     per_image: ClassVar[bool] = True
 
     def __call__(self, x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> Tensor:
@@ -161,6 +163,7 @@ class LPIPS:
         if pretrained_backbone:
             check_lpips_available(net)  # the training loss's check: one message for both
         self.net = net
+        self.min_side = LPIPS_MIN_SIDE[net]
         with warnings.catch_warnings():  # torchvision's `pretrained=` deprecation notices
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
             self.model = lpips.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
@@ -248,6 +251,7 @@ class FID:
     name = "rfid"
     per_image = False
     min_images = FID_FEATURES  # below the feature dimension the covariances are singular
+    min_side = 1  # any size: Inception sees every image resized to 299x299
 
     def __init__(self, device: str | torch.device = "cpu", weights: str | Path | None = None):
         _require("torch_fidelity", "torch-fidelity")
@@ -323,12 +327,13 @@ def build_metric(name: str, device: str | torch.device = "cpu", lpips_net: str =
         return PerImageMetric("ssim", ssim, {
             "implementation": "vaekit.metrics.ssim, float64 torch; equals skimage.metrics.structural_similarity",
             "settings": "channel_axis=2, data_range=255, 7x7 uniform window, K1=0.01, K2=0.03, sample covariance, "
-            "3-px border cropped, mean over R,G,B", "averaging": "per image, then mean"})
+            "3-px border cropped, mean over R,G,B", "averaging": "per image, then mean"}, min_side=SSIM_WIN)
     if name == "ms-ssim":
         return PerImageMetric("ms-ssim", ms_ssim, {
             "implementation": f"pytorch_msssim {package_version('pytorch-msssim')} ms_ssim, float64",
             "settings": f"data_range=255, win_size={MS_SSIM_WIN}, sigma 1.5, 5 scales, weights "
-            "(0.0448, 0.2856, 0.3001, 0.2363, 0.1333), K=(0.01, 0.03)", "averaging": "per image, then mean"})
+            "(0.0448, 0.2856, 0.3001, 0.2363, 0.1333), K=(0.01, 0.03)", "averaging": "per image, then mean"},
+            min_side=MS_SSIM_MIN_SIDE)
     if name == "lpips":
         return LPIPS(lpips_net, device=device)
     if name == "rfid":

@@ -27,6 +27,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +38,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoints import load, write_atomic
+from .checkpoints import load
 from .config import AutoencoderConfig, check_fields, preset
 from .data import CropDataset, TrainingData, to_tensor, to_uint8, training_data, write_image
+from .files import check_output_folder, mark_output_folder, write_atomic
 from .losses import AutoencoderLoss, LossConfig, gan_weight_from_grads
 from .metrics import psnr, ssim
 from .model import Autoencoder
+from .progress import progress as progress_bar
 
 
 @dataclass
@@ -177,9 +180,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     run = Path(cfg.out)
+    if not ((run / "config.json").is_file() or (run / "checkpoints").is_dir()):  # unless a run: new, empty or vaekit's
+        check_output_folder(run, "--out")
     checkpoint_path = latest_checkpoint(run / "checkpoints")
     if checkpoint_path and not cfg.resume:
         raise ValueError(f"{run} already holds checkpoints: pass --resume to continue it, or choose another --out")
+    if cfg.resume and not checkpoint_path:
+        _note(master, f"no checkpoint in {run} to resume: starting a new run")
     state = torch.load(checkpoint_path, map_location=device, weights_only=True) if checkpoint_path else None
     if state is not None and state.get("loss_convention") != LOSS_CONVENTION:
         cfg = _convert_old_weights(cfg, state, master)
@@ -187,6 +194,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     # ---- model, EMA, loss, optimizers (identical on every rank: seeded the same) ----
     _seed_everything(cfg.seed)
     model = build_model(cfg).to(device).train()
+    for name in ("resolution", "val_resolution"):  # before anything is written
+        side, f = getattr(cfg, name), model.factor
+        if side % f:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {side} is not a multiple of the model's factor {f}: use {flag} "
+                             + " or ".join(str(s) for s in dict.fromkeys([max(f, side - side % f), side - side % f + f])))  # fmt: skip
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     if cfg.decoder_only:
         for part in (model.encoder, model.quant_conv):
@@ -206,9 +219,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         permute_colors=cfg.permute_colors,
     )  # fmt: skip
     workers = cfg.workers if cfg.workers is not None else _default_workers(data, world)
+    for s in data.skipped:
+        _note(master, f"skipped unreadable validation image {s}")
+    if not data.val:
+        _note(master, "no validation images: the model is not measured during or after training; pass --val DATA")
 
     # ---- resume ----
     step, skipped_steps, bad_in_a_row = 0, 0, 0
+    seen_unreadable = set(data.skipped)  # listed in metrics.json
     schedule = Schedule.of(cfg.steps, cfg.warmup, cfg.min_lr_ratio)
     metrics: dict[str, Any] = {}
     if state is not None:
@@ -233,6 +251,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             _note(master, f"resuming a {state['world_size']}-process run with {world}: the data order changes")
         del state
     calibrated = not cfg.seconds or checkpoint_path is not None
+    start_step = step
     recalibrate_at, since = 0, (0.0, 0)  # set by the first calibration: when to measure the speed again
 
     ddp_model: nn.Module = model
@@ -245,6 +264,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     # ---- the run folder (rank 0 writes; the others only compute) ----
     writer = None
     if master:
+        mark_output_folder(run, "vaekit train")
         (run / "checkpoints").mkdir(parents=True, exist_ok=True)
         settings = {"train": cfg.to_dict(), "model": model.config.to_dict(), "loss_convention": LOSS_CONVENTION,
                     "world_size": world, "precision": precision, "workers": workers, "versions": _versions()}  # fmt: skip
@@ -287,10 +307,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 
     # ---- the loop ----
     batches = iter(data.loader(cfg.batch_size, cfg.seed, rank, world, start=step * cfg.grad_accum, workers=workers))
-    bar = _progress_bar(schedule.total, step, master and progress)
+    bar = progress_bar(desc="train", unit="step", total=schedule.total, initial=step, enabled=master and progress)
     sums: dict[str, float] = {}  # logged terms, summed over the finite steps since the last log line
     logged = 0
-    seen_unreadable: set[str] = set()
     t_log, images_since_log = time.time(), 0
     step_times: list[float] = []
     stop_reason = ""
@@ -375,11 +394,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 schedule = Schedule.of(steps_that_fit(per_step), cfg.warmup, cfg.min_lr_ratio)
                 calibrated, recalibrate_at, since = True, max(step + 1, schedule.total // 5), (time.time(), step)
                 bar.total = schedule.total
-                bar.refresh()
             elif step == recalibrate_at:  # the same step on every rank: the broadcast cannot deadlock
                 schedule = schedule.retarget(step, steps_that_fit((time.time() - since[0]) / (step - since[1])))
                 bar.total = schedule.total
-                bar.refresh()
 
             if step % cfg.log_every == 0 or step == schedule.total:
                 now = time.time()
@@ -388,7 +405,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                                images_per_s=images_since_log / max(now - t_log, 1e-9))  # fmt: skip
                 if master:
                     _log(writer, run, step, scalars)
-                    bar.set_postfix(loss=f"{scalars.get('loss', math.nan):.4f}", img_s=f"{scalars['images_per_s']:.1f}")
+                    bar.set_postfix(loss=f"{scalars.get('loss', math.nan):.4f}", img_s=f"{scalars['images_per_s']:.1f}", refresh=False)
                 sums, logged, t_log, images_since_log = {}, 0, now, 0
             if bad_in_a_row > cfg.max_bad_steps:
                 stop_reason = "diverged"
@@ -418,7 +435,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         ema.save(str(run / "model"))
         if data.val:
             metrics["final"] = validate(ema, data, device, run / "samples" / f"step_{step:07d}.png", writer, step)
-        metrics.update(step=step, steps=schedule.total, skipped_steps=skipped_steps, stopped=stop_reason or "done",
+        metrics.update(step=step, start_step=start_step, steps=schedule.total, init=cfg.init, skipped_steps=skipped_steps, stopped=stop_reason or "done",
                        seconds=round(time.time() - started, 1), val_resolution=cfg.val_resolution,
                        unreadable=sorted(seen_unreadable), data=data.description)  # fmt: skip
         write_atomic(run / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
@@ -728,14 +745,9 @@ def _log(writer: Any, run: Path, step: int, scalars: dict[str, float]) -> None:
         f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in scalars.items()}}) + "\n")
 
 
-def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", desc="train", dynamic_ncols=True, disable=None if enabled else True)
-
-
 def _note(enabled: bool, message: str) -> None:
+    """One line on stderr, between the progress bar's redraws."""
     if enabled:
         from tqdm import tqdm
 
-        tqdm.write(f"vaekit train: {message}")
+        tqdm.write(f"vaekit train: {message}", file=sys.stderr)
