@@ -84,7 +84,9 @@ def test_pad_gives_input_size_back(tiny_model):
 @pytest.mark.parametrize(
     "x, error, match",
     [
-        (torch.zeros(1, 4, 32, 32), ValueError, "4 channels, the model expects 3"),
+        (torch.zeros(1, 4, 32, 32), ValueError, r"4 channels, the model expects 3 \(images are NCHW\)$"),
+        (torch.zeros(1, 32, 32, 3), ValueError, r"32 channels, the model expects 3: this looks like NHWC; x.permute\(0, 3, 1, 2\)"),
+        (torch.zeros(1, 1, 32, 32), ValueError, r"1 channel, the model expects 3: for grey images repeat the channel"),
         (torch.full((1, 3, 32, 32), float("nan")), ValueError, "NaN or Inf"),
         (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), TypeError, r"x.float\(\) / 127.5 - 1"),
         (torch.zeros(3, 32, 32), ValueError, r"x\[None\]"),

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from test_metrics import offline
+
 from vaekit import analysis, preset
 from vaekit.cli import main
 from vaekit.data import center_crop, to_tensor, write_image
@@ -121,6 +123,15 @@ def test_analyze_command_writes_the_report(tmp_path, photo_folder, capsys):
     assert_self_contained(tmp_path / "r" / "report.html")
 
 
+def test_analyze_without_lpips_weights_says_how_to_go_on_in_its_own_flags(tmp_path, photo_folder, monkeypatch, capsys):
+    offline(monkeypatch, tmp_path)
+    args = [a for a in FAST if a not in ("--lpips", "off")]
+    assert main(["analyze", "preset:tiny-f8c4", str(photo_folder), "--report", str(tmp_path / "r"), *args, "--lpips", "alex"]) == 0
+    err = capsys.readouterr().err
+    assert "LPIPS not measured (LPIPS (alex) needs the weights file alexnet-owt-7be5be79.pth" in err
+    assert "or pass --lpips off to leave it out without this note)" in err
+
+
 def test_compare_ae_and_vaes_with_different_latents(tmp_path, photo_folder, capsys):
     ae = tmp_path / "ae"
     torch.manual_seed(1)
@@ -155,7 +166,7 @@ def test_compare_ae_and_vaes_with_different_latents(tmp_path, photo_folder, caps
     "argv, message",
     [
         (["compare", "preset:tiny-f8c4", "{data}"], "at least 2 models"),
-        (["analyze", "preset:tiny-f8c4", "{data}", "--resolution", "36", "--lpips", "off"], "use 32 or 40"),
+        (["analyze", "preset:tiny-f8c4", "{data}", "--resolution", "36", "--lpips", "off"], "use --resolution 32 or 40"),
         (["analyze", "preset:tiny-f8c4", "{data}/astronaut.png", "--lpips", "off"], "at least 2"),
         (["analyze", "preset:nope", "{data}", "--lpips", "off"], "unknown preset"),
     ],

@@ -1,7 +1,8 @@
 import dataclasses
 import json
-import os
 import math
+import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,16 @@ def test_cli_train_resume_takes_the_runs_settings_and_lpips_fails_in_one_line(tm
     settings = json.loads((run / "config.json").read_text())["train"]
     assert settings["steps"] == 5 and settings["resolution"] == 32 and settings["data"] == "samples"
     assert json.loads((run / "metrics.json").read_text())["step"] == 5
+    out = capsys.readouterr().out  # what happened, not the run's total
+    assert "trained 2 steps in" in out and "(done, steps 3-5 of 5)" in out and "(untrained " in out
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    assert capsys.readouterr().out.startswith(f"nothing to train: {run} was already at step 5 of 5 (a larger --steps continues it)")
+    assert main(["train", "--data", "samples", "--out", str(tmp_path / "ft"), "--init", str(run / "model"), "--steps", "1",
+                 "--batch-size", "2", "--resolution", "32", "--val-resolution", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "trained 1 step in" in out and "(before fine-tuning " in out
+    assert main(["train", "--out", str(tmp_path / "never"), "--resume"]) == 1
+    assert "no run to resume in" in capsys.readouterr().err
     assert main(["train", "--data", "samples", "--out", str(tmp_path / "l"), "--lpips-weight", "1", *common]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "LPIPS" in err and "could not download" in err
@@ -345,3 +356,35 @@ def test_deterministic_runs_its_steps_with_deterministic_algorithms(tmp_path: Pa
     assert modes[2:] == [False, False]
     wa, wb = (_weights(r.run / "checkpoints" / "step_0000002.pt")["model"] for r in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # on the CPU it changes nothing
+
+
+def test_bad_settings_fail_before_anything_is_written(tmp_path: Path, capsys):
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+    run = tmp_path / "run"
+    common = ["--data", "samples", "--out", str(run), "--config", str(tmp_path / "tiny.json")]
+    assert main(["train", *common, "--resolution", "100"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "vaekit train: error: --resolution 100 is not a multiple of the model's factor 8: use --resolution 96 or 104")
+    assert main(["train", *common, "--val-resolution", "36"]) == 1
+    assert "--val-resolution 36 is not a multiple of the model's factor 8: use --val-resolution 32 or 40" in capsys.readouterr().err
+    assert not run.exists()
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "mine.txt").write_text("a user's file")
+    assert main(["train", "--data", "samples", "--out", str(tmp_path / "photos"), "--config", str(tmp_path / "tiny.json")]) == 1
+    assert "already holds files that vaekit did not write" in capsys.readouterr().err
+
+
+def test_an_unreadable_validation_image_gives_way_to_a_readable_one(tmp_path: Path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    names = sorted((p.name for p in folder.iterdir()), key=lambda n: zlib.crc32(n.encode()))
+    assert not any(vaekit.data.held_out(n, 0.05) for n in names)  # so the first by hash is the validation image
+    (folder / names[0]).write_bytes(b"")  # ...and it is empty
+    result = train(tiny_run(tmp_path / "run", data=str(folder), steps=2, sample_every=0), progress=False)
+    assert [r["name"] for r in result.metrics["final"]["per_image"]] == [names[1]]
+    assert any(names[0] in u for u in result.metrics["unreadable"])
+    assert result.metrics["data"].startswith("2 training images") and f"skipped unreadable validation image {folder / names[0]}" in capsys.readouterr().err
+    train(tiny_run(tmp_path / "noval", data=str(folder), val_fraction=0.0, steps=1, sample_every=0), progress=False)
+    assert "no validation images: the model is not measured during or after training; pass --val DATA" in capsys.readouterr().err

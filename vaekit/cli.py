@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 import warnings
 from collections import Counter
@@ -91,7 +93,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_reconstruct(args: argparse.Namespace) -> None:
     from .checkpoints import load
     from .data import IMAGE_SUFFIXES, find_images, read_image, to_tensor, to_uint8, write_image
-    from .files import check_targets, mark_output_folder
+    from .files import check_output_folder, check_targets, mark_output_folder
     from .progress import progress
 
     src, out = Path(args.input), Path(args.outdir)
@@ -100,7 +102,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
         raise CLIError(f"OUTDIR is INPUT ({src}): the reconstructions would land among the originals; choose another folder")
     if out.is_file() and not to_file:
         raise CLIError(f"OUTDIR {out} is a file: give a folder (or, for one input image, a file name ending in .png)")
-    files = [f for f in find_images(src) if not f.resolve().is_relative_to(out.resolve())]  # not our own outputs
+    if not to_file:  # a new or empty folder, or one vaekit wrote: then it is marked, and never searched as INPUT
+        check_output_folder(out, "OUTDIR")
+    files = find_images(src)
     if not files:
         raise CLIError(f"no images (png/jpg/webp/bmp/tif) found under {src}")
     targets = [out] if to_file else [out / name for name in output_names(files, src)]
@@ -212,7 +216,7 @@ def _analysis_model(source: str, args: argparse.Namespace):
     model = load(source, family=args.family, device=args.device, dtype=torch.float32, seed=args.seed)
     if args.resolution % model.factor:
         f, r = model.factor, args.resolution
-        raise CLIError(f"--resolution {r} is not a multiple of {source}'s factor {f}: use {max(f, r - r % f)} or {r - r % f + f}")
+        raise CLIError(f"--resolution {r} is not a multiple of {source}'s factor {f}: use --resolution {max(f, r - r % f)} or {r - r % f + f}")
     return model
 
 
@@ -254,8 +258,10 @@ def _print_summary(results: dict) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
+    from .files import check_output_folder
     from .report import write_analysis_report
 
+    check_output_folder(Path(args.report), "--report")
     names, x, notes = _analysis_images(args)
     lpips, note = _analysis_lpips(args)
     result = _run_analysis(args.model, names, x, lpips, args)
@@ -266,10 +272,12 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from .analysis import crop, detail_box
+    from .files import check_output_folder
     from .report import slug, write_analysis_report, write_comparison_report
 
     if len(args.models) < 2:
         raise CLIError("compare needs at least 2 models (MODEL MODEL ... DATA); use `vaekit analyze` for one")
+    check_output_folder(Path(args.report), "--report")
     names, x, notes = _analysis_images(args)
     lpips, note = _analysis_lpips(args)
     notes += [note] if note else []
@@ -613,11 +621,42 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vaekit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `vaekit ... | head`: the reader has what it wanted; end quietly
+        _detach_stdout()
+        return 0
     except (CLIError, ValueError, TypeError, FileNotFoundError, OSError, RuntimeError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
+        msg = " ".join(_explain(e).split()) or type(e).__name__
         print(f"vaekit {args.command}: error: {msg}", file=sys.stderr)
         return 1
     return 0
+
+
+# What to do about an operating-system error, by errno: the path it names goes before it.
+OS_ADVICE = {
+    errno.EEXIST: "it already exists: remove it or choose another name",
+    errno.EACCES: "permission denied: check its permissions or choose another location",
+    errno.EPERM: "not permitted: check its permissions or choose another location",
+    errno.ENOSPC: "no space left on the disk: free some space or write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.ENOENT: "no such file or folder",
+    errno.ENOTDIR: "part of this path is a file, not a folder",
+    errno.EISDIR: "it is a folder, not a file",
+}
+
+
+def _explain(e: BaseException) -> str:
+    """An OS error (which names a path) as 'PATH: what happened and what to do'; others as they are."""
+    if isinstance(e, OSError) and e.errno is not None and e.filename is not None:
+        return f"{e.filename}: {OS_ADVICE.get(e.errno, e.strerror)}"
+    return str(e)
+
+
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null, so Python's own flush at exit does not hit the closed pipe again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout replaced by something without a descriptor
+        pass
 
 
 if __name__ == "__main__":

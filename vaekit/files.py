@@ -4,6 +4,7 @@ an existing file unless told, and output folders carry a marker so image searche
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -35,6 +36,8 @@ def check_targets(targets: Iterable[Path], inputs: Iterable[Path], overwrite: bo
     """Refuse, before any work: a target that is one of the inputs (always), a target that is a
     folder, and a target that exists (unless `overwrite`). The message names the first and the count."""
     targets = list(targets)
+    for folder in {t.parent for t in targets}:
+        check_writable(folder)
     given = {p.resolve() for p in inputs}
     for bad, what in (
         ([t for t in targets if t.resolve() in given], "is one of the inputs: choose an output that is not among them"),
@@ -47,9 +50,24 @@ def check_targets(targets: Iterable[Path], inputs: Iterable[Path], overwrite: bo
 
 
 def check_output_folder(folder: Path, flag: str) -> None:
-    """A folder vaekit fills with files of its own naming (a run, a report) must be new, empty, or one
-    vaekit wrote (it holds OUTPUT_MARKER), so nothing of the user's is ever replaced in it."""
+    """A folder vaekit fills with files of its own naming (a run, a report, reconstructions) must be new,
+    empty, or one vaekit wrote (it or a folder above holds OUTPUT_MARKER), so nothing of the user's is
+    ever replaced in it."""
     if folder.is_file():
         raise ValueError(f"{flag} {folder} is a file: give a folder")
-    if folder.is_dir() and not (folder / OUTPUT_MARKER).exists() and any(folder.iterdir()):
+    ours = any((f / OUTPUT_MARKER).exists() for f in [folder, *folder.resolve().parents])  # or inside such a folder
+    if folder.is_dir() and not ours and any(folder.iterdir()):
         raise ValueError(f"{flag} {folder} already holds files that vaekit did not write: choose a new or empty folder")
+    check_writable(folder)
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any work, with an OSError naming the path, if `folder` cannot be created or written
+    (part of its path is a file, or the nearest existing folder is not writable)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(existing))

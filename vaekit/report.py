@@ -20,6 +20,7 @@ import numpy as np
 from . import __version__
 from .analysis import HIGH_FREQUENCY, Analysis, ERROR_MAP_CEILING
 from .data import write_image
+from .files import mark_output_folder
 from .evaluate import to_json
 
 
@@ -133,7 +134,7 @@ class Page:
 
     def __init__(self, folder: Path, title: str):
         self.folder, self.title, self.parts = folder, title, []
-        folder.mkdir(parents=True, exist_ok=True)
+        mark_output_folder(folder, "a vaekit report")
 
     def add(self, markup: str) -> None:
         self.parts.append(markup)

@@ -432,11 +432,15 @@ class Autoencoder(nn.Module):
         if x.ndim != 4:
             hint = " (add a batch dimension with x[None])" if x.ndim == 3 else ""
             raise ValueError(f"images must be NCHW, got shape {tuple(x.shape)}{hint}")
-        if x.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"images have {x.shape[1]} channels, the model expects {self.config.in_channels} "
-                f"(NCHW layout; a NHWC tensor needs x.permute(0, 3, 1, 2))"
-            )
+        c = self.config.in_channels
+        if x.shape[1] != c:
+            if x.shape[-1] == c:
+                hint = ": this looks like NHWC; x.permute(0, 3, 1, 2) makes it NCHW"
+            elif x.shape[1] == 1 and c == 3:
+                hint = ": for grey images repeat the channel, x.expand(-1, 3, -1, -1)"
+            else:
+                hint = " (images are NCHW)"
+            raise ValueError(f"images have {x.shape[1]} channel{'s' if x.shape[1] != 1 else ''}, the model expects {c}{hint}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("images contain NaN or Inf values")
         f = self.factor
