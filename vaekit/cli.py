@@ -225,7 +225,6 @@ def _analysis_lpips(args: argparse.Namespace):
     if args.lpips == "off":
         return None, None
     from .metrics import LPIPS
-
     from .weights import MissingWeights
 
     try:
@@ -304,13 +303,13 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from .train import train
 
-    _run_training(lambda: train(_train_config(args)), "train", "--lpips-weight 0")
+    _run_training(lambda: train(_train_config(args)), "train")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from .train import quickstart
 
-    _run_training(lambda: quickstart(args.out, args.seconds), "quickstart", "set lpips_weight=0")
+    _run_training(lambda: quickstart(args.out, args.seconds), "quickstart")
 
 
 def _train_config(args: argparse.Namespace):
@@ -336,7 +335,7 @@ def _train_config(args: argparse.Namespace):
     return dataclasses.replace(base, loss=loss, **{k: v for k, v in given.items() if k not in loss_names})
 
 
-def _run_training(run: Callable, command: str, without_lpips: str) -> None:
+def _run_training(run: Callable, command: str) -> None:
     import json
 
     from .config import AutoencoderConfig
@@ -349,7 +348,7 @@ def _run_training(run: Callable, command: str, without_lpips: str) -> None:
             print(f"vaekit {command}: {e}", file=sys.stderr)
         raise
     except MissingWeights as e:
-        raise CLIError(e.message(f"train without it ({without_lpips})")) from None
+        raise CLIError(e.message("train without it (--lpips-weight 0)")) from None
     except ImportError as e:  # an optional extra is missing: the message says which
         raise CLIError(str(e)) from None
     if result.rank != 0:  # under torchrun, rank 0 reports
