@@ -29,9 +29,12 @@ def test_every_command_has_help(command, capsys):
 def test_presets_lists_families(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
-    for name, scale in [("sd1", "0.18215"), ("sdxl", "0.13025"), ("sd3", "1.5305"), ("flux1", "0.3611"), ("tiny-f8c16", "1")]:
+    for name, norm in [("sd1", "z * 0.18215"), ("sdxl", "z * 0.13025"), ("sd3", "(z - 0.0609) * 1.5305"),
+                       ("flux1", "(z - 0.1159) * 0.3611"), ("tiny-f8c16", "none (scale 1)"),
+                       ("flux2", "2x2 patches (128 ch at 16x), BatchNorm stats"), ("pixel-p16", "none (scale 1)")]:
         line = next(l for l in out.splitlines() if l.startswith(name + " "))
-        assert scale in line.split()
+        assert f"  {norm}  " in line, line
+    assert next(l for l in out.splitlines() if l.startswith("pixel-p16 ")).split()[1:4] == ["0.0M", "16x", "768"]
 
 
 @pytest.fixture

@@ -362,7 +362,7 @@ def latent_statistics(model: Autoencoder, mean: Tensor, logvar: Tensor | None) -
         })
     if logvar is not None:
         # KL(q || N(0, I)) per element, averaged over images and positions: nats per latent element.
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar)
+        kl = model.normalised_layout(0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar))  # per channel as `z` has them
         for ch, value in enumerate(kl.mean(dim=(0, 2, 3)).tolist()):
             channels[ch]["kl"] = value
     freqs, power = radial_power_spectrum(z)

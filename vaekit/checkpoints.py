@@ -11,7 +11,9 @@ a complete `AutoencoderConfig`, and a record of where each part came from. Three
   says which model it is), else they are assumed, and the assumption is stated and warned about.
 
 The diffusers layout is one key mapping away from the native one (`diffusers_key_map`), used in
-both directions. FLUX.1's `ae.safetensors` uses the LDM names too (it just has no quant convs).
+both directions. FLUX.1's `ae.safetensors` uses the LDM names too (it just has no quant convs);
+FLUX.2's puts the quant convs inside the encoder and decoder (BFL_NAMES) and carries its latent
+BatchNorm (`bn.*`), which states the normalisation.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .config import PRESETS, AutoencoderConfig, describe_channels, preset, preset_name
+from .config import PATCH_BN_EPS, PRESETS, AutoencoderConfig, describe_channels, preset, preset_name
 from .files import write_atomic
 from .model import Autoencoder
 
@@ -60,6 +62,9 @@ FAMILY_MARKERS = (
 # sd1's 0.18215 is also the LDM and diffusers default. 16 channels: a standalone file is almost
 # always FLUX.1's ae.safetensors (SD3 ships its VAE as a diffusers folder whose config.json says).
 ASSUMED_FAMILIES = ("sd1", "flux1")
+# BFL's FLUX.2 ae.safetensors names for the native (vaekit, diffusers) quant convs: its encoder and
+# decoder own them. Single files of patch_bn models are written with these names, as BFL's code loads.
+BFL_NAMES = {"quant_conv.": "encoder.quant_conv.", "post_quant_conv.": "decoder.post_quant_conv."}
 # Written into diffusers config.json: a release that reads every key written there.
 DIFFUSERS_VERSION = "0.30.0"
 # diffusers' AutoencoderKL only uses sample_size to pick its tile size for enable_tiling().
@@ -136,6 +141,8 @@ def save(model: Autoencoder, path: str | os.PathLike, format: str = "diffusers",
     if format == "single-file":
         if path.suffix != ".safetensors":
             raise ValueError(f"a single-file checkpoint is a .safetensors file; got {path}")
+        if config.latent_norm == "patch_bn":  # FLUX.2: BFL's layout
+            tensors = {_renamed(k, BFL_NAMES): t for k, t in tensors.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: config.to_json()}))
     elif format == "diffusers":
@@ -183,14 +190,24 @@ def diffusers_key_map(levels: int, layers_per_block: int) -> dict[str, str]:
     return {k: _diffusers_name(k, levels) for k in keys}
 
 
+def _renamed(key: str, names: dict[str, str]) -> str:
+    """`key` with its leading prefix replaced by `names` (prefix -> prefix), if one matches."""
+    prefix = next((p for p in names if key.startswith(p)), None)
+    return names[prefix] + key[len(prefix):] if prefix else key
+
+
 def _linear_attention(key: str, t: Tensor) -> Tensor:
     """diffusers stores the mid-block attention projections as Linear [C, C]; LDM as 1x1 convs."""
     return t[:, :, 0, 0] if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) and t.ndim == 4 else t
 
 
 def _native_names(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
-    """Rename diffusers-named tensors to native names; native ones pass through."""
+    """Rename diffusers-named tensors to native names; native ones pass through (BFL's FLUX.2 quant
+    conv names included)."""
     if any(k.startswith(("encoder.down.", "decoder.up.")) for k in tensors):
+        if any(k.startswith(tuple(BFL_NAMES.values())) for k in tensors):
+            bfl = {v: k for k, v in BFL_NAMES.items()}
+            return {_renamed(k, bfl): t for k, t in tensors.items()}, "BFL FLUX.2"
         return tensors, "LDM"
     if not any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in tensors):
         sample = ", ".join(list(tensors)[:3]) or "none"
@@ -212,6 +229,16 @@ def _native_names(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
 
 def _diffusers_config(c: AutoencoderConfig) -> dict[str, Any]:
     n = len(c.block_channels)
+    if c.latent_norm == "patch_bn":  # AutoencoderKLFlux2's own keys (it takes no scaling_factor)
+        return {
+            "_class_name": "AutoencoderKLFlux2", "_diffusers_version": "0.36.0", "act_fn": "silu",
+            "batch_norm_eps": PATCH_BN_EPS, "batch_norm_momentum": 0.1, "block_out_channels": list(c.block_channels),
+            "decoder_block_out_channels": None, "down_block_types": ["DownEncoderBlock2D"] * n,
+            "in_channels": c.in_channels, "latent_channels": c.latent_channels, "layers_per_block": c.layers_per_block,
+            "mid_block_add_attention": c.mid_attention, "norm_num_groups": c.norm_groups, "out_channels": c.out_channels,
+            "patch_size": [2, 2], "sample_size": DIFFUSERS_SAMPLE_SIZE, "up_block_types": ["UpDecoderBlock2D"] * n,
+            "use_post_quant_conv": c.use_post_quant_conv, "use_quant_conv": c.use_quant_conv, CONFIG_KEY: c.to_dict(),
+        }  # fmt: skip
     return {
         "_class_name": "AutoencoderKL",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -221,8 +248,8 @@ def _diffusers_config(c: AutoencoderConfig) -> dict[str, Any]:
         "force_upcast": True,
         "in_channels": c.in_channels,
         "latent_channels": c.latent_channels,
-        "latents_mean": None,
-        "latents_std": None,
+        "latents_mean": list(c.latents_mean) if c.latent_norm == "channel" else None,
+        "latents_std": list(c.latents_std) if c.latent_norm == "channel" else None,
         "layers_per_block": c.layers_per_block,
         "mid_block_add_attention": c.mid_attention,
         "norm_num_groups": c.norm_groups,
@@ -242,19 +269,23 @@ def _config_from_diffusers(d: dict[str, Any], where: str, notes: list[str]) -> t
     if CONFIG_KEY in d:
         return AutoencoderConfig.from_dict(d[CONFIG_KEY]), True
     cls = d.get("_class_name", "AutoencoderKL")
-    if cls != "AutoencoderKL":
-        raise ValueError(f"{where} describes a {cls}; vaekit reads AutoencoderKL (the LDM/SD autoencoder)")
+    if cls not in ("AutoencoderKL", "AutoencoderKLFlux2"):
+        raise ValueError(f"{where} describes a {cls}; vaekit reads AutoencoderKL (the LDM/SD autoencoder) and "
+                         "AutoencoderKLFlux2")
+    flux2 = cls == "AutoencoderKLFlux2"
     channels = tuple(d.get("block_out_channels", (64,)))  # diffusers' defaults throughout
     n = len(channels)
     unsupported = [f"{k}={d[k]}" for k, ok in (
         ("act_fn", d.get("act_fn", "silu") == "silu"),
         ("down_block_types", d.get("down_block_types", ["DownEncoderBlock2D"] * n) == ["DownEncoderBlock2D"] * n),
         ("up_block_types", d.get("up_block_types", ["UpDecoderBlock2D"] * n) == ["UpDecoderBlock2D"] * n),
+        ("decoder_block_out_channels", d.get("decoder_block_out_channels") in (None, list(channels))),
+        ("patch_size", not flux2 or list(d.get("patch_size", [2, 2])) == [2, 2]),
+        ("batch_norm_eps", not flux2 or d.get("batch_norm_eps", PATCH_BN_EPS) == PATCH_BN_EPS),
     ) if not ok]
     if unsupported:
         raise ValueError(f"{where} has options vaekit does not implement: {', '.join(unsupported)}")
-    if d.get("latents_mean") is not None:
-        notes.append(f"{where} has per-channel latents_mean/latents_std; vaekit applies only scaling_factor/shift_factor")
+    per_channel = d.get("latents_mean") is not None and d.get("latents_std") is not None
     config = AutoencoderConfig(
         in_channels=d.get("in_channels", 3),
         out_channels=d.get("out_channels", 3),
@@ -265,10 +296,13 @@ def _config_from_diffusers(d: dict[str, Any], where: str, notes: list[str]) -> t
         use_post_quant_conv=d.get("use_post_quant_conv", True),
         mid_attention=d.get("mid_block_add_attention", True),
         norm_groups=d.get("norm_num_groups", 32),
+        latent_norm="patch_bn" if flux2 else "channel" if per_channel else "affine",
         scaling_factor=float(d.get("scaling_factor", 1.0)),
         shift_factor=float(d.get("shift_factor") or 0.0),
+        latents_mean=tuple(d["latents_mean"]) if per_channel else (),
+        latents_std=tuple(d["latents_std"]) if per_channel else (),
     )
-    return config, "scaling_factor" in d
+    return config, flux2 or "scaling_factor" in d
 
 
 # ---- sources -----------------------------------------------------------------------------------
@@ -466,6 +500,7 @@ def _infer_config(t: dict[str, Tensor], notes: list[str]) -> AutoencoderConfig:
         use_post_quant_conv="post_quant_conv.weight" in t,
         mid_attention="encoder.mid.attn_1.q.weight" in t,
         norm_groups=groups,
+        latent_norm="patch_bn" if "bn.running_mean" in t else "affine",
     )
 
 
@@ -479,17 +514,24 @@ def _with_family(config: AutoencoderConfig, name: str) -> AutoencoderConfig:
     if p.latent_channels != config.latent_channels:
         raise ValueError(f"family {name!r} has {describe_channels(p.latent_channels, 'latents')}; this checkpoint has "
                          f"{describe_channels(config.latent_channels, 'latents')}")
-    return config.replace(scaling_factor=p.scaling_factor, shift_factor=p.shift_factor, family=p.family)
+    if (p.latent_norm == "patch_bn") != (config.latent_norm == "patch_bn"):
+        raise ValueError(f"family {name!r} {'needs' if p.latent_norm == 'patch_bn' else 'has no'} the latent BatchNorm "
+                         f"statistics (bn.running_mean/var) that this checkpoint {'lacks' if p.latent_norm == 'patch_bn' else 'has'}")
+    return config.replace(scaling_factor=p.scaling_factor, shift_factor=p.shift_factor, latent_norm=p.latent_norm,
+                          latents_mean=p.latents_mean, latents_std=p.latents_std, family=p.family)  # fmt: skip
 
 
 def _normalisation(config: AutoencoderConfig, found: _Found, family: str | None) -> tuple[AutoencoderConfig, str]:
     """Scale/shift and family name, by the module's rule: stated > family= > other parts > assumed (said)."""
+    if config.latent_norm == "patch_bn" and not found.normalisation:  # FLUX.2: its BatchNorm states it
+        found.normalisation = "the checkpoint's latent BatchNorm statistics (bn.running_mean/var)"
     if found.normalisation:
         if not config.family:  # name a diffusers config's family when it is exactly a preset
             config = config.replace(family=next((n for n, p in PRESETS.items() if p.config == config.replace(family=n)), ""))
-        if family and (preset(family).scaling_factor, preset(family).shift_factor) != (config.scaling_factor, config.shift_factor):
+        said = lambda c: (c.latent_norm, c.scaling_factor, c.shift_factor, c.latents_mean, c.latents_std)  # noqa: E731
+        if family and said(preset(family)) != said(config):
             _warn(found.notes, f"family={family!r} ignored: the {found.normalisation} states the normalisation "
-                               f"(z - {config.shift_factor:g}) * {config.scaling_factor:g}")
+                               f"{config.normalisation}")
         return config, found.normalisation
     if family:
         return _with_family(config, family), f"family={family!r} argument"
@@ -515,6 +557,8 @@ def _checked(tensors: dict[str, Tensor], config: AutoencoderConfig) -> dict[str,
     """Strict keys and shapes against the model `config` builds."""
     with torch.device("meta"):
         want = {k: v.shape for k, v in Autoencoder(config).state_dict().items()}
+    if "bn.num_batches_tracked" in want and "bn.running_mean" in tensors:  # a counter files may leave out
+        tensors = {"bn.num_batches_tracked": torch.tensor(0), **tensors}
     missing, unexpected = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     if missing or unexpected:
         parts = [f"{len(names)} {what} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"

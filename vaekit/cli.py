@@ -27,12 +27,12 @@ def cmd_presets(args: argparse.Namespace) -> None:
     from .config import PRESETS
     from .model import Autoencoder
 
-    rows = [("name", "params", "factor", "latent ch", "scale", "shift", "description")]
+    rows = [("name", "params", "factor", "latent ch", "normalisation", "description")]
     with torch.device("meta"):  # count parameters without allocating them
         for name, p in PRESETS.items():
             c = p.config
             n = Autoencoder(c).num_parameters()
-            rows.append((name, f"{n / 1e6:.1f}M", f"{c.factor}x", str(c.latent_channels), f"{c.scaling_factor:g}", f"{c.shift_factor:g}", p.description))
+            rows.append((name, f"{n / 1e6:.1f}M", f"{c.factor}x", str(c.latent_channels), c.normalisation, p.description))
     _print_table(rows)
 
 
@@ -58,7 +58,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"parameters     {n:,} ({n / 1e6:.1f}M)")
     print(f"factor         {c.factor}x")
     print(f"latent ch      {c.latent_channels}")
-    print(f"normalisation  (z - {c.shift_factor:g}) * {c.scaling_factor:g}   [{ck.normalisation_source}]")
+    print(f"normalisation  {c.normalisation}   [{ck.normalisation_source}]")
     print(f"dtype          {ck.dtype}")
     print("config:")
     for k, v in c.to_dict().items():

@@ -27,12 +27,20 @@ class AutoencoderConfig:
     use_post_quant_conv: bool = True  # 1x1 conv before the decoder
     mid_attention: bool = True
     norm_groups: int = 32
-    # Latent normalisation: a diffusion model sees (z - shift_factor) * scaling_factor.
+    # Latent normalisation, what a diffusion model sees (applied by Autoencoder.normalize only):
+    # "affine": (z - shift_factor) * scaling_factor (SD, SDXL, SD3, FLUX.1);
+    # "channel": (z - latents_mean[c]) * scaling_factor / latents_std[c] per latent channel (Qwen-Image,
+    #   with scale 1; Playground v2.5's AutoencoderKL config);
+    # "patch_bn": 2x2 latent patches (4x the channels at half the side) normalised by the model's
+    #   BatchNorm running statistics, eps PATCH_BN_EPS (FLUX.2); the statistics are weights (`bn.*`).
+    latent_norm: Literal["affine", "channel", "patch_bn"] = "affine"
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
-    # Architecture family: "ldm" is the SD/SDXL/SD3/Flux.1 encoder-decoder. Later families
-    # (Flux.2 patches, Qwen-Image causal 3D convs) get their own value here.
-    arch: str = "ldm"
+    latents_mean: tuple[float, ...] = ()
+    latents_std: tuple[float, ...] = ()
+    # Architecture: "ldm" is the SD/SDXL/SD3/FLUX.1/FLUX.2 encoder-decoder (vaekit.model.ldm); "pixel"
+    # no network at all, pixels folded into channels by patch_size (vaekit.model.pixel).
+    arch: Literal["ldm", "pixel"] = "ldm"
     # Which published model this is ("sd1", "flux1", ...), or "" for a custom one.
     family: str = ""
     # Options for fast-training new models (docs/TRAINING.md); the defaults are the LDM architecture.
@@ -46,17 +54,28 @@ class AutoencoderConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_channels", tuple(int(c) for c in self.block_channels))
+        for name in ("latents_mean", "latents_std"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         if self.kind not in ("vae", "ae"):
             raise ValueError(f"kind must be 'vae' or 'ae', got {self.kind!r}")
-        if self.arch != "ldm":
-            raise ValueError(f"unknown architecture {self.arch!r}; this vaekit knows 'ldm'")
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown architecture {self.arch!r}; this vaekit knows {', '.join(ARCHS)}")
+        if self.latent_norm not in ("affine", "channel", "patch_bn"):
+            raise ValueError(f"unknown latent_norm {self.latent_norm!r}; use 'affine', 'channel' or 'patch_bn'")
+        if self.latent_norm == "channel" and not (len(self.latents_mean) == len(self.latents_std) == self.latent_channels):
+            raise ValueError(f"latent_norm 'channel' needs latents_mean and latents_std of {self.latent_channels} values each")
+        if self.arch == "pixel":
+            if self.kind != "ae" or self.latent_channels != self.in_channels * self.patch_size**2 or self.use_quant_conv or self.use_post_quant_conv:
+                raise ValueError(f"a pixel-space model is kind 'ae' with latent_channels = in_channels x patch_size^2 "
+                                 f"({self.in_channels * self.patch_size ** 2}) and no quant convs")  # fmt: skip
+            return
         if not self.block_channels:
             raise ValueError("block_channels needs at least one level")
         bad = [c for c in self.block_channels if c % self.norm_groups]
         if bad:
             raise ValueError(f"norm_groups={self.norm_groups} must divide every block channel count; {bad} do not")
         if self.patch_size not in (1, 2):
-            raise ValueError(f"patch_size must be 1 or 2, got {self.patch_size}")
+            raise ValueError(f"patch_size must be 1 or 2 for the ldm architecture, got {self.patch_size}")
         if self.shortcuts:
             ch = self.block_channels
             bad = [(a, b) for a, b in zip(ch, ch[1:]) if (4 * a) % b]
@@ -67,20 +86,42 @@ class AutoencoderConfig:
 
     @property
     def factor(self) -> int:
-        """Spatial downsampling factor: image side / latent side."""
+        """Spatial downsampling factor: image side / latent side (of `encode`'s latents)."""
+        if self.arch == "pixel":
+            return self.patch_size
         return self.patch_size * 2 ** (len(self.block_channels) - 1)
 
     @property
+    def normalised_shape(self) -> tuple[int, int]:
+        """(channels, factor) of the normalised latents `to_latent` returns (FLUX.2: 4x the channels at 2x the factor)."""
+        if self.latent_norm == "patch_bn":
+            return 4 * self.latent_channels, 2 * self.factor
+        return self.latent_channels, self.factor
+
+    @property
+    def normalisation(self) -> str:
+        """The latent normalisation as one short formula, for people."""
+        if self.latent_norm == "patch_bn":
+            ch, f = self.normalised_shape
+            return f"2x2 patches ({ch} ch at {f}x), BatchNorm stats"
+        if self.latent_norm == "channel":
+            return f"(z - mean[c]) * {self.scaling_factor:g} / std[c]"
+        if self.scaling_factor == 1 and self.shift_factor == 0:
+            return "none (scale 1)"
+        return f"(z - {self.shift_factor:g}) * {self.scaling_factor:g}" if self.shift_factor else f"z * {self.scaling_factor:g}"
+
+    @property
     def diffusers_compatible(self) -> bool:
-        """Whether diffusers' AutoencoderKL has this architecture, so it can load vaekit's diffusers folder."""
-        return self.kind == "vae" and not self.shortcuts and self.patch_size == 1
+        """Whether a diffusers class has this architecture, so it can load vaekit's diffusers folder."""
+        return self.arch == "ldm" and self.kind == "vae" and not self.shortcuts and self.patch_size == 1
 
     def replace(self, **changes: Any) -> "AutoencoderConfig":
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["block_channels"] = list(self.block_channels)
+        for name in ("block_channels", "latents_mean", "latents_std"):
+            d[name] = list(d[name])
         return d
 
     @classmethod
@@ -98,6 +139,10 @@ def check_fields(cls: type, d: dict[str, Any], what: str) -> None:
     unknown = sorted(set(d) - names)
     if unknown:
         raise ValueError(f"unknown {what} {unknown}; known: {sorted(names)}")
+
+
+ARCHS = ("ldm", "pixel")
+PATCH_BN_EPS = 1e-4  # FLUX.2's BatchNorm eps (BFL's AutoEncoder.bn_eps, diffusers' batch_norm_eps)
 
 
 @dataclass(frozen=True)
@@ -125,6 +170,25 @@ PRESETS: dict[str, Preset] = {
     "sd3": Preset(_F16.replace(scaling_factor=1.5305, shift_factor=0.0609, family="sd3"), "Stable Diffusion 3/3.5 VAE"),
     "flux1": Preset(_F16.replace(scaling_factor=0.3611, shift_factor=0.1159, family="flux1"), "FLUX.1 VAE (ae.safetensors)"),
     "lumina2": Preset(_F16.replace(scaling_factor=0.3611, shift_factor=0.1159, family="lumina2"), "Lumina Image 2.0 (FLUX.1's VAE)"),
+    "flux2": Preset(
+        _SD.replace(latent_channels=32, latent_norm="patch_bn", family="flux2"),
+        "FLUX.2 VAE (32 channels; its transformer sees 2x2 patches, 128 channels at 16x, BatchNorm-normalised)",
+    ),
+    "pixel": Preset(
+        AutoencoderConfig(arch="pixel", kind="ae", patch_size=1, latent_channels=3, block_channels=(),
+                          use_quant_conv=False, use_post_quant_conv=False, family="pixel"),
+        "no autoencoder: the pixels themselves (pixel-space diffusion; lossless)",
+    ),  # fmt: skip
+    "pixel-p2": Preset(
+        AutoencoderConfig(arch="pixel", kind="ae", patch_size=2, latent_channels=12, block_channels=(),
+                          use_quant_conv=False, use_post_quant_conv=False, family="pixel-p2"),
+        "pixels folded 2x2 into 12 channels (lossless)",
+    ),  # fmt: skip
+    "pixel-p16": Preset(
+        AutoencoderConfig(arch="pixel", kind="ae", patch_size=16, latent_channels=768, block_channels=(),
+                          use_quant_conv=False, use_post_quant_conv=False, family="pixel-p16"),
+        "pixels folded 16x16 into 768 channels, as pixel-space transformers patchify (lossless)",
+    ),  # fmt: skip
     "tiny-f8c4": Preset(_TINY.replace(family="tiny-f8c4"), "small 8x/4-channel VAE for tests and demos"),
     "tiny-f8c16": Preset(
         _TINY.replace(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, family="tiny-f8c16"),
@@ -158,6 +222,7 @@ def describe_channels(n: int, noun: str) -> str:
 ALIASES = {
     "flux": "flux1", "flux.1": "flux1", "flux-1": "flux1", "sd15": "sd1", "sd1.5": "sd1", "sd14": "sd1", "sd1.4": "sd1",
     "sd2": "sd1", "sd21": "sd1", "sd2.1": "sd1", "sd35": "sd3", "sd3.5": "sd3", "lumina": "lumina2", "pixart-alpha": "pixart",
+    "flux.2": "flux2", "flux-2": "flux2",
 }  # fmt: skip
 
 

@@ -432,6 +432,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     if stop_reason == "interrupted":
         raise KeyboardInterrupt(f"saved {path}; continue with --resume")
     if master:
+        if ema.config.latent_norm == "patch_bn" and not cfg.decoder_only:  # FLUX.2's layout: its normalisation is data
+            metrics["latent_bn"] = fit_latent_bn(ema, data, cfg.batch_size, cfg.seed, device)
         ema.save(str(run / "model"))
         if data.val:
             metrics["final"] = validate(ema, data, device, run / "samples" / f"step_{step:07d}.png", writer, step)
@@ -516,6 +518,27 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     short runs are not dominated by the random initial weights."""
     e, m = list(ema.parameters()), [p.detach() for p in model.parameters()]
     torch._foreach_lerp_(e, m, 1.0 - decay)
+
+
+@torch.no_grad()
+def fit_latent_bn(model: Autoencoder, data: TrainingData, batch_size: int, seed: int, device: torch.device,
+                  images: int = 512) -> dict[str, Any]:  # fmt: skip
+    """Set a FLUX.2-layout model's latent BatchNorm statistics (what `normalize` divides by) to the
+    per-channel mean and variance of its 2x2-patchified posterior means over `images` training crops,
+    drawn from a stream of their own (seed + 1). Returns what was measured, for metrics.json."""
+    batches = iter(data.loader(batch_size, seed + 1))
+    total, squares, count, seen = 0.0, 0.0, 0, 0
+    while seen < images:
+        x = next(batches).images.to(device).float() / 127.5 - 1.0
+        z = torch.nn.functional.pixel_unshuffle(model.encode(x).mean.double(), 2)
+        total, squares = total + z.sum(dim=(0, 2, 3)), squares + z.pow(2).sum(dim=(0, 2, 3))
+        count, seen = count + z[:, 0].numel(), seen + len(x)
+    mean = total / count
+    var = (squares / count - mean**2).clamp_min(0) * count / max(count - 1, 1)  # unbiased, as BatchNorm keeps it
+    model.bn.running_mean.copy_(mean)
+    model.bn.running_var.copy_(var)
+    return {"images": seen, "crop": list(x.shape[-2:]), "channels": len(mean),
+            "mean_range": [float(mean.min()), float(mean.max())], "std_range": [float(var.min().sqrt()), float(var.max().sqrt())]}  # fmt: skip
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """Model code only: no file formats, no CLI."""
 
-from .autoencoder import Autoencoder, Decoder, Encoder, Posterior
+from .autoencoder import ARCHITECTURES, Autoencoder, Posterior
+from .ldm import Decoder, Encoder
 
-__all__ = ["Autoencoder", "Decoder", "Encoder", "Posterior"]
+__all__ = ["ARCHITECTURES", "Autoencoder", "Decoder", "Encoder", "Posterior"]

@@ -1,9 +1,8 @@
-"""The LDM/SD autoencoder (SD1, SDXL, PixArt, SD3, Flux.1, Lumina 2), written once.
+"""`Autoencoder`: one interface over every architecture (`config.arch` picks the encoder and decoder
+from ARCHITECTURES), the posterior, and the latent normalisation in one place.
 
-Module names follow the original LDM checkpoints (`encoder.down.0.block.1.norm1`, `mid.attn_1`,
-...), so single-file checkpoints load as they are and the diffusers layout is one key mapping
-away (see `vaekit.checkpoints`). Inputs are validated here, at the public methods, so every
-caller (Python API, CLI, trainer) gets the same clear errors.
+Inputs are validated here, at the public methods, so every caller (Python API, CLI, trainer) gets
+the same clear errors.
 """
 
 from __future__ import annotations
@@ -17,216 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import AutoencoderConfig, describe_channels
+from ..config import PATCH_BN_EPS, AutoencoderConfig, describe_channels
+from . import ldm, pixel
 
-
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
-
-
-class ResnetBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, groups: int):
-        super().__init__()
-        self.norm1 = _norm(cin, groups)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = _norm(cout, groups)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.nin_shortcut(x) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels; used only at latent resolution."""
-
-    def __init__(self, channels: int, groups: int):
-        super().__init__()
-        self.norm = _norm(channels, groups)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, c, h, w = x.shape
-        y = self.norm(x)
-        # Contiguous (tokens, channels): with a transposed view SDPA falls back to its math kernel, which
-        # holds the whole tokens x tokens matrix (16 GiB for the latent of a 2048x2048 image).
-        q, k, v = (t(y).reshape(n, 1, c, h * w).transpose(2, 3).contiguous() for t in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v)
-        y = y.transpose(2, 3).reshape(n, c, h, w)
-        return x + self.proj_out(y)
-
-
-def space_to_channel(x: Tensor, channels: int) -> Tensor:
-    """Half the resolution without parameters: each 2x2 block of pixels into channels, then the
-    means of consecutive channel groups down to `channels` (DC-AE's downsampling shortcut)."""
-    return F.pixel_unshuffle(x, 2).unflatten(1, (channels, -1)).mean(dim=2)
-
-
-def channel_to_space(x: Tensor, channels: int) -> Tensor:
-    """Twice the resolution without parameters: each channel repeated, then spread over 2x2 pixels
-    (DC-AE's upsampling shortcut). `space_to_channel` undoes it exactly."""
-    return F.pixel_shuffle(x.repeat_interleave(4 * channels // x.shape[1], dim=1), 2)
-
-
-class Downsample(nn.Module):
-    """LDM's stride-2 conv; with `shortcut`, it also changes channels and adds `space_to_channel`."""
-
-    def __init__(self, channels: int, out: int | None = None, shortcut: bool = False):
-        super().__init__()
-        self.out, self.shortcut = out or channels, shortcut
-        self.conv = nn.Conv2d(channels, self.out, 3, stride=2, padding=0)
-
-    def forward(self, x: Tensor) -> Tensor:
-        # LDM pads right/bottom only; checkpoints depend on this exact alignment.
-        y = self.conv(F.pad(x, (0, 1, 0, 1)))
-        return y + space_to_channel(x, self.out) if self.shortcut else y
-
-
-class Upsample(nn.Module):
-    """LDM's nearest-neighbour 2x then conv; with `shortcut`, DC-AE's: a conv at the low resolution to
-    4x the output channels, put into 2x2 pixels (cheaper), plus `channel_to_space`."""
-
-    def __init__(self, channels: int, out: int | None = None, shortcut: bool = False):
-        super().__init__()
-        self.out, self.shortcut = out or channels, shortcut
-        self.conv = nn.Conv2d(channels, self.out * (4 if shortcut else 1), 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.shortcut:
-            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return F.pixel_shuffle(self.conv(x), 2) + channel_to_space(x, self.out)
-
-
-class MidBlock(nn.Module):
-    def __init__(self, channels: int, groups: int, attention: bool):
-        super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, groups)
-        self.attn_1 = AttnBlock(channels, groups) if attention else nn.Identity()
-        self.block_2 = ResnetBlock(channels, channels, groups)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
-
-
-class Level(nn.Module):
-    """The ResNet blocks of one resolution, then the resampling to the next (if any)."""
-
-    def __init__(self, blocks: list[ResnetBlock], resample: nn.Module | None, name: str):
-        super().__init__()
-        self.block = nn.ModuleList(blocks)
-        self._resample_name = name  # "downsample" or "upsample", as in the checkpoints
-        if resample is not None:
-            self.add_module(name, resample)
-
-    @property
-    def resample(self) -> nn.Module | None:
-        return self._modules.get(self._resample_name)
-
-
-class Encoder(nn.Module):
-    def __init__(self, cfg: AutoencoderConfig):
-        super().__init__()
-        ch, g = cfg.block_channels, cfg.norm_groups
-        self.patch_size, self.shortcuts, self.latent_channels = cfg.patch_size, cfg.shortcuts, cfg.latent_channels
-        self.conv_in = nn.Conv2d(cfg.in_channels * cfg.patch_size**2, ch[0], 3, padding=1)
-        self.down = nn.ModuleList()
-        cin = ch[0]
-        for i, cout in enumerate(ch):
-            blocks = [ResnetBlock(cin if j == 0 else cout, cout, g) for j in range(cfg.layers_per_block)]
-            last = i == len(ch) - 1
-            # With shortcuts the resampling itself moves to the next level's channel count.
-            nxt = ch[i + 1] if cfg.shortcuts and not last else cout
-            self.down.append(Level(blocks, None if last else Downsample(cout, nxt, cfg.shortcuts), "downsample"))
-            cin = nxt
-        self.mid = MidBlock(ch[-1], g, cfg.mid_attention)
-        self.norm_out = _norm(ch[-1], g)
-        moments = 2 * cfg.latent_channels if cfg.kind == "vae" else cfg.latent_channels
-        self.conv_out = nn.Conv2d(ch[-1], moments, 3, padding=1)
-
-    def body_stages(self) -> list[nn.Module]:
-        """The full-resolution layers in order; `vaekit.model.tiling` runs them one at a time."""
-        # Not registered as a submodule: the checkpoint key stays `encoder.conv_in`.
-        stem = nn.Sequential(nn.PixelUnshuffle(self.patch_size), self.conv_in) if self.patch_size > 1 else self.conv_in
-        stages: list[nn.Module] = [stem]
-        for level in self.down:
-            stages += list(level.block)
-            if level.resample is not None:
-                stages.append(level.resample)
-        return stages
-
-    def body(self, x: Tensor) -> Tensor:
-        """Full-resolution part: convolutions only, so it can run in tiles."""
-        for stage in self.body_stages():
-            x = stage(x)
-        return x
-
-    def head(self, h: Tensor) -> Tensor:
-        """Latent-resolution part, with global attention: always runs on the whole image."""
-        h = self.mid(h)
-        moments = self.conv_out(F.silu(self.norm_out(h)))
-        if not self.shortcuts:
-            return moments
-        # The latent (the mean of a VAE's posterior, not its log-variance) gets the channel-group
-        # means of the features: the bottleneck's shortcut.
-        c = self.latent_channels
-        return torch.cat([moments[:, :c] + h.unflatten(1, (c, -1)).mean(dim=2), moments[:, c:]], dim=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x))
-
-
-class Decoder(nn.Module):
-    def __init__(self, cfg: AutoencoderConfig):
-        super().__init__()
-        ch, g = cfg.block_channels, cfg.norm_groups
-        self.patch_size, self.shortcuts = cfg.patch_size, cfg.shortcuts
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
-        self.mid = MidBlock(ch[-1], g, cfg.mid_attention)
-        # Indexed like LDM: up[i] works at the resolution of encoder level i; runs from the top.
-        levels: list[Level] = []
-        cin = ch[-1]
-        for i in reversed(range(len(ch))):
-            cout = ch[i]
-            blocks = [ResnetBlock(cin if j == 0 else cout, cout, g) for j in range(cfg.layers_per_block + 1)]
-            nxt = ch[i - 1] if cfg.shortcuts and i > 0 else cout
-            levels.insert(0, Level(blocks, Upsample(cout, nxt, cfg.shortcuts) if i > 0 else None, "upsample"))
-            cin = nxt
-        self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(ch[0], g)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels * cfg.patch_size**2, 3, padding=1)
-
-    def head(self, z: Tensor) -> Tensor:
-        """Latent-resolution part, with global attention: always runs on the whole latent."""
-        h = self.conv_in(z)
-        if self.shortcuts:  # the bottleneck's shortcut: each latent channel repeated
-            h = h + z.repeat_interleave(h.shape[1] // z.shape[1], dim=1)
-        return self.mid(h)
-
-    def body_stages(self) -> list[nn.Module]:
-        """The upsampling layers in order; `vaekit.model.tiling` runs them one at a time."""
-        stages: list[nn.Module] = []
-        for level in reversed(self.up):
-            stages += list(level.block)
-            if level.resample is not None:
-                stages.append(level.resample)
-        # Not registered as a submodule: checkpoint keys stay `decoder.norm_out` / `decoder.conv_out`.
-        unpatch = [nn.PixelShuffle(self.patch_size)] if self.patch_size > 1 else []
-        stages.append(nn.Sequential(self.norm_out, nn.SiLU(), self.conv_out, *unpatch))
-        return stages
-
-    def body(self, h: Tensor) -> Tensor:
-        """Upsampling part: convolutions only, so it can run in tiles."""
-        for stage in self.body_stages():
-            h = stage(h)
-        return h
-
-    def forward(self, z: Tensor) -> Tensor:
-        return self.body(self.head(z))
+# Each architecture is a module with Encoder(config) and Decoder(config); an encoder (decoder) with
+# `body` and `head` runs its full-resolution part in tiles on request (vaekit.model.tiling).
+ARCHITECTURES = {"ldm": ldm, "pixel": pixel}
 
 
 class Posterior:
@@ -282,11 +77,15 @@ class Autoencoder(nn.Module):
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
         self.config = config
-        moments = 2 * config.latent_channels if config.kind == "vae" else config.latent_channels
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
+        c = config.latent_channels
+        moments = 2 * c if config.kind == "vae" else c
+        arch = ARCHITECTURES[config.arch]
+        self.encoder = arch.Encoder(config)
+        self.decoder = arch.Decoder(config)
         self.quant_conv = nn.Conv2d(moments, moments, 1) if config.use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1) if config.use_post_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(c, c, 1) if config.use_post_quant_conv else None
+        if config.latent_norm == "patch_bn":  # FLUX.2: its running statistics are the normalisation
+            self.bn = nn.BatchNorm2d(4 * c, eps=PATCH_BN_EPS, momentum=0.1, affine=False, track_running_stats=True)
 
     @property
     def factor(self) -> int:
@@ -294,11 +93,13 @@ class Autoencoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        first = next(self.parameters(), None)  # pixel space has no parameters: it computes in fp32
+        return first.dtype if first is not None else torch.float32
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        first = next(self.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
 
     # ---- encode / decode -------------------------------------------------------------------
 
@@ -335,17 +136,30 @@ class Autoencoder(nn.Module):
     # ---- the latent space a diffusion model sees -------------------------------------------
 
     def normalize(self, z: Tensor) -> Tensor:
-        """Raw latent -> the family's unit-variance latent. The only place normalisation lives."""
+        """Raw latent (what `encode` gives) -> the family's unit-variance latent (what its diffusion
+        model sees). The only place normalisation lives: see `AutoencoderConfig.latent_norm`."""
+        z = self.normalised_layout(z)
         shift, scale = self._latent_affine(z)
         return (z - shift) * scale
 
+    def normalised_layout(self, t: Tensor) -> Tensor:
+        """A tensor shaped like `encode`'s latents, in the layout of normalised latents: FLUX.2's 2x2
+        patches (channel c*4 + 2*dy + dx at half the side); unchanged for every other family."""
+        return F.pixel_unshuffle(t, 2) if self.config.latent_norm == "patch_bn" else t
+
     def denormalize(self, z: Tensor) -> Tensor:
+        channels = self.config.normalised_shape[0]
+        if z.ndim != 4 or z.shape[1] != channels:
+            raise ValueError(f"normalised latents of this model have {channels} channels (NCHW), got shape {tuple(z.shape)}")
         shift, scale = self._latent_affine(z)
-        return z / scale + shift
+        z = z / scale + shift
+        return F.pixel_shuffle(z, 2) if self.config.latent_norm == "patch_bn" else z
 
     def to_latent(
         self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None, pad: bool = False, tile: int | str | None = None
     ) -> Tensor:
+        """What the family's diffusion model sees: the normalised posterior mode (or a sample). FLUX.2:
+        128 channels at 1/16 of the side, as BFL's `AutoEncoder.encode`; others: `encode`'s shape."""
         posterior = self.encode(x, pad=pad, tile=tile)
         return self.normalize(posterior.sample(generator) if sample else posterior.mode())
 
@@ -353,10 +167,16 @@ class Autoencoder(nn.Module):
         return self.decode(self.denormalize(z), size=size, tile=tile)
 
     def _latent_affine(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        # Scalars today; per-channel vectors (Qwen-Image, Flux.2) become a view(1, C, 1, 1) here.
+        """(shift, scale) with (z - shift) * scale normalised: scalars, or (1, C, 1, 1) per channel."""
         c = self.config
-        return (torch.as_tensor(c.shift_factor, dtype=z.dtype, device=z.device),
-                torch.as_tensor(c.scaling_factor, dtype=z.dtype, device=z.device))
+        if c.latent_norm == "patch_bn":
+            shift, scale = self.bn.running_mean, torch.rsqrt(self.bn.running_var.float() + PATCH_BN_EPS)
+        elif c.latent_norm == "channel":
+            shift, scale = torch.tensor(c.latents_mean), c.scaling_factor / torch.tensor(c.latents_std, dtype=torch.float64)
+        else:
+            return (torch.as_tensor(c.shift_factor, dtype=z.dtype, device=z.device),
+                    torch.as_tensor(c.scaling_factor, dtype=z.dtype, device=z.device))  # fmt: skip
+        return (shift.to(z.device, z.dtype).view(1, -1, 1, 1), scale.to(z.device, z.dtype).view(1, -1, 1, 1))
 
     # ---- saving ---------------------------------------------------------------------------
 
@@ -372,6 +192,8 @@ class Autoencoder(nn.Module):
     # ---- internals ------------------------------------------------------------------------
 
     def _moments(self, x: Tensor, tile: int | str | None) -> Tensor:
+        if not hasattr(self.encoder, "body"):  # no full-resolution stages to tile (pixel space)
+            return self.encoder(x)
         if tile:
             from .tiling import encode_body_tiled
 
@@ -382,6 +204,8 @@ class Autoencoder(nn.Module):
         return self.quant_conv(h) if self.quant_conv is not None else h
 
     def _decode(self, z: Tensor, tile: int | str | None) -> Tensor:
+        if not hasattr(self.decoder, "body"):
+            return self.decoder(z)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         h = self.decoder.head(z)

@@ -34,7 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AutoencoderConfig
-from .autoencoder import Autoencoder, Decoder, Encoder
+from .autoencoder import Autoencoder
+from .ldm import Decoder, Encoder
 
 # A stage's working set, in copies of its tile input and output: a ResNet block holds its input, the
 # normalised input, the SiLU and a conv output at once; an upsample its input, the upsampled copy and
