@@ -208,3 +208,106 @@ def test_flux2_tiles_like_it_does_untiled(tmp_path: Path) -> None:
         z, tiled = model.to_latent(x), model.to_latent(x, tile=32)
         assert (z - tiled).abs().max() < 1e-4
         assert (model.from_latent(z) - model.from_latent(z, tile=32)).abs().max() < 1e-4
+
+
+# ---- Qwen-Image -----------------------------------------------------------------------------------
+
+QWEN_MEAN, QWEN_STD = [0.1 * i - 0.7 for i in range(16)], [0.5 + 0.15 * i for i in range(16)]
+
+
+def qwen_reference(base: int = 16) -> "AutoencoderKLQwenImage":
+    """diffusers' AutoencoderKLQwenImage with the release's layout (dim_mult 1, 2, 4, 4; 2 blocks; time
+    downsampling in the last two levels) at `base` width, perturbed weights."""
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(0)
+    ref = AutoencoderKLQwenImage(base_dim=base, z_dim=16, latents_mean=QWEN_MEAN, latents_std=QWEN_STD)
+    return perturb(ref, 0.02).eval()
+
+
+@torch.no_grad()
+def qwen_differences(ours: Autoencoder, ref, size: tuple[int, int] = (32, 48)) -> dict[str, float]:
+    """One image as a one-frame video in diffusers; the pipeline's normalisation (QwenImageImg2ImgPipeline:
+    (z - latents_mean) / latents_std, and back)."""
+    x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    q = ref.encode(x[:, :, None]).latent_dist
+    p = ours.encode(x)
+    mean, std = torch.tensor(QWEN_MEAN).view(1, 16, 1, 1), torch.tensor(QWEN_STD).view(1, 16, 1, 1)
+    z = (q.mean[:, :, 0] - mean) / std
+    return {
+        "mean": (p.mean - q.mean[:, :, 0]).abs().max().item(),
+        "logvar": (p.logvar - q.logvar[:, :, 0]).abs().max().item(),
+        "decode": (ours.decode(q.mean[:, :, 0]) - ref.decode(q.mean).sample[:, :, 0]).abs().max().item(),
+        "to_latent": (ours.to_latent(x) - z).abs().max().item(),
+        "from_latent": (ours.from_latent(z) - ref.decode((z * std + mean)[:, :, None]).sample[:, :, 0]).abs().max().item(),
+    }
+
+
+QWEN_ROUTES = ["diffusers folder -> vaekit", "vaekit folder -> diffusers", "vaekit single file (Wan names) -> diffusers' converter",
+               "vaekit single file -> vaekit"]  # fmt: skip
+
+
+@pytest.mark.parametrize("route", QWEN_ROUTES)
+def test_qwenimage_matches_diffusers_through_every_route(route: str, tmp_path: Path) -> None:
+    from diffusers import AutoencoderKLQwenImage
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    ref = qwen_reference()
+    ref.save_pretrained(tmp_path / "d")
+    ours = vaekit.load(tmp_path / "d")
+    assert ours.config.arch == "qwenimage" and ours.config.latent_norm == "channel" and ours.factor == 8
+    if route == "vaekit folder -> diffusers":
+        save(ours, tmp_path / "v", format="diffusers")
+        ref = AutoencoderKLQwenImage.from_pretrained(tmp_path / "v").eval()
+    elif route.startswith("vaekit single file"):
+        save(ours, tmp_path / "vae.safetensors", format="single-file")
+        wan = load_file(tmp_path / "vae.safetensors")
+        assert "encoder.downsamples.0.residual.0.gamma" in wan and "conv1.weight" in wan and "decoder.head.2.weight" in wan
+        if route.endswith("vaekit"):
+            back = vaekit.load(tmp_path / "vae.safetensors")
+            assert back.config == ours.config
+            assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), back.state_dict().values()))
+            return
+        ref = AutoencoderKLQwenImage(base_dim=16, z_dim=16, latents_mean=QWEN_MEAN, latents_std=QWEN_STD).eval()
+        ref.load_state_dict(convert_wan_vae_to_diffusers(wan))  # diffusers' own reading of the Wan layout
+    diffs = qwen_differences(ours, ref)
+    assert max(diffs.values()) <= TOLERANCE, diffs
+
+
+def test_qwenimage_full_width_matches_diffusers(tmp_path: Path) -> None:
+    ref = qwen_reference(base=96)
+    ref.save_pretrained(tmp_path / "d")
+    ours = vaekit.load(tmp_path / "d")
+    assert ours.config == preset("qwenimage").replace(latents_mean=tuple(QWEN_MEAN), latents_std=tuple(QWEN_STD), family="")
+    assert max(qwen_differences(ours, ref, size=(32, 32)).values()) <= TOLERANCE
+
+
+def test_qwenimage_comfyui_file_is_recognised_and_tiles_exactly(tmp_path: Path, capsys) -> None:
+    ref = qwen_reference()
+    ref.save_pretrained(tmp_path / "d")
+    model = vaekit.load(tmp_path / "d")
+    save(model, tmp_path / "vae.safetensors", format="single-file")
+    bare = load_file(tmp_path / "vae.safetensors")  # as ComfyUI users have it: no vaekit metadata
+    save_file(bare, tmp_path / "qwen_image_vae.safetensors")
+    ck = read_checkpoint(tmp_path / "qwen_image_vae.safetensors")
+    assert ck.config.arch == "qwenimage" and ck.config.family == "qwenimage" and "Wan 2.1 / Qwen-Image layout" in ck.format
+    assert ck.normalisation_source.startswith("qwenimage, from its key layout")
+    assert ck.config.latents_std == preset("qwenimage").latents_std  # the release's statistics, stated as assumed
+    assert main(["inspect", str(tmp_path / "qwen_image_vae.safetensors")]) == 0
+    assert "normalisation  (z - mean[c]) * 1 / std[c]" in capsys.readouterr().out
+    x = torch.rand(1, 3, 80, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        z = model.to_latent(x)
+        assert (model.to_latent(x, tile=32) - z).abs().max() < 1e-5
+        assert (model.from_latent(z, tile=32) - model.from_latent(z)).abs().max() < 1e-5
+
+
+def test_qwenimage_layout_trains(tmp_path: Path) -> None:
+    from vaekit.train import TrainConfig, train
+
+    small = preset("qwenimage").replace(block_channels=(8, 16, 16), temporal_downsample=(False, True), layers_per_block=1)
+    result = train(TrainConfig(data="samples", out=str(tmp_path / "run"), config=small.to_dict(), steps=3, batch_size=2,
+                               resolution=32, val_resolution=32, lr=1e-3, warmup=1, sample_every=0), progress=False)  # fmt: skip
+    assert result.metrics["final"]["psnr"] > result.metrics["initial"]["psnr"]
+    model = vaekit.load(result.model)
+    assert model.config.arch == "qwenimage" and model.config.temporal_downsample == (False, True)

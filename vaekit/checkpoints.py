@@ -29,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import torch
@@ -38,6 +39,7 @@ from torch import Tensor
 
 from .config import PATCH_BN_EPS, PRESETS, AutoencoderConfig, describe_channels, preset, preset_name
 from .files import write_atomic
+from .layouts import LAYOUTS, by_diffusers_class
 from .model import Autoencoder
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
@@ -136,23 +138,32 @@ def save(model: Autoencoder, path: str | os.PathLike, format: str = "diffusers",
     scale/shift, `kind="ae"` and every vaekit-only option round-trip exactly. diffusers loads the
     folder whenever it can express the architecture (not `kind="ae"`). Files are written atomically."""
     path = Path(path)
-    tensors = {k: _stored(v, dtype) for k, v in model.state_dict().items()}
     config = model.config
+    if config.arch == "pixel":
+        raise ValueError("a pixel-space model has no weights to save: use preset:pixel (or pixel-p2, pixel-p16) wherever a MODEL is asked")
+    tensors = {k: _stored(v, dtype) for k, v in model.state_dict().items()}
     if format == "single-file":
         if path.suffix != ".safetensors":
             raise ValueError(f"a single-file checkpoint is a .safetensors file; got {path}")
         if config.latent_norm == "patch_bn":  # FLUX.2: BFL's layout
             tensors = {_renamed(k, BFL_NAMES): t for k, t in tensors.items()}
+        elif config.arch in LAYOUTS:  # the layout of the files people have for that family
+            tensors = LAYOUTS[config.arch].to_single_file(tensors)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: config.to_json()}))
     elif format == "diffusers":
         if path.is_file():
             raise ValueError(f"{path} is a file; format='diffusers' writes a folder")
         path.mkdir(parents=True, exist_ok=True)
-        names = diffusers_key_map(len(config.block_channels), config.layers_per_block)
-        renamed = {names.get(k, k): _linear_attention(k, t) for k, t in tensors.items()}
+        layout = LAYOUTS.get(config.arch)
+        if layout is not None:  # its native names are diffusers'
+            renamed, described = tensors, {**layout.diffusers_config(config), CONFIG_KEY: config.to_dict()}
+        else:
+            names = diffusers_key_map(len(config.block_channels), config.layers_per_block)
+            renamed = {names.get(k, k): _linear_attention(k, t) for k, t in tensors.items()}
+            described = _diffusers_config(config)
         write_atomic(path / DIFFUSERS_WEIGHTS[0], lambda tmp: save_file(renamed, tmp, metadata={"format": "pt"}))
-        text = json.dumps(_diffusers_config(config), indent=2) + "\n"
+        text = json.dumps(described, indent=2) + "\n"
         write_atomic(path / "config.json", lambda tmp: tmp.write_text(text))
     else:
         raise ValueError(f"format must be 'diffusers' or 'single-file', got {format!r}")
@@ -269,9 +280,15 @@ def _config_from_diffusers(d: dict[str, Any], where: str, notes: list[str]) -> t
     if CONFIG_KEY in d:
         return AutoencoderConfig.from_dict(d[CONFIG_KEY]), True
     cls = d.get("_class_name", "AutoencoderKL")
+    layout = by_diffusers_class(cls)
+    if layout is not None:
+        try:
+            return layout.config_from_diffusers(d), True
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
     if cls not in ("AutoencoderKL", "AutoencoderKLFlux2"):
-        raise ValueError(f"{where} describes a {cls}; vaekit reads AutoencoderKL (the LDM/SD autoencoder) and "
-                         "AutoencoderKLFlux2")
+        known = ", ".join(["AutoencoderKL", "AutoencoderKLFlux2", *(m.DIFFUSERS_CLASS for m in LAYOUTS.values())])
+        raise ValueError(f"{where} describes a {cls}; vaekit reads {known}")
     flux2 = cls == "AutoencoderKLFlux2"
     channels = tuple(d.get("block_out_channels", (64,)))  # diffusers' defaults throughout
     n = len(channels)
@@ -316,8 +333,9 @@ class _Found:
     format: str
     config: AutoencoderConfig | None = None  # when the source states the architecture
     normalisation: str | None = None  # where the stated config's scale/shift come from, if it states them
-    hint: tuple[str, str] | None = None  # (family, evidence) from a full checkpoint's other parts
+    hint: tuple[str, str] | None = None  # (family, what says so): a full checkpoint's other parts, a key layout
     notes: list[str] = field(default_factory=list)
+    layout: ModuleType | None = None  # vaekit.layouts module of a non-LDM family
 
 
 def _from_preset(name: str, seed: int) -> _Found:
@@ -360,9 +378,15 @@ def _select(keys: list[str], kind: str, get: Callable[[str], Tensor]) -> _Found:
     if prefix:
         others = [k for k in keys if not k.startswith(prefix)]
         notes.append(f"ignored {len(others)} tensors outside {prefix} (UNet, text encoders, ...)")
-        hint = next(((fam, f"its {marker}* tensors") for marker, fam in FAMILY_MARKERS
+        hint = next(((fam, f"the checkpoint's other parts (its {marker}* tensors)") for marker, fam in FAMILY_MARKERS
                      if any(k.startswith(marker) for k in others)), None)
     ours = [k for k in keys if k.startswith(prefix)]
+    names = [k[len(prefix):] for k in ours]
+    layout = next((m for m in LAYOUTS.values() if m.recognise(names)), None)
+    if layout is not None:  # a non-LDM family, recognised by its names
+        tensors = layout.to_native({k[len(prefix):]: get(k) for k in ours})
+        return _Found(tensors, f"{kind} ({layout.recognise(names)})", notes=notes, layout=layout,
+                      hint=hint or (layout.FAMILY, f"its key layout ({layout.recognise(names)})"))
     training = [k for k in ours if k[len(prefix):].startswith(TRAINING_ONLY_PREFIXES)]
     if training:
         notes.append(f"ignored {len(training)} training-only tensors (loss.* = LPIPS/discriminator, model_ema.*)")
@@ -404,7 +428,8 @@ def _from_folder(path: Path) -> _Found:
     config, stated = _config_from_diffusers(json.loads(config_file.read_text()), str(config_file), found.notes)
     found.config, found.normalisation = config, ("config.json" if stated else None)
     tensors = load_file(weights) if weights.suffix == ".safetensors" else _torch_load(weights)
-    found.tensors, _ = _native_names(tensors)
+    layout = LAYOUTS.get(config.arch)
+    found.tensors = layout.to_native(tensors) if layout else _native_names(tensors)[0]
     return found
 
 
@@ -465,7 +490,13 @@ def _settle(found: _Found, family: str | None) -> Checkpoint:
     notes = found.notes
     stored = Counter(str(t.dtype).removeprefix("torch.") for t in found.tensors.values())
     dtype = next(iter(stored)) if len(stored) == 1 else "mixed: " + ", ".join(f"{d} ({n})" for d, n in stored.most_common())
-    config = found.config or _infer_config(found.tensors, notes)
+    if found.config is not None:
+        config = found.config
+    elif found.layout is not None:
+        config = found.layout.config_from_tensors(found.tensors)
+        notes.append(f"config inferred from tensor shapes ({found.layout.ARCH} layout)")
+    else:
+        config = _infer_config(found.tensors, notes)
     config, source = _normalisation(config, found, family)
     return Checkpoint(_checked(found.tensors, config), config, found.format, dtype, source, notes)
 
@@ -537,7 +568,7 @@ def _normalisation(config: AutoencoderConfig, found: _Found, family: str | None)
         return _with_family(config, family), f"family={family!r} argument"
     if found.hint:
         name, evidence = found.hint
-        return _with_family(config, name), f"{name}, from the checkpoint's other parts ({evidence})"
+        return _with_family(config, name), f"{name}, from {evidence}"
     candidates = [n for n, p in PRESETS.items() if _same_architecture(p.config, config)]
     name = next((n for n in ASSUMED_FAMILIES if n in candidates), candidates[0] if candidates else None)
     if name is None:

@@ -39,8 +39,12 @@ class AutoencoderConfig:
     latents_mean: tuple[float, ...] = ()
     latents_std: tuple[float, ...] = ()
     # Architecture: "ldm" is the SD/SDXL/SD3/FLUX.1/FLUX.2 encoder-decoder (vaekit.model.ldm); "pixel"
-    # no network at all, pixels folded into channels by patch_size (vaekit.model.pixel).
-    arch: Literal["ldm", "pixel"] = "ldm"
+    # no network at all, pixels folded into channels by patch_size (vaekit.model.pixel); "qwenimage"
+    # Qwen-Image's (Wan 2.1's) causal video VAE run on one frame (vaekit.model.qwenimage).
+    arch: Literal["ldm", "pixel", "qwenimage"] = "ldm"
+    # Video VAEs: which downsamplings also halve time. One frame never runs those layers, but their
+    # weights exist, so the architecture needs to know where they are.
+    temporal_downsample: tuple[bool, ...] = ()
     # Which published model this is ("sd1", "flux1", ...), or "" for a custom one.
     family: str = ""
     # Options for fast-training new models (docs/TRAINING.md); the defaults are the LDM architecture.
@@ -56,6 +60,7 @@ class AutoencoderConfig:
         object.__setattr__(self, "block_channels", tuple(int(c) for c in self.block_channels))
         for name in ("latents_mean", "latents_std"):
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        object.__setattr__(self, "temporal_downsample", tuple(bool(v) for v in self.temporal_downsample))
         if self.kind not in ("vae", "ae"):
             raise ValueError(f"kind must be 'vae' or 'ae', got {self.kind!r}")
         if self.arch not in ARCHS:
@@ -71,11 +76,15 @@ class AutoencoderConfig:
             return
         if not self.block_channels:
             raise ValueError("block_channels needs at least one level")
-        bad = [c for c in self.block_channels if c % self.norm_groups]
+        bad = [c for c in self.block_channels if c % self.norm_groups] if self.arch == "ldm" else []  # GroupNorm
         if bad:
             raise ValueError(f"norm_groups={self.norm_groups} must divide every block channel count; {bad} do not")
-        if self.patch_size not in (1, 2):
-            raise ValueError(f"patch_size must be 1 or 2 for the ldm architecture, got {self.patch_size}")
+        if self.arch != "ldm" and self.shortcuts:
+            raise ValueError("shortcuts are an option of the ldm architecture")
+        if self.patch_size not in (1, 2) or (self.patch_size != 1 and self.arch != "ldm"):
+            raise ValueError(f"patch_size must be 1 (or 2 for the ldm architecture), got {self.patch_size}")
+        if self.temporal_downsample and len(self.temporal_downsample) != len(self.block_channels) - 1:
+            raise ValueError(f"temporal_downsample needs one flag per downsampling ({len(self.block_channels) - 1})")
         if self.shortcuts:
             ch = self.block_channels
             bad = [(a, b) for a, b in zip(ch, ch[1:]) if (4 * a) % b]
@@ -120,7 +129,7 @@ class AutoencoderConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for name in ("block_channels", "latents_mean", "latents_std"):
+        for name in ("block_channels", "latents_mean", "latents_std", "temporal_downsample"):
             d[name] = list(d[name])
         return d
 
@@ -141,7 +150,7 @@ def check_fields(cls: type, d: dict[str, Any], what: str) -> None:
         raise ValueError(f"unknown {what} {unknown}; known: {sorted(names)}")
 
 
-ARCHS = ("ldm", "pixel")
+ARCHS = ("ldm", "pixel", "qwenimage")
 PATCH_BN_EPS = 1e-4  # FLUX.2's BatchNorm eps (BFL's AutoEncoder.bn_eps, diffusers' batch_norm_eps)
 
 
@@ -160,6 +169,12 @@ _FAST = AutoencoderConfig(
     use_quant_conv=False, use_post_quant_conv=False, mid_attention=False,
 )  # fmt: skip
 
+# Qwen-Image's per-channel latent statistics (diffusers' AutoencoderKLQwenImage defaults, the release's config).
+_QWEN_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+              0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)  # fmt: skip
+_QWEN_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+             3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)  # fmt: skip
+
 PRESETS: dict[str, Preset] = {
     "sd1": Preset(_SD.replace(scaling_factor=0.18215, family="sd1"), "Stable Diffusion 1.x/2.x VAE (kl-f8)"),
     "sdxl": Preset(_SD.replace(scaling_factor=0.13025, family="sdxl"), "SDXL VAE (same architecture, retrained)"),
@@ -174,6 +189,14 @@ PRESETS: dict[str, Preset] = {
         _SD.replace(latent_channels=32, latent_norm="patch_bn", family="flux2"),
         "FLUX.2 VAE (32 channels; its transformer sees 2x2 patches, 128 channels at 16x, BatchNorm-normalised)",
     ),
+    "qwenimage": Preset(
+        AutoencoderConfig(
+            arch="qwenimage", block_channels=(96, 192, 384, 384), layers_per_block=2, latent_channels=16,
+            temporal_downsample=(False, True, True), latent_norm="channel", latents_mean=_QWEN_MEAN, latents_std=_QWEN_STD,
+            family="qwenimage",
+        ),
+        "Qwen-Image VAE (Wan 2.1's causal video VAE on one frame; per-channel mean/std)",
+    ),  # fmt: skip
     "pixel": Preset(
         AutoencoderConfig(arch="pixel", kind="ae", patch_size=1, latent_channels=3, block_channels=(),
                           use_quant_conv=False, use_post_quant_conv=False, family="pixel"),
@@ -222,7 +245,7 @@ def describe_channels(n: int, noun: str) -> str:
 ALIASES = {
     "flux": "flux1", "flux.1": "flux1", "flux-1": "flux1", "sd15": "sd1", "sd1.5": "sd1", "sd14": "sd1", "sd1.4": "sd1",
     "sd2": "sd1", "sd21": "sd1", "sd2.1": "sd1", "sd35": "sd3", "sd3.5": "sd3", "lumina": "lumina2", "pixart-alpha": "pixart",
-    "flux.2": "flux2", "flux-2": "flux2",
+    "flux.2": "flux2", "flux-2": "flux2", "qwen": "qwenimage", "qwen-image": "qwenimage",
 }  # fmt: skip
 
 

@@ -462,8 +462,8 @@ def build_model(cfg: TrainConfig) -> Autoencoder:
     """The model to train: a checkpoint (--init), a JSON config, or a preset with --kind/--latent-channels.
 
     A model trained from scratch is nobody's published family, so its `family` is cleared and its
-    latent normalisation reset to identity (measure it with `vaekit analyze`); --init keeps the
-    checkpoint's, and a --config file is taken as written."""
+    latent normalisation reset to identity (measure it with `vaekit analyze`; a FLUX.2-layout model
+    fits its BatchNorm at the end); --init keeps the checkpoint's, and a --config file is taken as written."""
     if cfg.init:
         if cfg.kind or cfg.latent_channels or cfg.config:
             raise ValueError("--init takes the architecture from the checkpoint; leave out --kind, --latent-channels and --config")
@@ -472,6 +472,8 @@ def build_model(cfg: TrainConfig) -> Autoencoder:
         config = AutoencoderConfig.from_dict(cfg.config if isinstance(cfg.config, dict) else json.loads(Path(cfg.config).read_text()))
     else:
         config = preset(cfg.preset).replace(family="", scaling_factor=1.0, shift_factor=0.0)
+        if config.latent_norm == "channel":  # a published family's statistics describe its latents, not these
+            config = config.replace(latent_norm="affine", latents_mean=(), latents_std=())
     if cfg.kind:
         config = config.replace(kind=cfg.kind)
     if cfg.latent_channels:

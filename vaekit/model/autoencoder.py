@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import PATCH_BN_EPS, AutoencoderConfig, describe_channels
-from . import ldm, pixel
+from . import ldm, pixel, qwenimage
 
-# Each architecture is a module with Encoder(config) and Decoder(config); an encoder (decoder) with
-# `body` and `head` runs its full-resolution part in tiles on request (vaekit.model.tiling).
-ARCHITECTURES = {"ldm": ldm, "pixel": pixel}
+# Each architecture is a module with Encoder(config) and Decoder(config), and optionally
+# quant_convs(config) (the convs around the latent; default: LDM's 1x1 Conv2d). An encoder (decoder)
+# with `body` and `head` runs its full-resolution part in tiles on request (vaekit.model.tiling).
+ARCHITECTURES = {"ldm": ldm, "pixel": pixel, "qwenimage": qwenimage}
 
 
 class Posterior:
@@ -82,8 +83,9 @@ class Autoencoder(nn.Module):
         arch = ARCHITECTURES[config.arch]
         self.encoder = arch.Encoder(config)
         self.decoder = arch.Decoder(config)
-        self.quant_conv = nn.Conv2d(moments, moments, 1) if config.use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(c, c, 1) if config.use_post_quant_conv else None
+        quant, post = arch.quant_convs(config) if hasattr(arch, "quant_convs") else (nn.Conv2d(moments, moments, 1), nn.Conv2d(c, c, 1))
+        self.quant_conv = quant if config.use_quant_conv else None
+        self.post_quant_conv = post if config.use_post_quant_conv else None
         if config.latent_norm == "patch_bn":  # FLUX.2: its running statistics are the normalisation
             self.bn = nn.BatchNorm2d(4 * c, eps=PATCH_BN_EPS, momentum=0.1, affine=False, track_running_stats=True)
 

@@ -195,7 +195,7 @@ def _halo(stage: nn.Module) -> int:
     """Context a tile needs at the stage's input: one pixel per 3x3 conv (a conv after the 2x
     upsampling needs half a pixel, counted as one), rounded up to even so that a stride-2 conv
     sees the same grid as untiled. Each stage resamples at most once, at its end or its start."""
-    reach = sum(m.dilation[0] * (m.kernel_size[0] // 2) for m in stage.modules() if isinstance(m, nn.Conv2d))
+    reach = sum(m.dilation[-1] * (m.kernel_size[-1] // 2) for m in stage.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
     return reach + reach % 2
 
 

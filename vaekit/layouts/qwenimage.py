@@ -1,0 +1,138 @@
+"""Qwen-Image's VAE: diffusers' AutoencoderKLQwenImage names (the model's own) and the Wan 2.1 names
+of the single files ComfyUI users download (`qwen_image_vae.safetensors`; Wan's own `vae.py`, which
+ComfyUI's `comfy/ldm/wan/vae.py` keeps). The Wan layout is the one diffusers' single-file loader
+converts (`convert_wan_vae_to_diffusers`); a test converts vaekit's files with it."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+from torch import Tensor
+
+from ..config import AutoencoderConfig
+
+ARCH = "qwenimage"
+DIFFUSERS_CLASS = "AutoencoderKLQwenImage"
+FAMILY = "qwenimage"  # Wan 2.1's VAE has the same architecture and the same latent statistics
+
+# Inside one residual block: Wan's `residual` Sequential (norm, SiLU, conv, norm, SiLU, dropout, conv).
+_RESIDUAL = {"norm1.": "residual.0.", "conv1.": "residual.2.", "norm2.": "residual.3.", "conv2.": "residual.6.",
+             "conv_shortcut.": "shortcut."}  # fmt: skip
+_TOP = {"quant_conv.": "conv1.", "post_quant_conv.": "conv2.", "encoder.conv_in.": "encoder.conv1.",
+        "decoder.conv_in.": "decoder.conv1.", "encoder.norm_out.": "encoder.head.0.", "encoder.conv_out.": "encoder.head.2.",
+        "decoder.norm_out.": "decoder.head.0.", "decoder.conv_out.": "decoder.head.2."}  # fmt: skip
+
+
+def config_from_diffusers(d: dict[str, Any]) -> AutoencoderConfig:
+    mult = list(d.get("dim_mult", [1, 2, 4, 4]))
+    if d.get("attn_scales"):
+        raise ValueError(f"attn_scales={d['attn_scales']}: attention inside the encoder levels is not implemented")
+    if mult[0] != 1:
+        raise ValueError(f"dim_mult={mult}: vaekit's Qwen-Image layout needs dim_mult[0] == 1")
+    base = d.get("base_dim", 96)
+    return AutoencoderConfig(
+        arch=ARCH, in_channels=d.get("input_channels", 3), out_channels=d.get("input_channels", 3),
+        block_channels=tuple(base * m for m in mult), layers_per_block=d.get("num_res_blocks", 2),
+        latent_channels=d.get("z_dim", 16), temporal_downsample=tuple(d.get("temperal_downsample", [False, True, True])),
+        latent_norm="channel", latents_mean=tuple(d["latents_mean"]), latents_std=tuple(d["latents_std"]),
+    )  # fmt: skip
+
+
+def diffusers_config(c: AutoencoderConfig) -> dict[str, Any]:
+    base = c.block_channels[0]
+    return {
+        "_class_name": DIFFUSERS_CLASS, "_diffusers_version": "0.35.0", "attn_scales": [], "base_dim": base,
+        "dim_mult": [ch // base for ch in c.block_channels], "dropout": 0.0, "input_channels": c.in_channels,
+        "latents_mean": list(c.latents_mean), "latents_std": list(c.latents_std),
+        "num_res_blocks": c.layers_per_block, "temperal_downsample": list(c.temporal_downsample), "z_dim": c.latent_channels,
+    }  # fmt: skip
+
+
+def recognise(keys: Iterable[str]) -> str | None:
+    keys = list(keys)
+    if any(k.startswith("encoder.downsamples.") for k in keys) and any(k.startswith("decoder.upsamples.") for k in keys):
+        return "Wan 2.1 / Qwen-Image layout (ComfyUI)"
+    if any(re.match(r"encoder\.down_blocks\.\d+\.norm1\.gamma$", k) for k in keys):
+        return "diffusers AutoencoderKLQwenImage naming"
+    return None
+
+
+def _layers(keys: Iterable[str]) -> int:
+    """Residual blocks per decoder level (one more than the encoder's, as in LDM)."""
+    return len({m[1] for k in keys if (m := re.match(r"decoder\.up_blocks\.0\.resnets\.(\d+)\.", k))})
+
+
+def _wan_name(key: str, per_level: int) -> str:
+    """The Wan name of one native (diffusers) name; `per_level` = decoder resnets per level + 1 resample."""
+    for native, wan in _TOP.items():
+        if key.startswith(native):
+            return wan + key[len(native):]
+    key = re.sub(r"^encoder\.down_blocks\.", "encoder.downsamples.", key)
+    key = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.(\d)\.", lambda m: f"{m[1]}.middle.{2 * int(m[2])}.", key)
+    key = re.sub(r"^(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.middle.1.", key)
+    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"decoder.upsamples.{int(m[1]) * per_level + int(m[2])}.", key)
+    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.upsamples.{(int(m[1]) + 1) * per_level - 1}.", key)
+    m = re.match(r"^((?:encoder|decoder)\.(?:downsamples|upsamples|middle)\.\d+\.)(.*)$", key)
+    if m:
+        return m[1] + next((wan + m[2][len(native):] for native, wan in _RESIDUAL.items() if m[2].startswith(native)), m[2])
+    return key
+
+
+def to_single_file(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    per_level = _layers(tensors) + 1
+    return {_wan_name(k, per_level): t for k, t in tensors.items()}
+
+
+def to_native(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    if not any(k.startswith("encoder.downsamples.") for k in tensors):
+        return dict(tensors)  # diffusers names already
+    # The decoder's flat Wan list closes each level but the last with a resample, so a level holds
+    # (index of the first resample) + 1 entries.
+    per_level = 1 + min(int(m[1]) for k in tensors if (m := re.match(r"decoder\.upsamples\.(\d+)\.resample\.", k)))
+    return {_native_name(k, per_level): t for k, t in tensors.items()}
+
+
+def _native_name(key: str, per_level: int) -> str:
+    """A Wan name -> the native name: `_wan_name` inverted."""
+    for native, wan in _TOP.items():
+        if key.startswith(wan):
+            return native + key[len(wan):]
+    m = re.match(r"^(encoder\.downsamples|decoder\.upsamples|encoder\.middle|decoder\.middle)\.(\d+)\.(.*)$", key)
+    if not m:
+        return key
+    where, index, rest = m[1], int(m[2]), m[3]
+    rest = next((native + rest[len(wan):] for native, wan in _RESIDUAL.items() if rest.startswith(wan)), rest)
+    if where == "encoder.downsamples":
+        return f"encoder.down_blocks.{index}.{rest}"
+    if where.endswith("middle"):
+        return f"{where.split('.')[0]}.mid_block.{'attentions.0' if index == 1 else f'resnets.{index // 2}'}.{rest}"
+    level, within = divmod(index, per_level)
+    if within == per_level - 1:
+        return f"decoder.up_blocks.{level}.upsamplers.0.{rest}"
+    return f"decoder.up_blocks.{level}.resnets.{within}.{rest}"
+
+
+def config_from_tensors(t: dict[str, Tensor]) -> AutoencoderConfig:
+    """The architecture from native-named tensor shapes: a level is its residual blocks, closed by a
+    resample (with a time convolution where video downsamples time) except the last."""
+    blocks = sorted({int(m[1]) for k in t if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))})
+    dims: list[int] = []
+    temporal: list[bool] = []
+    counts: list[int] = []
+    count = 0
+    for i in blocks:
+        if f"encoder.down_blocks.{i}.resample.1.weight" in t:
+            temporal.append(f"encoder.down_blocks.{i}.time_conv.weight" in t)
+            dims.append(width)
+            counts.append(count)
+            count = 0
+        else:
+            width, count = t[f"encoder.down_blocks.{i}.conv1.weight"].shape[0], count + 1
+    dims.append(width)
+    latent = t["decoder.conv_in.weight"].shape[1]
+    return AutoencoderConfig(
+        arch=ARCH, in_channels=t["encoder.conv_in.weight"].shape[1], out_channels=t["decoder.conv_out.weight"].shape[0],
+        block_channels=tuple(dims), layers_per_block=counts[0] if counts else count, latent_channels=latent,
+        temporal_downsample=tuple(temporal), kind="vae" if t["encoder.conv_out.weight"].shape[0] == 2 * latent else "ae",
+    )  # fmt: skip
