@@ -123,7 +123,20 @@ class Level(nn.Module):
         return self._modules.get(self._resample_name)
 
 
-class Encoder(nn.Module):
+class Staged(nn.Module):
+    """An encoder or decoder whose full-resolution part is `body_stages()`: run in order by `body`, or one
+    at a time over tiles by `vaekit.model.tiling`. Shared by every architecture that tiles."""
+
+    def body_stages(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def body(self, x: Tensor) -> Tensor:
+        for stage in self.body_stages():
+            x = stage(x)
+        return x
+
+
+class Encoder(Staged):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         ch, g = cfg.block_channels, cfg.norm_groups
@@ -154,12 +167,6 @@ class Encoder(nn.Module):
                 stages.append(level.resample)
         return stages
 
-    def body(self, x: Tensor) -> Tensor:
-        """Full-resolution part: convolutions only, so it can run in tiles."""
-        for stage in self.body_stages():
-            x = stage(x)
-        return x
-
     def head(self, h: Tensor) -> Tensor:
         """Latent-resolution part, with global attention: always runs on the whole image."""
         h = self.mid(h)
@@ -175,7 +182,7 @@ class Encoder(nn.Module):
         return self.head(self.body(x))
 
 
-class Decoder(nn.Module):
+class Decoder(Staged):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         ch, g = cfg.block_channels, cfg.norm_groups
@@ -213,12 +220,6 @@ class Decoder(nn.Module):
         unpatch = [nn.PixelShuffle(self.patch_size)] if self.patch_size > 1 else []
         stages.append(nn.Sequential(self.norm_out, nn.SiLU(), self.conv_out, *unpatch))
         return stages
-
-    def body(self, h: Tensor) -> Tensor:
-        """Upsampling part: convolutions only, so it can run in tiles."""
-        for stage in self.body_stages():
-            h = stage(h)
-        return h
 
     def forward(self, z: Tensor) -> Tensor:
         return self.body(self.head(z))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AutoencoderConfig
+from .ldm import Staged
 
 
 class CausalConv3d(nn.Conv3d):
@@ -119,7 +120,7 @@ def _temporal(cfg: AutoencoderConfig) -> tuple[bool, ...]:
     return cfg.temporal_downsample or (False,) * (len(cfg.block_channels) - 1)
 
 
-class Encoder(nn.Module):
+class Encoder(Staged):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         dims = (cfg.block_channels[0], *cfg.block_channels)
@@ -139,11 +140,6 @@ class Encoder(nn.Module):
         """The full-resolution layers in order (all local: they tile exactly)."""
         return [self.conv_in, *self.down_blocks]
 
-    def body(self, x: Tensor) -> Tensor:
-        for stage in self.body_stages():
-            x = stage(x)
-        return x
-
     def head(self, h: Tensor) -> Tensor:
         """Latent resolution, with global attention: always the whole image."""
         return self.conv_out(F.silu(self.norm_out(self.mid_block(h))))
@@ -152,7 +148,7 @@ class Encoder(nn.Module):
         return self.head(self.body(x))
 
 
-class Decoder(nn.Module):
+class Decoder(Staged):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         ch = cfg.block_channels
@@ -178,11 +174,6 @@ class Decoder(nn.Module):
         for block in self.up_blocks:
             stages += [*block.resnets, *(block.upsamplers or [])]
         return [*stages, _Out(self.norm_out, self.conv_out)]
-
-    def body(self, h: Tensor) -> Tensor:
-        for stage in self.body_stages():
-            h = stage(h)
-        return h
 
     def forward(self, z: Tensor) -> Tensor:
         return self.body(self.head(z))
