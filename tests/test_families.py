@@ -311,3 +311,84 @@ def test_qwenimage_layout_trains(tmp_path: Path) -> None:
     assert result.metrics["final"]["psnr"] > result.metrics["initial"]["psnr"]
     model = vaekit.load(result.model)
     assert model.config.arch == "qwenimage" and model.config.temporal_downsample == (False, True)
+
+
+# ---- Hunyuan Image ---------------------------------------------------------------------------------
+
+
+def hunyuan_reference(widths=(32, 64, 64, 128), layers: int = 1, latent: int = 8, ratio: int = 8):
+    from diffusers import AutoencoderKLHunyuanImage
+
+    torch.manual_seed(0)
+    ref = AutoencoderKLHunyuanImage(in_channels=3, out_channels=3, latent_channels=latent, block_out_channels=widths,
+                                    layers_per_block=layers, spatial_compression_ratio=ratio, sample_size=64,
+                                    scaling_factor=0.75289)  # fmt: skip
+    return perturb(ref, 0.02).eval()
+
+
+@torch.no_grad()
+def hunyuan_differences(ours: Autoencoder, ref, size: tuple[int, int] = (32, 48)) -> dict[str, float]:
+    x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    q, p = ref.encode(x).latent_dist, ours.encode(x)
+    z = q.mean * ref.config.scaling_factor  # the pipeline's scaling (HunyuanImagePipeline)
+    return {
+        "mean": (p.mean - q.mean).abs().max().item(),
+        "logvar": (p.logvar - q.logvar).abs().max().item(),
+        "decode": (ours.decode(q.mean) - ref.decode(q.mean).sample).abs().max().item(),
+        "to_latent": (ours.to_latent(x) - z).abs().max().item(),
+        "from_latent": (ours.from_latent(z) - ref.decode(z / ref.config.scaling_factor).sample).abs().max().item(),
+    }
+
+
+@pytest.mark.parametrize("route", ["diffusers folder -> vaekit", "vaekit folder -> diffusers", "fewer resamplings than levels"])
+def test_hunyuanimage_matches_diffusers(route: str, tmp_path: Path) -> None:
+    from diffusers import AutoencoderKLHunyuanImage
+
+    ref = hunyuan_reference(widths=(64, 64, 128, 128, 128), ratio=8) if route.startswith("fewer") else hunyuan_reference()
+    ref.save_pretrained(tmp_path / "d")
+    ours = vaekit.load(tmp_path / "d")
+    assert ours.config.arch == "hunyuanimage" and ours.factor == 8 and ours.config.scaling_factor == 0.75289
+    if route == "vaekit folder -> diffusers":
+        save(ours, tmp_path / "v", format="diffusers")
+        ref = AutoencoderKLHunyuanImage.from_pretrained(tmp_path / "v").eval()
+    diffs = hunyuan_differences(ours, ref)
+    assert max(diffs.values()) <= TOLERANCE, diffs
+
+
+def test_hunyuanimage_full_width_matches_diffusers() -> None:
+    # The 2.1 release's widths (one block per level instead of two, to keep the test light), module for module.
+    ref = hunyuan_reference(widths=(128, 256, 512, 512, 1024, 1024), layers=1, latent=64, ratio=32)
+    ours = Autoencoder(preset("hunyuanimage").replace(layers_per_block=1)).eval()
+    ours.load_state_dict(ref.state_dict())
+    assert ours.factor == 32
+    assert max(hunyuan_differences(ours, ref, size=(64, 96)).values()) <= TOLERANCE
+
+
+def test_hunyuanimage_tencent_file_round_trips_and_tiles(tmp_path: Path) -> None:
+    ref = hunyuan_reference(layers=2, latent=64)  # 64 channels: the released family, whose scale a bare file assumes
+    ref.save_pretrained(tmp_path / "d")
+    ours = vaekit.load(tmp_path / "d")
+    save(ours, tmp_path / "vae.safetensors", format="single-file")
+    names = set(load_file(tmp_path / "vae.safetensors"))
+    # Tencent's hyimage/models/vae/hunyuanimage_vae.py names (its decoder's up.0 is the latent-side level).
+    assert {"encoder.down.0.block.1.conv2.weight", "encoder.down.0.downsample.conv.weight", "encoder.mid.attn_1.proj_out.weight",
+            "decoder.up.0.block.2.norm1.weight", "decoder.up.0.upsample.conv.weight", "decoder.mid.block_2.conv1.bias"} <= names
+    # Tencent ships it inside a state dict under "vae." (pytorch_model.ckpt); ComfyUI's file has the bare names.
+    torch.save({"state_dict": {f"vae.{k}": v for k, v in load_file(tmp_path / "vae.safetensors").items()}}, tmp_path / "pytorch_model.ckpt")
+    for path in (tmp_path / "vae.safetensors", tmp_path / "pytorch_model.ckpt"):
+        back = vaekit.load(path)
+        assert back.config.arch == "hunyuanimage" and back.dtype == torch.float32
+        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), back.state_dict().values()))
+    ck = read_checkpoint(tmp_path / "pytorch_model.ckpt")
+    assert "Tencent Hunyuan Image layout" in ck.format and ck.config.scaling_factor == 0.75289  # the family's, said
+    assert ck.normalisation_source.startswith("hunyuanimage, from its key layout")
+    # The authors run it in fp32: loading an fp16 copy computes in fp32 unless told otherwise.
+    save(ours, tmp_path / "half.safetensors", format="single-file", dtype=torch.float16)
+    assert vaekit.load(tmp_path / "half.safetensors").dtype == torch.float32
+    assert vaekit.load(tmp_path / "half.safetensors", dtype=torch.float16).dtype == torch.float16
+    # Tiled encode and decode give the untiled result (diffusers' tiled encode of this model is reported broken).
+    x = torch.rand(1, 3, 96, 64, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    with torch.no_grad():
+        z = ours.to_latent(x)
+        assert (ours.to_latent(x, tile=32) - z).abs().max() < 1e-4
+        assert (ours.from_latent(z, tile=32) - ours.from_latent(z)).abs().max() < 1e-4

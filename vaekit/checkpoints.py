@@ -97,14 +97,16 @@ def load(
 ) -> Autoencoder:
     """Any supported checkpoint (see `read_checkpoint`) -> an `Autoencoder` in eval mode.
 
-    Weights keep their stored dtype unless `dtype` is given."""
+    Weights keep their stored dtype unless `dtype` is given (mixed storage and Hunyuan Image: fp32)."""
     ck = read_checkpoint(source, family=family, seed=seed)
     with torch.device("meta"):  # no random init: the checkpoint's tensors become the parameters
         model = Autoencoder(ck.config)
     stored = {t.dtype for t in ck.state_dict.values() if t.is_floating_point()}
     model.load_state_dict(ck.state_dict, strict=True, assign=True)
-    if dtype is None and len(stored) > 1:
-        dtype = torch.float32  # mixed storage (e.g. fp16 convs, fp32 norms): compute in one dtype
+    if dtype is None and (len(stored) > 1 or ck.config.arch == "hunyuanimage"):
+        # Mixed storage (e.g. fp16 convs, fp32 norms): compute in one dtype. Hunyuan Image: its authors
+        # run the VAE in fp32 (hyimage's load_vae keeps the fp32 it builds), whatever the file stores.
+        dtype = torch.float32
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -495,6 +497,8 @@ def _settle(found: _Found, family: str | None) -> Checkpoint:
     elif found.layout is not None:
         config = found.layout.config_from_tensors(found.tensors)
         notes.append(f"config inferred from tensor shapes ({found.layout.ARCH} layout)")
+        if preset(found.layout.FAMILY).latent_channels != config.latent_channels:
+            found.hint = None  # the layout's family, but not its published model: nothing states the normalisation
     else:
         config = _infer_config(found.tensors, notes)
     config, source = _normalisation(config, found, family)

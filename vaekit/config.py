@@ -40,8 +40,12 @@ class AutoencoderConfig:
     latents_std: tuple[float, ...] = ()
     # Architecture: "ldm" is the SD/SDXL/SD3/FLUX.1/FLUX.2 encoder-decoder (vaekit.model.ldm); "pixel"
     # no network at all, pixels folded into channels by patch_size (vaekit.model.pixel); "qwenimage"
-    # Qwen-Image's (Wan 2.1's) causal video VAE run on one frame (vaekit.model.qwenimage).
-    arch: Literal["ldm", "pixel", "qwenimage"] = "ldm"
+    # Qwen-Image's (Wan 2.1's) causal video VAE run on one frame (vaekit.model.qwenimage); "hunyuanimage"
+    # Hunyuan Image 2.1's DC-AE-style VAE (vaekit.model.hunyuanimage).
+    arch: Literal["ldm", "pixel", "qwenimage", "hunyuanimage"] = "ldm"
+    # How many of the first levels halve the resolution; None: every level but the last (Hunyuan Image's
+    # releases differ only in this: 5 of 6 levels for 32x, 4 for 16x).
+    downsample_levels: int | None = None
     # Video VAEs: which downsamplings also halve time. One frame never runs those layers, but their
     # weights exist, so the architecture needs to know where they are.
     temporal_downsample: tuple[bool, ...] = ()
@@ -76,13 +80,15 @@ class AutoencoderConfig:
             return
         if not self.block_channels:
             raise ValueError("block_channels needs at least one level")
-        bad = [c for c in self.block_channels if c % self.norm_groups] if self.arch == "ldm" else []  # GroupNorm
+        bad = [c for c in self.block_channels if c % self.norm_groups] if self.arch in ("ldm", "hunyuanimage") else []
         if bad:
             raise ValueError(f"norm_groups={self.norm_groups} must divide every block channel count; {bad} do not")
         if self.arch != "ldm" and self.shortcuts:
             raise ValueError("shortcuts are an option of the ldm architecture")
         if self.patch_size not in (1, 2) or (self.patch_size != 1 and self.arch != "ldm"):
             raise ValueError(f"patch_size must be 1 (or 2 for the ldm architecture), got {self.patch_size}")
+        if self.downsample_levels is not None and not 0 <= self.downsample_levels < len(self.block_channels):
+            raise ValueError(f"downsample_levels must be in 0..{len(self.block_channels) - 1}, got {self.downsample_levels}")
         if self.temporal_downsample and len(self.temporal_downsample) != len(self.block_channels) - 1:
             raise ValueError(f"temporal_downsample needs one flag per downsampling ({len(self.block_channels) - 1})")
         if self.shortcuts:
@@ -98,7 +104,8 @@ class AutoencoderConfig:
         """Spatial downsampling factor: image side / latent side (of `encode`'s latents)."""
         if self.arch == "pixel":
             return self.patch_size
-        return self.patch_size * 2 ** (len(self.block_channels) - 1)
+        levels = self.downsample_levels if self.downsample_levels is not None else len(self.block_channels) - 1
+        return self.patch_size * 2**levels
 
     @property
     def normalised_shape(self) -> tuple[int, int]:
@@ -150,7 +157,7 @@ def check_fields(cls: type, d: dict[str, Any], what: str) -> None:
         raise ValueError(f"unknown {what} {unknown}; known: {sorted(names)}")
 
 
-ARCHS = ("ldm", "pixel", "qwenimage")
+ARCHS = ("ldm", "pixel", "qwenimage", "hunyuanimage")
 PATCH_BN_EPS = 1e-4  # FLUX.2's BatchNorm eps (BFL's AutoEncoder.bn_eps, diffusers' batch_norm_eps)
 
 
@@ -196,6 +203,12 @@ PRESETS: dict[str, Preset] = {
             family="qwenimage",
         ),
         "Qwen-Image VAE (Wan 2.1's causal video VAE on one frame; per-channel mean/std)",
+    ),  # fmt: skip
+    "hunyuanimage": Preset(
+        AutoencoderConfig(arch="hunyuanimage", block_channels=(128, 256, 512, 512, 1024, 1024), layers_per_block=2,
+                          latent_channels=64, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.75289,
+                          family="hunyuanimage"),
+        "Hunyuan Image 2.1 VAE (64 channels at 32x; DC-AE-style; its authors run it in fp32)",
     ),  # fmt: skip
     "pixel": Preset(
         AutoencoderConfig(arch="pixel", kind="ae", patch_size=1, latent_channels=3, block_channels=(),
@@ -246,6 +259,7 @@ ALIASES = {
     "flux": "flux1", "flux.1": "flux1", "flux-1": "flux1", "sd15": "sd1", "sd1.5": "sd1", "sd14": "sd1", "sd1.4": "sd1",
     "sd2": "sd1", "sd21": "sd1", "sd2.1": "sd1", "sd35": "sd3", "sd3.5": "sd3", "lumina": "lumina2", "pixart-alpha": "pixart",
     "flux.2": "flux2", "flux-2": "flux2", "qwen": "qwenimage", "qwen-image": "qwenimage",
+    "hunyuan": "hunyuanimage", "hunyuan-image": "hunyuanimage", "hunyuanimage2.1": "hunyuanimage",
 }  # fmt: skip
 
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import qwenimage
+from . import hunyuanimage, qwenimage
 
-LAYOUTS: dict[str, ModuleType] = {m.ARCH: m for m in (qwenimage,)}
+LAYOUTS: dict[str, ModuleType] = {m.ARCH: m for m in (qwenimage, hunyuanimage)}
 
 
 def by_diffusers_class(name: str) -> ModuleType | None:

@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import PATCH_BN_EPS, AutoencoderConfig, describe_channels
-from . import ldm, pixel, qwenimage
+from . import hunyuanimage, ldm, pixel, qwenimage
 
 # Each architecture is a module with Encoder(config) and Decoder(config), and optionally
 # quant_convs(config) (the convs around the latent; default: LDM's 1x1 Conv2d). An encoder (decoder)
 # with `body` and `head` runs its full-resolution part in tiles on request (vaekit.model.tiling).
-ARCHITECTURES = {"ldm": ldm, "pixel": pixel, "qwenimage": qwenimage}
+ARCHITECTURES = {"ldm": ldm, "pixel": pixel, "qwenimage": qwenimage, "hunyuanimage": hunyuanimage}
 
 
 class Posterior:
