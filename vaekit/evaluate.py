@@ -213,7 +213,8 @@ def format_table(result: dict[str, Any]) -> str:
     for name, value in result["mean"].items():
         values = [r[name] for r in result["per_image"] if name in r]
         if values:
-            rows.append((name, _fmt(value), _fmt(float(np.std(values))), _fmt(min(values)), _fmt(max(values))))
+            spread = _fmt(float(np.std(values))) if all(math.isfinite(v) for v in values) else "-"  # inf PSNR: no spread
+            rows.append((name, _fmt(value), spread, _fmt(min(values)), _fmt(max(values))))
         else:  # set-level (rfid)
             rows.append((name, _fmt(value), "-", "-", "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
