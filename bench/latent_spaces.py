@@ -1,0 +1,175 @@
+"""What latent channels buy (docs/LATENT_SPACES.md): the same autoencoder trained with 4, 8, 16 and 32
+latent channels at 8x and 64 at 16x, the same recipe and steps, then measured on the held-out photos,
+on rendered text, and in latent space.
+
+    python bench/latent_spaces.py                     # ~45 min on a 2-core CPU; writes runs/latent_spaces/
+    python bench/latent_spaces.py --steps 300 --doc-images docs/img   # shorter; pictures for the doc
+
+Models: `tiny-fast-f8c4` (the quickstart's architecture: DC-AE shortcuts, 2x2 patch stem, widths 32, 64,
+128) with `latent_channels` = 4, 8, 16, 32; for 16x one more level of width 128 and 64 channels (the
+same 1/4 latent number per image pixel as 16 channels at 8x). Recipe: `vaekit.train.QUICKSTART` with a
+fixed step count (same batches for all), its KL weight (LDM's 0.012288).
+Measures: PSNR/SSIM of the posterior-mode reconstructions of (a) the three held-out photos, shorter side
+256, centre crop (whole scenes scaled down), (b) 256x256 centre crops of the same photos at their native
+resolution (the fine detail real use brings), and (c) four 256x256 pages of text drawn with PIL's built-in font at 8-28 px, black on
+white and coloured; then `vaekit compare` on the photos for the latent-space measures. LPIPS is left out
+(its weights need a download). Outputs: OUT/table.json, OUT/table.md, OUT/channels.png, OUT/report/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import vaekit
+from vaekit import preset
+from vaekit.cli import main as cli
+from vaekit.data import center_crop, sample_images, to_tensor, to_uint8
+from vaekit.metrics import psnr, ssim
+from vaekit.train import QUICKSTART, train
+
+ARMS = {"f8c4": (8, 4), "f8c8": (8, 8), "f8c16": (8, 16), "f8c32": (8, 32), "f16c64": (16, 64)}
+SD3_TABLE = {4: 25.12, 8: 26.40, 16: 28.62}  # the SD3 paper's VAE ablation, PSNR at 8x (their models and data)
+TEXT = ("The quick brown fox jumps over the lazy dog. 0123456789",
+        "Latent diffusion compresses pixels; text is the first thing to go.",
+        "VAEKIT: PSNR SSIM LPIPS rFID - channels 4 8 16 32 64")  # fmt: skip
+
+
+def text_pages(size: int = 256) -> list[tuple[str, np.ndarray]]:
+    """Pages of text at several point sizes: black on white, white on blue, red on yellow, mixed sizes."""
+    pages = []
+    for name, ink, paper, sizes in (("black-on-white", "black", "white", (8, 10, 12, 14)),
+                                    ("white-on-blue", "white", (20, 40, 160), (12, 16, 20)),
+                                    ("red-on-yellow", (200, 20, 20), (250, 230, 60), (10, 14, 18)),
+                                    ("large", "black", "white", (20, 28))):  # fmt: skip
+        page = Image.new("RGB", (size, size), paper)
+        draw, y = ImageDraw.Draw(page), 4
+        while y < size - 8:
+            for points in sizes:
+                for line in TEXT:
+                    draw.text((4, y), line, fill=ink, font=ImageFont.load_default(size=points))
+                    y += points + 3
+        pages.append((name, np.asarray(page)))
+    return pages
+
+
+def native_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """The centre size x size pixels at the photo's own resolution: no resize smooths the detail away."""
+    y, x = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
+    return np.ascontiguousarray(image[y : y + size, x : x + size])
+
+
+def config(factor: int, channels: int) -> dict:
+    """The quickstart's architecture with `channels` latent channels; 16x adds a level of the last width."""
+    base = preset(QUICKSTART.preset).replace(family="", latent_channels=channels)
+    if factor == 16:
+        base = base.replace(block_channels=(*base.block_channels, base.block_channels[-1]))
+    return base.to_dict()
+
+
+@torch.no_grad()
+def scores(model_dir: Path, images: list[tuple[str, np.ndarray]]) -> dict:
+    model = vaekit.load(model_dir, dtype=torch.float32)
+    originals = np.stack([im for _, im in images])
+    recons = np.concatenate([to_uint8(model(to_tensor(im), pad=True)[0]) for _, im in images])
+    p, s = psnr(recons, originals), ssim(recons, originals)
+    return {"psnr": float(p.mean()), "ssim": float(s.mean()), "per_image": {n: round(float(v), 2) for (n, _), v in zip(images, p)},
+            "recons": recons}  # fmt: skip
+
+
+def plot(rows: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    eight = [k for k in rows if rows[k]["factor"] == 8]
+    x = [rows[k]["channels"] for k in eight]
+    sixteen = [k for k in rows if rows[k]["factor"] == 16]
+    for ax, keys in zip(axes, ((("photos", "held-out photos, scaled"), ("crops", "same photos, native-resolution crops")), (("text", "rendered text"),))):
+        for (key, label), colour in zip(keys, ("C0", "C1")):
+            ax.plot(x, [rows[k][key]["psnr"] for k in eight], "o-", color=colour, label=f"{label}: 8x")
+            ax.plot([16 for _ in sixteen], [rows[k][key]["psnr"] for k in sixteen], "s", color=colour, label=f"{label}: 16x, 64 ch")
+        if keys[0][0] == "photos":
+            ax.plot(list(SD3_TABLE), list(SD3_TABLE.values()), "^--", color="grey", label="SD3 paper (their VAE and data)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([4, 8, 16, 32], ["4", "8", "16", "32"])
+        ax.set_xlabel("latent channels at 8x (square: 16x, 64 ch)")
+        ax.set_ylabel("PSNR (dB)")
+        ax.set_title(" / ".join(label for _, label in keys) if len(keys) == 1 else "photos")
+        ax.legend(fontsize=7)
+    ax = axes[2]
+    for measure, label in (("latent_std", "latent std"), ("kl_mean", "KL / element (nats)"), ("latent_high_frequency", "latent high-freq. share")):
+        ax.plot(x, [rows[k]["latent"][measure] for k in eight], "o-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([4, 8, 16, 32], ["4", "8", "16", "32"])
+    ax.set_xlabel("latent channels at 8x")
+    ax.set_title("latent space (held-out photos)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/latent_spaces", help="folder for the runs, the report, table and plot")
+    p.add_argument("--steps", type=int, default=1200, help="training steps per model (default 1200)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--doc-images", metavar="DIR", help="also copy the plot and a text crop comparison there")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    photos = [(n, center_crop(im, 256)) for n, im in sample_images("val")]
+    crops = [(n, native_crop(im, 256)) for n, im in sample_images("val")]
+    pages = text_pages()
+    rows: dict = {}
+    for name, (factor, channels) in ARMS.items():
+        run = out / name
+        if not (run / "model").is_dir():
+            train(dataclasses.replace(QUICKSTART, out=str(run), config=config(factor, channels), steps=args.steps, seconds=None))
+        params = vaekit.load(run / "model").num_parameters()
+        photo, crop, text = (scores(run / "model", images) for images in (photos, crops, pages))
+        rows[name] = {"factor": factor, "channels": channels, "parameters": params, "photos": photo, "crops": crop, "text": text}
+        print(f"{name}: photos {photo['psnr']:.2f} dB / {photo['ssim']:.3f}, native crops {crop['psnr']:.2f} dB / {crop['ssim']:.3f}, "
+              f"text {text['psnr']:.2f} dB / {text['ssim']:.3f}")
+    code = cli(["compare", *[str(out / n / "model") for n in ARMS], "samples:val", "--report", str(out / "report"),
+                   "--resolution", "256", "--lpips", "off", "--samples", "8", "--pairs", "2"])  # fmt: skip
+    if code:
+        raise SystemExit(code)
+    numbers = json.loads((out / "report" / "report.json").read_text())["models"]
+    for name in ARMS:
+        lat = numbers[str(out / name / "model")]["latents"]
+        rows[name]["latent"] = {"latent_std": lat["normalised_std"], "kl_mean": lat["kl_mean"], "posterior_noise": lat["posterior_noise"],
+                                "latent_high_frequency": lat["high_frequency_fraction"]}  # fmt: skip
+    plot(rows, out / "channels.png")
+    table = ["| model | params | photos PSNR / SSIM | native crops PSNR / SSIM | text PSNR / SSIM | latent std | KL / element | posterior noise | latent high-freq. |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in rows.items():
+        lat = r["latent"]
+        table.append(f"| {r['factor']}x, {r['channels']} ch | {r['parameters'] / 1e6:.2f}M | {r['photos']['psnr']:.2f} / {r['photos']['ssim']:.3f} | "
+                     f"{r['crops']['psnr']:.2f} / {r['crops']['ssim']:.3f} | {r['text']['psnr']:.2f} / {r['text']['ssim']:.3f} | {lat['latent_std']:.2f} | {lat['kl_mean']:.2f} | "
+                     f"{lat['posterior_noise']:.4f} | {lat['latent_high_frequency']:.3f} |")  # fmt: skip
+    (out / "table.md").write_text("\n".join(table) + "\n")
+    for r in rows.values():
+        for part in ("photos", "crops", "text"):
+            r[part].pop("recons")
+    (out / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print("\n".join(table))
+    if args.doc_images:
+        doc = Path(args.doc_images)
+        doc.mkdir(parents=True, exist_ok=True)
+        Image.open(out / "channels.png").save(doc / "latent_spaces_channels.png", optimize=True)
+        crops = [pages[0][1][:96, :160]] + [scores(out / n / "model", pages[:1])["recons"][0][:96, :160] for n in ARMS]
+        strip = np.concatenate([np.pad(c, ((0, 0), (0, 4), (0, 0)), constant_values=255) for c in crops], axis=1)
+        Image.fromarray(strip).resize((strip.shape[1] * 2, strip.shape[0] * 2), Image.NEAREST).save(doc / "latent_spaces_text.png", optimize=True)
+
+
+if __name__ == "__main__":
+    main()
