@@ -395,3 +395,49 @@ def test_hunyuanimage_tencent_file_round_trips_and_tiles(tmp_path: Path) -> None
         z = ours.to_latent(x)
         assert (ours.to_latent(x, tile=32) - z).abs().max() < 1e-4
         assert (ours.from_latent(z, tile=32) - ours.from_latent(z)).abs().max() < 1e-4
+
+
+# ---- every command for every family ----------------------------------------------------------------
+
+
+def test_every_command_works_for_every_family(tmp_path: Path, capsys) -> None:
+    """inspect, convert, reconstruct, eval, analyze and compare on a small random model of each family (saved
+    as the single file its users have) and on pixel space, with values checked, not only exit codes."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data as skdata
+
+    (tmp_path / "photos").mkdir()
+    for name in ("astronaut", "coffee"):
+        Image.fromarray(getattr(skdata, name)()[:320:5, :320:5]).save(tmp_path / "photos" / f"{name}.png")  # 64x64
+    small = {"flux2": preset("flux2").replace(block_channels=(16, 32, 32, 32), layers_per_block=1, norm_groups=8),
+             "qwenimage": preset("qwenimage").replace(block_channels=(8, 16, 16, 16), layers_per_block=1),
+             "hunyuanimage": preset("hunyuanimage").replace(block_channels=(32, 64, 64, 64), latent_channels=16, layers_per_block=1)}  # fmt: skip
+    models = []
+    for family, config in small.items():
+        torch.manual_seed(0)
+        path = tmp_path / f"{family}.safetensors"
+        save(Autoencoder(config).eval(), path, format="single-file")
+        models.append(str(path))
+        assert main(["inspect", str(path)]) == 0
+        assert f"family         {family}" in capsys.readouterr().out
+        assert main(["convert", str(path), str(tmp_path / f"{family}-diffusers")]) == 0
+        again = vaekit.load(tmp_path / f"{family}-diffusers")
+        assert again.config.arch == config.arch and again.factor == 8
+        assert main(["reconstruct", str(path), str(tmp_path / "photos"), str(tmp_path / f"{family}-recon")]) == 0
+        recon = np.asarray(Image.open(tmp_path / f"{family}-recon" / "coffee.png"))
+        assert recon.shape == (64, 64, 3) and recon.std() > 0
+        assert main(["eval", str(path), str(tmp_path / "photos"), "--json", str(tmp_path / f"{family}.json")]) == 0
+        result = json.loads((tmp_path / f"{family}.json").read_text())
+        assert result["n"] == 2 and 0 < result["mean"]["psnr"] < 40
+        assert main(["analyze", str(path), str(tmp_path / "photos"), "--report", str(tmp_path / f"{family}-analysis"),
+                     "--resolution", "64", "--lpips", "off", "--samples", "2", "--steps", "3", "--pairs", "1"]) == 0  # fmt: skip
+        numbers = json.loads((tmp_path / f"{family}-analysis" / "report.json").read_text())
+        channels = {"flux2": 128, "qwenimage": 16, "hunyuanimage": 16}[family]  # what each family's diffusion model sees
+        assert len(numbers["latents"]["channels"]) == channels and numbers["latents"]["kl_mean"] > 0
+    capsys.readouterr()
+    assert main(["compare", *models, "preset:pixel-p2", str(tmp_path / "photos"), "--report", str(tmp_path / "cmp"),
+                 "--resolution", "64", "--lpips", "off", "--samples", "2", "--steps", "3", "--pairs", "1"]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "cmp" / "report.json").read_text())
+    assert set(report["models"]) == {*models, "preset:pixel-p2"}
+    assert report["models"]["preset:pixel-p2"]["reconstruction"]["psnr"] is None  # lossless
