@@ -441,3 +441,54 @@ def test_every_command_works_for_every_family(tmp_path: Path, capsys) -> None:
     report = json.loads((tmp_path / "cmp" / "report.json").read_text())
     assert set(report["models"]) == {*models, "preset:pixel-p2"}
     assert report["models"]["preset:pixel-p2"]["reconstruction"]["psnr"] is None  # lossless
+
+
+# ---- the table in docs/CHECKPOINTS.md: python tests/test_families.py --------------------------------
+
+
+def parity_table() -> None:
+    """Print the per-route differences these tests bound (docs/CHECKPOINTS.md), 1 thread, fp32."""
+    import tempfile
+
+    from diffusers import AutoencoderKLHunyuanImage, AutoencoderKLQwenImage
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    torch.set_num_threads(1)
+    families = {  # name: (reference builder, differences, diffusers class, single-file name)
+        "FLUX.2": (flux2_reference, flux2_differences, AutoencoderKLFlux2, "BFL"),
+        "Qwen-Image": (qwen_reference, qwen_differences, AutoencoderKLQwenImage, "Wan"),
+        "Hunyuan Image": (hunyuan_reference, hunyuan_differences, AutoencoderKLHunyuanImage, "Tencent"),
+    }
+    full = {"FLUX.2": lambda: flux2_reference(widths=(128, 256, 512, 512), layers=2, groups=32),
+            "Qwen-Image": lambda: qwen_reference(base=96)}  # fmt: skip
+    print("| family | route | mean | logvar | decode | to_latent | from_latent |\n|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for family, (build, differences, cls, layout) in families.items():
+            t = Path(tmp) / family
+            ref = build()
+            ref.save_pretrained(t / "d")
+            ours = vaekit.load(t / "d")
+            save(ours, t / "v", format="diffusers")
+            save(ours, t / "file.safetensors", format="single-file")
+            routes = {"diffusers folder -> vaekit": (ours, ref), "vaekit folder -> diffusers": (ours, cls.from_pretrained(t / "v").eval()),
+                      f"vaekit {layout}-layout file -> vaekit": (vaekit.load(t / "file.safetensors"), ref)}  # fmt: skip
+            if family == "Qwen-Image":
+                converted = AutoencoderKLQwenImage(base_dim=16, z_dim=16, latents_mean=QWEN_MEAN, latents_std=QWEN_STD).eval()
+                converted.load_state_dict(convert_wan_vae_to_diffusers(load_file(t / "file.safetensors")))
+                routes["vaekit Wan-layout file -> diffusers' convert_wan_vae_to_diffusers"] = (ours, converted)
+            if family in full:
+                ref = full[family]()
+                ref.save_pretrained(t / "full")
+                routes["release width, diffusers folder -> vaekit"] = (vaekit.load(t / "full"), ref)
+            if family == "Hunyuan Image":
+                ref = hunyuan_reference(widths=(128, 256, 512, 512, 1024, 1024), layers=1, latent=64, ratio=32)
+                full_width = Autoencoder(preset("hunyuanimage").replace(layers_per_block=1)).eval()
+                full_width.load_state_dict(ref.state_dict())
+                routes["release widths (1 block per level), diffusers weights -> vaekit"] = (full_width, ref)
+            for route, (a, b) in routes.items():
+                d = differences(a, b, size=(64, 96) if a.factor == 32 else (32, 32) if "release" in route else (32, 48))
+                print(f"| {family} | {route} | " + " | ".join(f"{d[k]:.1e}" for k in ("mean", "logvar", "decode", "to_latent", "from_latent")) + " |")
+
+
+if __name__ == "__main__":
+    parity_table()
