@@ -13,7 +13,8 @@ Measures: PSNR/SSIM of the posterior-mode reconstructions of (a) the three held-
 256, centre crop (whole scenes scaled down), (b) 256x256 centre crops of the same photos at their native
 resolution (the fine detail real use brings), and (c) four 256x256 pages of text drawn with PIL's built-in font at 8-28 px, black on
 white and coloured; then `vaekit compare` on the photos for the latent-space measures. LPIPS is left out
-(its weights need a download). Outputs: OUT/table.json, OUT/table.md, OUT/channels.png, OUT/report/.
+(its weights need a download). Baselines: the bicubic thumbnail at 8x, 4x and 2x (3, 12 and 48 numbers per
+8x8 patch, plotted at those channel counts). Outputs: OUT/table.json, OUT/table.md, OUT/channels.png, OUT/report/.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ import vaekit
 from vaekit import preset
 from vaekit.cli import main as cli
 from vaekit.data import center_crop, sample_images, to_tensor, to_uint8
-from vaekit.metrics import psnr, ssim
+from vaekit.metrics import bicubic_thumbnail, psnr, ssim
 from vaekit.train import QUICKSTART, train
 
 ARMS = {"f8c4": (8, 4), "f8c8": (8, 8), "f8c16": (8, 16), "f8c32": (8, 32), "f16c64": (16, 64)}
+THUMBNAILS = {8: 3, 4: 12, 2: 48}  # bicubic thumbnail factor: numbers kept per 8x8 patch, the channels it compares with
 SD3_TABLE = {4: 25.12, 8: 26.40, 16: 28.62}  # the SD3 paper's VAE ablation, PSNR at 8x (their models and data)
 TEXT = ("The quick brown fox jumps over the lazy dog. 0123456789",
         "Latent diffusion compresses pixels; text is the first thing to go.",
@@ -83,28 +85,37 @@ def scores(model_dir: Path, images: list[tuple[str, np.ndarray]]) -> dict:
             "recons": recons}  # fmt: skip
 
 
-def plot(rows: dict, path: Path) -> None:
+def thumbnail_scores(images: list[tuple[str, np.ndarray]], factor: int) -> dict:
+    originals = np.stack([im for _, im in images])
+    recons = np.stack([bicubic_thumbnail(im, factor) for im in originals])
+    return {"psnr": float(psnr(recons, originals).mean()), "ssim": float(ssim(recons, originals).mean())}
+
+
+def plot(rows: dict, thumbnails: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.6))
     eight = [k for k in rows if rows[k]["factor"] == 8]
     x = [rows[k]["channels"] for k in eight]
     sixteen = [k for k in rows if rows[k]["factor"] == 16]
-    for ax, keys in zip(axes, ((("photos", "held-out photos, scaled"), ("crops", "same photos, native-resolution crops")), (("text", "rendered text"),))):
+    for ax, keys in zip(axes, ((("photos", "scaled"), ("crops", "native crops")), (("text", "text"),))):
         for (key, label), colour in zip(keys, ("C0", "C1")):
-            ax.plot(x, [rows[k][key]["psnr"] for k in eight], "o-", color=colour, label=f"{label}: 8x")
-            ax.plot([16 for _ in sixteen], [rows[k][key]["psnr"] for k in sixteen], "s", color=colour, label=f"{label}: 16x, 64 ch")
+            ax.plot(x, [rows[k][key]["psnr"] for k in eight], "o-", color=colour, label=f"{label}: VAE, 8x")
+            ax.plot([16 for _ in sixteen], [rows[k][key]["psnr"] for k in sixteen], "s", color=colour, label=f"{label}: VAE, 16x 64 ch")
+        for (key, label), colour in zip(keys, ("C0", "C1")):
+            ax.plot(list(THUMBNAILS.values()), [thumbnails[f][key]["psnr"] for f in THUMBNAILS], ":", color=colour, alpha=0.7,
+                    label=f"{label}: bicubic thumbnail")  # fmt: skip
         if keys[0][0] == "photos":
-            ax.plot(list(SD3_TABLE), list(SD3_TABLE.values()), "^--", color="grey", label="SD3 paper (their VAE and data)")
+            ax.plot(list(SD3_TABLE), list(SD3_TABLE.values()), "^--", color="grey", label="SD3 paper (their VAEs, data)")
         ax.set_xscale("log", base=2)
-        ax.set_xticks([4, 8, 16, 32], ["4", "8", "16", "32"])
-        ax.set_xlabel("latent channels at 8x (square: 16x, 64 ch)")
+        ax.set_xticks([3, 4, 8, 12, 16, 32, 48], ["3", "4", "8", "12", "16", "32", "48"])
+        ax.set_xlabel("numbers per 8x8 patch (= channels at 8x)")
         ax.set_ylabel("PSNR (dB)")
-        ax.set_title(" / ".join(label for _, label in keys) if len(keys) == 1 else "photos")
-        ax.legend(fontsize=7)
+        ax.set_title("held-out photos: scaled, native crops" if len(keys) == 2 else "rendered text")
+        ax.legend(fontsize=6.5, loc="lower right")
     ax = axes[2]
     for measure, label in (("latent_std", "latent std"), ("kl_mean", "KL / element (nats)"), ("latent_high_frequency", "latent high-freq. share")):
         ax.plot(x, [rows[k]["latent"][measure] for k in eight], "o-", label=label)
@@ -148,7 +159,9 @@ def main() -> None:
         lat = numbers[str(out / name / "model")]["latents"]
         rows[name]["latent"] = {"latent_std": lat["normalised_std"], "kl_mean": lat["kl_mean"], "posterior_noise": lat["posterior_noise"],
                                 "latent_high_frequency": lat["high_frequency_fraction"]}  # fmt: skip
-    plot(rows, out / "channels.png")
+    thumbnails = {f: {key: thumbnail_scores(images, f) for key, images in (("photos", photos), ("crops", crops), ("text", pages))}
+                  for f in THUMBNAILS}  # fmt: skip
+    plot(rows, thumbnails, out / "channels.png")
     table = ["| model | params | photos PSNR / SSIM | native crops PSNR / SSIM | text PSNR / SSIM | latent std | KL / element | posterior noise | latent high-freq. |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in rows.items():
@@ -156,11 +169,15 @@ def main() -> None:
         table.append(f"| {r['factor']}x, {r['channels']} ch | {r['parameters'] / 1e6:.2f}M | {r['photos']['psnr']:.2f} / {r['photos']['ssim']:.3f} | "
                      f"{r['crops']['psnr']:.2f} / {r['crops']['ssim']:.3f} | {r['text']['psnr']:.2f} / {r['text']['ssim']:.3f} | {lat['latent_std']:.2f} | {lat['kl_mean']:.2f} | "
                      f"{lat['posterior_noise']:.4f} | {lat['latent_high_frequency']:.3f} |")  # fmt: skip
+    for f, n in THUMBNAILS.items():
+        t = thumbnails[f]
+        table.append(f"| bicubic {f}x thumbnail ({n} per 8x8) | - | {t['photos']['psnr']:.2f} / {t['photos']['ssim']:.3f} | "
+                     f"{t['crops']['psnr']:.2f} / {t['crops']['ssim']:.3f} | {t['text']['psnr']:.2f} / {t['text']['ssim']:.3f} | - | - | - | - |")  # fmt: skip
     (out / "table.md").write_text("\n".join(table) + "\n")
     for r in rows.values():
         for part in ("photos", "crops", "text"):
             r[part].pop("recons")
-    (out / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "table.json").write_text(json.dumps({"models": rows, "bicubic_thumbnails": thumbnails}, indent=2) + "\n")
     print("\n".join(table))
     if args.doc_images:
         doc = Path(args.doc_images)

@@ -260,3 +260,14 @@ def test_missing_optional_package_is_one_line_with_the_install_command(monkeypat
     monkeypatch.setitem(sys.modules, "lpips", None)  # import lpips -> ImportError
     with pytest.raises(RuntimeError, match=r"needs the lpips package: pip install 'vaekit\[eval\]'"):
         M.LPIPS(pretrained_backbone=False)
+
+
+def test_bicubic_thumbnail_keeps_flat_colours_and_loses_detail_that_is_finer_than_its_factor():
+    from vaekit.metrics import bicubic_thumbnail
+
+    flat = np.full((48, 40, 3), (250, 3, 128), np.uint8)
+    assert np.array_equal(bicubic_thumbnail(flat, 8), flat)  # any size, not only squares
+    checker = ((np.indices((64, 64)).sum(0) % 2) * 255).astype(np.uint8)[..., None].repeat(3, 2)
+    for factor in (2, 8):
+        back = bicubic_thumbnail(checker, factor)
+        assert back.shape == checker.shape and abs(float(back.mean()) - 127.5) < 2 and back.std() < 10  # detail gone

@@ -83,6 +83,20 @@ def _pair(x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> tuple[Tensor, Tenso
     return x, y.to(x.device)
 
 
+# ---- the baseline every learned codec must beat ------------------------------------------------
+
+
+def bicubic_thumbnail(image: np.ndarray, factor: int) -> np.ndarray:
+    """HxWx3 uint8 down-scaled by `factor` and back up, both bicubic (PIL): no learning, 3 numbers per
+    factor x factor patch (at 8x, 3 per 8x8 patch against a 4-channel VAE's 4), so a VAE's PSNR is read
+    against it."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    small = Image.fromarray(image).resize((max(1, w // factor), max(1, h // factor)), Image.BICUBIC)
+    return np.asarray(small.resize((w, h), Image.BICUBIC))
+
+
 # ---- PSNR / SSIM / MS-SSIM -----------------------------------------------------------------
 
 
