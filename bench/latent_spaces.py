@@ -3,7 +3,8 @@ latent channels at 8x and 64 at 16x, the same recipe and steps, then measured on
 on rendered text, and in latent space.
 
     python bench/latent_spaces.py                     # ~45 min on a 2-core CPU; writes runs/latent_spaces/
-    python bench/latent_spaces.py --steps 300 --doc-images docs/img   # shorter; pictures for the doc
+    python bench/latent_spaces.py --doc-images docs/img   # and the pictures in docs/img
+    python bench/latent_spaces.py --kl-weight 1e-6 --arms f8c4 f8c16 f8c32 --out runs/latent_spaces_kl1e-6  # SD's KL
 
 Models: `tiny-fast-f8c4` (the quickstart's architecture: DC-AE shortcuts, 2x2 patch stem, widths 32, 64,
 128) with `latent_channels` = 4, 8, 16, 32; for 16x one more level of width 128 and 64 channels (the
@@ -132,6 +133,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/latent_spaces", help="folder for the runs, the report, table and plot")
     p.add_argument("--steps", type=int, default=1200, help="training steps per model (default 1200)")
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="models to train and compare (default all)")
+    p.add_argument("--kl-weight", type=float, default=QUICKSTART.loss.kl_weight,
+                   help=f"LDM's kl_weight for every arm (default the quickstart's, {QUICKSTART.loss.kl_weight}; SD's is 1e-6)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--doc-images", metavar="DIR", help="also copy the plot and a text crop comparison there")
     args = p.parse_args()
@@ -141,21 +145,23 @@ def main() -> None:
     crops = [(n, native_crop(im, 256)) for n, im in sample_images("val")]
     pages = text_pages()
     rows: dict = {}
-    for name, (factor, channels) in ARMS.items():
+    arms = {name: ARMS[name] for name in args.arms}
+    loss = dataclasses.replace(QUICKSTART.loss, kl_weight=args.kl_weight)
+    for name, (factor, channels) in arms.items():
         run = out / name
         if not (run / "model").is_dir():
-            train(dataclasses.replace(QUICKSTART, out=str(run), config=config(factor, channels), steps=args.steps, seconds=None))
+            train(dataclasses.replace(QUICKSTART, out=str(run), config=config(factor, channels), loss=loss, steps=args.steps, seconds=None))
         params = vaekit.load(run / "model").num_parameters()
         photo, crop, text = (scores(run / "model", images) for images in (photos, crops, pages))
         rows[name] = {"factor": factor, "channels": channels, "parameters": params, "photos": photo, "crops": crop, "text": text}
         print(f"{name}: photos {photo['psnr']:.2f} dB / {photo['ssim']:.3f}, native crops {crop['psnr']:.2f} dB / {crop['ssim']:.3f}, "
               f"text {text['psnr']:.2f} dB / {text['ssim']:.3f}")
-    code = cli(["compare", *[str(out / n / "model") for n in ARMS], "samples:val", "--report", str(out / "report"),
+    code = cli(["compare", *[str(out / n / "model") for n in arms], "samples:val", "--report", str(out / "report"),
                    "--resolution", "256", "--lpips", "off", "--samples", "8", "--pairs", "2"])  # fmt: skip
     if code:
         raise SystemExit(code)
     numbers = json.loads((out / "report" / "report.json").read_text())["models"]
-    for name in ARMS:
+    for name in arms:
         lat = numbers[str(out / name / "model")]["latents"]
         rows[name]["latent"] = {"latent_std": lat["normalised_std"], "kl_mean": lat["kl_mean"], "posterior_noise": lat["posterior_noise"],
                                 "latent_high_frequency": lat["high_frequency_fraction"]}  # fmt: skip
@@ -183,9 +189,15 @@ def main() -> None:
         doc = Path(args.doc_images)
         doc.mkdir(parents=True, exist_ok=True)
         Image.open(out / "channels.png").save(doc / "latent_spaces_channels.png", optimize=True)
-        crops = [pages[0][1][:96, :160]] + [scores(out / n / "model", pages[:1])["recons"][0][:96, :160] for n in ARMS]
-        strip = np.concatenate([np.pad(c, ((0, 0), (0, 4), (0, 0)), constant_values=255) for c in crops], axis=1)
-        Image.fromarray(strip).resize((strip.shape[1] * 2, strip.shape[0] * 2), Image.NEAREST).save(doc / "latent_spaces_text.png", optimize=True)
+        crops = [("original", pages[0][1][:96, :160])] + [
+            (f"{arms[n][1]} ch at {arms[n][0]}x", scores(out / n / "model", pages[:1])["recons"][0][:96, :160]) for n in arms]
+        sheet = Image.new("RGB", (3 * 330, 2 * 216), "white")  # 2x2 pixel blocks, so the loss of each stroke shows
+        draw = ImageDraw.Draw(sheet)
+        for i, (label, crop) in enumerate(crops):
+            x, y = (i % 3) * 330, (i // 3) * 216
+            sheet.paste(Image.fromarray(crop).resize((320, 192), Image.NEAREST), (x, y + 22))
+            draw.text((x + 2, y + 2), label, fill="black", font=ImageFont.load_default(size=16))
+        sheet.save(doc / "latent_spaces_text.png", optimize=True)
 
 
 if __name__ == "__main__":
