@@ -6,7 +6,8 @@ the same recipe and budget, then `vaekit compare` them on the held-out photos.
     python bench/ae_vs_vae.py --out runs/ae_vs_vae --resolution 256
     python bench/ae_vs_vae.py --steps 1400 --kl-weights 0.012288 1e-6   # two VAEs (LDM's kl_weight) and the AE
 
-Recipe: `vaekit.train.QUICKSTART` (the `vaekit quickstart` settings: tiny-fast-f8c4, 64 px crops of
+Recipe: `vaekit.train.QUICKSTART` on `tiny-fast-f8c4`, the quickstart's model when docs/AE_vs_VAE.md was
+measured (the `vaekit quickstart` settings: 64 px crops of
 the 13 built-in training photos, L1 + KL, ...), changing only `kind` and, with --kl-weights, the KL
 weight (LDM's convention, docs/TRAINING.md). Budget: the first VAE trains for the quickstart's
 wall-clock budget unless --steps is given; the other models then train for exactly as many steps, so
@@ -27,6 +28,8 @@ import torch
 from vaekit.cli import main as vaekit
 from vaekit.report import MEASURES, fmt, lookup
 from vaekit.train import QUICKSTART, train
+
+RECIPE = dataclasses.replace(QUICKSTART, preset="tiny-fast-f8c4")  # what docs/AE_vs_VAE.md measured
 
 TABLE = [
     "reconstruction.psnr", "reconstruction.ssim", "blur.high_frequency_ratio",
@@ -87,8 +90,8 @@ def main() -> None:
     arms = {("vae" if i == 0 else f"vae_kl{w:g}"): ("vae", w) for i, w in enumerate(args.kl_weights)} | {"ae": ("ae", 0.0)}
     runs = {}
     for name, (kind, kl_weight) in arms.items():
-        loss = dataclasses.replace(QUICKSTART.loss, kl_weight=kl_weight) if kind == "vae" else QUICKSTART.loss
-        cfg = dataclasses.replace(QUICKSTART, out=str(out / name), kind=kind, loss=loss)
+        loss = dataclasses.replace(RECIPE.loss, kl_weight=kl_weight) if kind == "vae" else RECIPE.loss
+        cfg = dataclasses.replace(RECIPE, out=str(out / name), kind=kind, loss=loss)
         if steps:
             cfg = dataclasses.replace(cfg, steps=steps, seconds=None)
         result = train(cfg)

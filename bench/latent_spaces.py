@@ -70,7 +70,7 @@ def native_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 def config(factor: int, channels: int) -> dict:
     """The quickstart's architecture with `channels` latent channels; 16x adds a level of the last width."""
-    base = preset(QUICKSTART.preset).replace(family="", latent_channels=channels)
+    base = preset("tiny-fast-f8c4").replace(family="", latent_channels=channels)  # what docs/LATENT_SPACES.md measured
     if factor == 16:
         base = base.replace(block_channels=(*base.block_channels, base.block_channels[-1]))
     return base.to_dict()

@@ -1,20 +1,31 @@
-"""Quickstart quality benchmark (issue 4): held-out PSNR/SSIM at 256x256 after the same training budget.
+"""Quickstart quality benchmark (issues 4 and 12): how faithful the model of a 300-second training is,
+on two held-out sets, against the bicubic thumbnail with as many numbers per patch.
 
-    python bench/train_quality.py                           # 4 and 16 channels, every arm, 300 s each (~21 min)
+    python bench/train_quality.py --json runs/train_quality.json   # 4 and 16 channels, every arm (~45 min)
     python bench/train_quality.py --channels 4 --arms quickstart bicubic
     python bench/train_quality.py --clock cpu               # a busy machine: budget in CPU time (see below)
 
-Arms, all on the built-in photos (`--data samples`: 13 training photos, held out: chelsea, coffee,
-flower, shorter side resized to 256 with Lanczos and centre-cropped, as vaekit.data.center_crop):
+Held-out sets (`vaekit.evaluate.against_thumbnail` scores every arm):
+  photos      chelsea, coffee, flower: shorter side resized to 256 (Lanczos), centre 256x256, as the
+              trainer validates them (whole photos scaled down).
+  crops       the first part of samples:native: 10 crops of 256x256 at the photos' own resolution (from
+              the held-out photos and from strips of the larger training photos that training never sees).
+  synthetic   its second part: 7 synthetic saturated images (flat patches at and near the RGB cube's
+              corners, hue and two-colour gradients, a petal-like shading). Colour error is measured here.
+Columns: mean PSNR/SSIM; the thumbnail's PSNR; the worst image's gap to the thumbnail; how many images fall
+more than 1 dB below it; the largest mean-colour shift (levels); the error's periodic energy at 2/4/8 px
+(`vaekit.metrics.periodic_energy`: 1 = no grid; the bicubic row is the reference).
+
+Arms, all trained on the built-in photos (`--data samples`):
 
   diffusers   the plain way: diffusers `AutoencoderKL`, block channels (32, 64, 128, 128), one layer
               per block, AdamW (torch defaults) at --diffusers-lr, mean L1 + 1e-6 * KL (sum over latent
               elements, as diffusers' posterior.kl(); against a *mean* L1 that is LDM's kl_weight
               1e-6 x 3 x 64 x 64 = 0.012288, the quickstart's), batch 16, 64x64 random crops (vaekit's crops,
               no down-scaling), posterior sampled; evaluated on the posterior mode.
-  quickstart  `vaekit.train.quickstart`: the QUICKSTART recipe, the real code path of `vaekit
-              quickstart` (its own step calibration, EMA model, validation); 16 channels change only
-              `latent_channels`.
+  previous    the quickstart recipe before issue 12 (RECIPES["previous"]: tiny-fast-f8c4, colours permuted).
+  quickstart  `vaekit.train.QUICKSTART`, through the trainer's code path (its step calibration, EMA model);
+              16 channels change only `latent_channels`.
   bicubic     the cheapest non-learned codec: a bicubic thumbnail (PIL) upsampled back. 8x keeps 3
               numbers per 8x8 patch (fewer than a 4-channel latent's 4), 4x keeps 12 (fewer than 16).
 
@@ -29,6 +40,7 @@ the trainer's clock (`vaekit.train.time`) for that clock; nothing else changes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -39,21 +51,23 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from vaekit.data import sample_images, center_crop, to_tensor, to_uint8, training_data
-from vaekit.metrics import bicubic_thumbnail, psnr, ssim
+from vaekit import load
+from vaekit.config import preset
+from vaekit.data import held_out_sets, synthetic_colours, training_data
+from vaekit.evaluate import PSNR_CAP, against_thumbnail, thumbnail_factor
+from vaekit.losses import LossConfig
+from vaekit.metrics import bicubic_thumbnail, colour_error, periodic_energy, psnr, ssim
 
 CORES = 2  # the budget is for a 2-core CPU
 RESOLUTION = 256
 
 
-def held_out() -> np.ndarray:
-    """The three held-out photos at 256x256 (N x 256 x 256 x 3 uint8), as the trainer validates them."""
-    return np.stack([center_crop(image, RESOLUTION) for _, image in sample_images("val")])
+SATURATED = tuple(name for name, _ in synthetic_colours())
 
 
-def scores(recons: np.ndarray, originals: np.ndarray) -> dict[str, Any]:
-    p, s = psnr(recons, originals), ssim(recons, originals)
-    return {"psnr": float(p.mean()), "ssim": float(s.mean()), "per_image_psnr": [round(float(v), 2) for v in p]}
+def scores(model: Any, sets: dict[str, list[tuple[str, np.ndarray]]]) -> dict[str, Any]:
+    """`vaekit.evaluate.against_thumbnail` on each set."""
+    return {name: against_thumbnail(model, images, saturated=SATURATED) for name, images in sets.items()}
 
 
 def make_clock(kind: str) -> Callable[[], float]:
@@ -65,13 +79,23 @@ def make_clock(kind: str) -> Callable[[], float]:
 # ---- arms -------------------------------------------------------------------------------------
 
 
-def bicubic(factor: int, originals: np.ndarray) -> dict[str, Any]:
-    recons = np.stack([bicubic_thumbnail(im, factor) for im in originals])
-    return {"arm": "bicubic", "recipe": f"{factor}x bicubic thumbnail ({3 * (8 // factor) ** 2} numbers per 8x8 patch)",
-            **scores(recons, originals)}  # fmt: skip
+def bicubic(channels: int, sets: dict[str, list[tuple[str, np.ndarray]]]) -> dict[str, Any]:
+    """The thumbnail's own row: its PSNR/SSIM, colour error and periodic energy, scored as the models are."""
+    factor = thumbnail_factor(preset("tiny-f8c4").replace(latent_channels=channels))  # every arm is 8x
+    rows = {}
+    for name, images in sets.items():
+        originals = np.stack([im for _, im in images])
+        thumbs = np.stack([bicubic_thumbnail(im, factor) for im in originals])
+        p = psnr(thumbs, originals).clamp(max=PSNR_CAP)
+        saturated = [i for i, (n, _) in enumerate(images) if n in SATURATED]
+        rows[name] = {"psnr": float(p.mean()), "ssim": float(ssim(thumbs, originals).mean()), "worst_gap": 0.0,
+                      "below_thumbnail_1db": 0, "thumbnail_psnr": float(p.mean()),
+                      "saturated_colour_error": float(colour_error(thumbs[saturated], originals[saturated]).max()) if saturated else None,
+                      "periodic": periodic_energy(thumbs, originals)}  # fmt: skip
+    return {"arm": "bicubic", "recipe": f"{factor}x bicubic thumbnail ({3 * (8 // factor) ** 2} numbers per 8x8 patch)", "sets": rows}
 
 
-def plain_diffusers(channels: int, seconds: float, clock: Callable[[], float], lr: float, originals: np.ndarray,
+def plain_diffusers(channels: int, seconds: float, clock: Callable[[], float], lr: float, sets: dict[str, Any],
                     seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """The issue's baseline: what a user writes around diffusers without a trainer."""
     from diffusers import AutoencoderKL
@@ -95,37 +119,40 @@ def plain_diffusers(channels: int, seconds: float, clock: Callable[[], float], l
         opt.step()
         steps += 1
     wall, cpu = time.time() - wall, time.process_time() - cpu
-    model.eval()
-    with torch.no_grad():
-        x = torch.cat([to_tensor(im) for im in originals])
-        recons = to_uint8(model.decode(model.encode(x).latent_dist.mode()).sample)
+    with tempfile.TemporaryDirectory() as folder:  # scored by the same code as every arm: through vaekit.load
+        model.save_pretrained(folder)
+        result = scores(load(folder), sets)
     recipe = f"diffusers AutoencoderKL (32,64,128,128)x1, AdamW lr {lr:g}, L1 + 1e-6 KL, batch 16, 64px crops"
-    return {"arm": "diffusers", "recipe": recipe, "steps": steps, "wall_s": wall, "cpu_s": cpu, **scores(recons, originals)}
+    return {"arm": "diffusers", "recipe": recipe, "steps": steps, "wall_s": wall, "cpu_s": cpu, "sets": result}
 
 
-def vaekit_quickstart(channels: int, seconds: float, clock_kind: str, originals: np.ndarray) -> dict[str, Any]:
-    """`vaekit quickstart`'s code path; the trainer's own validation is the same held-out view."""
+# The recipes the trainer arms run: changes to vaekit.train.QUICKSTART. "previous" is the quickstart before
+# issue 12 (DC-AE shortcuts and pixel-shuffle upsampling, no thumbnail shortcut, colours permuted).
+RECIPES: dict[str, dict[str, Any]] = {
+    "quickstart": {},
+    "previous": dict(preset="tiny-fast-f8c4", min_scale=0.25, permute_colors=True, batch_size=16, lr=1e-3, warmup=50,
+                     ema_decay=0.99, loss=LossConfig(pixel="l1", kl_weight=0.012288)),
+}  # fmt: skip
+
+
+def vaekit_recipe(arm: str, channels: int, seconds: float, clock_kind: str, sets: dict[str, Any]) -> dict[str, Any]:
+    """`vaekit quickstart`'s code path (its step calibration, EMA model), with RECIPES[arm]'s changes."""
     from vaekit import train as trainer
 
-    recipe = trainer.QUICKSTART
+    changes = {**RECIPES[arm], "latent_channels": channels}
+    recipe = dataclasses.replace(trainer.QUICKSTART, **changes)
     if clock_kind == "cpu":
         trainer.time = types.SimpleNamespace(time=make_clock("cpu"))  # the trainer's only clock call is time.time()
     try:
         with tempfile.TemporaryDirectory() as out:
             wall, cpu = time.time(), time.process_time()
-            result = trainer.quickstart(out=str(Path(out) / "run"), seconds=seconds, progress=False,
-                                        latent_channels=channels)
+            result = trainer.train(dataclasses.replace(recipe, out=str(Path(out) / "run"), seconds=seconds), progress=False)
             wall, cpu = time.time() - wall, time.process_time() - cpu
+            measured = scores(load(result.model), sets)
     finally:
         trainer.time = time
-    final = result.metrics["final"]
-    names = [p["name"] for p in final["per_image"]]
-    if names != [n for n, _ in sample_images("val")]:
-        raise RuntimeError(f"the trainer validated on {names}, not the benchmark's held-out photos")
-    return {
-        "arm": "quickstart", "recipe": describe(recipe, channels), "steps": result.metrics["step"], "wall_s": wall, "cpu_s": cpu,
-        "psnr": final["psnr"], "ssim": final["ssim"], "per_image_psnr": [round(p["psnr"], 2) for p in final["per_image"]],
-    }  # fmt: skip
+    return {"arm": arm, "recipe": describe(recipe, channels), "steps": result.metrics["step"], "wall_s": wall, "cpu_s": cpu,
+            "sets": measured}  # fmt: skip
 
 
 def describe(recipe: Any, channels: int) -> str:
@@ -139,12 +166,20 @@ def describe(recipe: Any, channels: int) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| latent | arm | recipe | steps | wall s | CPU s | PSNR dB | SSIM | per image (chelsea, coffee, flower) |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        t = lambda k: f"{r[k]:.0f}" if k in r else "-"  # noqa: E731
-        lines.append(f"| {r['channels']} | {r['arm']} | {r['recipe']} | {r.get('steps', '-')} | {t('wall_s')} | {t('cpu_s')} "
-                     f"| {r['psnr']:.2f} | {r['ssim']:.3f} | {', '.join(f'{v:.2f}' for v in r['per_image_psnr'])} |")  # fmt: skip
+    lines = []
+    for name, title in (("photos", "held-out photos (chelsea, coffee, flower at 256x256)"),
+                        ("crops", "native-resolution crops (samples:native, 10 of 256x256)"),
+                        ("synthetic", "synthetic saturated colours (samples:native, 7 of 256x256)")):  # fmt: skip
+        lines += [f"**{title}**", "",
+                  "| latent | arm | steps | PSNR dB | SSIM | thumbnail dB | worst gap dB | images > 1 dB below | colour error (saturated) | periodic 2 / 4 / 8 px |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in rows:
+            m = r["sets"][name]
+            col = "-" if m["saturated_colour_error"] is None else f"{m['saturated_colour_error']:.1f}"
+            per = " / ".join(f"{m['periodic'][k]:.1f}" for k in sorted(m["periodic"], key=int))
+            lines.append(f"| {r['channels']} | {r['arm']} | {r.get('steps', '-')} | {m['psnr']:.2f} | {m['ssim']:.3f} | {m['thumbnail_psnr']:.2f} "
+                         f"| {m['worst_gap']:+.2f} | {m['below_thumbnail_1db']} | {col} | {per} |")  # fmt: skip
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -153,28 +188,29 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=300.0, help="training budget per model (default: 300)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="what --seconds measures (default: wall)")
     p.add_argument("--channels", type=int, nargs="+", choices=(4, 16), default=[4, 16])
-    p.add_argument("--arms", nargs="+", choices=("diffusers", "quickstart", "bicubic"), default=["diffusers", "quickstart", "bicubic"])
+    arms = ("diffusers", "previous", "quickstart", "bicubic")
+    p.add_argument("--arms", nargs="+", choices=arms, default=list(arms))
     p.add_argument("--diffusers-lr", type=float, default=1e-4, help="the plain arm's learning rate (issue: 1e-4; also try 1e-3)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
 
     torch.set_num_threads(CORES if args.clock == "wall" else 1)
-    originals = held_out()
+    sets = held_out_sets(RESOLUTION)
     rows: list[dict[str, Any]] = []
     for channels in args.channels:
         for arm in args.arms:
             if arm == "bicubic":
-                row = bicubic(8 if channels == 4 else 4, originals)
+                row = bicubic(channels, sets)
             elif arm == "diffusers":
-                row = plain_diffusers(channels, args.seconds, make_clock(args.clock), args.diffusers_lr, originals)
+                row = plain_diffusers(channels, args.seconds, make_clock(args.clock), args.diffusers_lr, sets)
             else:
-                row = vaekit_quickstart(channels, args.seconds, args.clock, originals)
+                row = vaekit_recipe(arm, channels, args.seconds, args.clock, sets)
             rows.append({"channels": channels, **row})
-            print(json.dumps(rows[-1]), flush=True)
-    print(f"\nbudget {args.seconds:g} s ({args.clock} clock), {torch.get_num_threads()} thread(s), held-out chelsea/coffee/flower at {RESOLUTION}x{RESOLUTION}\n")
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "sets"}), flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"\nbudget {args.seconds:g} s ({args.clock} clock), {torch.get_num_threads()} thread(s)\n")
     print(table(rows))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,33 @@ def test_sample_images_are_fixed_real_photos_with_a_disjoint_held_out_part():
         sample_images("test")
 
 
+def test_samples_native_is_held_out_native_crops_and_saturated_colours():
+    from vaekit.data import NATIVE_CROPS, _sample_photo, held_out_sets, sources
+
+    sets = held_out_sets()
+    crops, synthetic = sets["crops"], sets["synthetic"]
+    assert [n for n, _ in sample_images("native")] == [n for n, _ in crops + synthetic] and (len(crops), len(synthetic)) == (10, 7)
+    assert all(im.shape == (256, 256, 3) and im.dtype == np.uint8 for _, im in crops + synthetic)
+    train = dict(sample_images("train"))
+    for name, (strip, boxes) in NATIVE_CROPS.items():
+        full = _sample_photo(name)
+        if name in SAMPLE_TRAIN:  # training sees the photo without the strip its crops come from
+            assert strip == 256 and train[name].shape[1] == full.shape[1] - strip
+            assert all(x >= full.shape[1] - strip for x, _ in boxes)
+            assert np.array_equal(train[name], full[:, : full.shape[1] - strip])
+        else:
+            assert name in SAMPLE_VAL and strip == 0
+    # Native resolution: a crop is the photo's own pixels, not a resized view.
+    name, image = crops[0]
+    photo, (x, y) = _sample_photo(name.split("@")[0]), map(int, name.split("@")[1].split(","))
+    assert np.array_equal(image, photo[y : y + 256, x : x + 256])
+    colours = dict(synthetic)
+    corners = {tuple(c) for c in colours["corners"].reshape(-1, 3)}
+    assert corners == {(r, g, b) for r in (0, 255) for g in (0, 255) for b in (0, 255)}
+    assert colours["petal"][..., 2].mean() < 5 and colours["petal"][..., 0].mean() > 200  # an orange petal: no blue
+    assert sources("samples:native").isdisjoint(sources("samples"))
+
+
 def test_iter_images_converts_every_mode_to_rgb_and_lists_unreadable_files(folder: Path):
     skipped: list[str] = []
     images = dict(iter_images(str(folder), skipped))

@@ -271,3 +271,28 @@ def test_bicubic_thumbnail_keeps_flat_colours_and_loses_detail_that_is_finer_tha
     for factor in (2, 8):
         back = bicubic_thumbnail(checker, factor)
         assert back.shape == checker.shape and abs(float(back.mean()) - 127.5) < 2 and back.std() < 10  # detail gone
+
+
+def test_colour_error_is_the_largest_mean_channel_shift_in_levels():
+    a = np.full((2, 16, 16, 3), (250, 100, 3), np.uint8)
+    b = a.copy()
+    b[0, ..., 2] += 24  # the lifted blue
+    b[1, :8, :, 1] -= 10  # half the image 10 levels darker in green: mean shift 5
+    assert M.colour_error(b, a).tolist() == [24.0, 5.0]
+
+
+def test_periodic_energy_finds_grids_in_the_error_and_not_in_smooth_errors():
+    rng = np.random.default_rng(0)
+    image = rng.integers(40, 200, (4, 64, 64, 3)).astype(np.uint8)
+    noisy = np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+    plain = M.periodic_energy(noisy, image)
+    assert all(0.5 < v < 2 for v in plain.values())  # white error: flat spectrum
+    yy, xx = np.indices((64, 64))
+    for period in (2, 4, 8):
+        grid = ((yy % period == 0) | (xx % period == 0)) * 6
+        gridded = np.clip(noisy.astype(int) + grid[None, ..., None], 0, 255).astype(np.uint8)
+        e = M.periodic_energy(gridded, image)
+        assert e[period] > 20 * plain[period], (period, e)
+    checker = np.clip(noisy.astype(int) + ((yy + xx) % 2 * 6)[None, ..., None], 0, 255).astype(np.uint8)
+    e = M.periodic_energy(checker, image)
+    assert e[2] > 20 and e[4] < 2 and e[8] < 2  # a checkerboard is a 2-px pattern only

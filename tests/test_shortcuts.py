@@ -1,7 +1,11 @@
 """The fast-training architecture options: DC-AE shortcuts (`shortcuts=True`) and the patch stem (`patch_size`)."""
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import perturb
 from diffusers import AutoencoderKL
 
@@ -142,3 +146,93 @@ def test_config_validation_and_real_presets_untouched():
     # Configs written before these options existed still load (the fields default to the LDM layout).
     old = {k: v for k, v in PRESETS["sd1"].config.to_dict().items() if k not in ("shortcuts", "patch_size")}
     assert AutoencoderConfig.from_dict(old) == PRESETS["sd1"].config
+
+
+# ---- the thumbnail shortcut (issue 12) ---------------------------------------------------------
+
+CUBE_CORNERS = [(r, g, b) for r in (0, 255) for g in (0, 255) for b in (0, 255)]
+
+
+@pytest.mark.parametrize("channels", [4, 16])
+def test_untrained_quickstart_model_reproduces_flat_colours_at_the_gamut_corners(channels):
+    """A colour-fidelity regression fails here: the untrained quickstart model is the box thumbnail, exact on flat colours."""
+    from vaekit.data import synthetic_colours, to_tensor, to_uint8
+    from vaekit.train import QUICKSTART, build_model
+
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(QUICKSTART, latent_channels=channels)).eval()
+    colours = CUBE_CORNERS + [(255, 128, 0), (0, 60, 200), (250, 95, 3)]
+    flat = [np.broadcast_to(np.array(c, np.uint8), (64, 64, 3)) for c in colours]
+    with torch.no_grad():
+        for image in flat:
+            recon = to_uint8(model(to_tensor(image))[0])[0].astype(int)
+            assert np.abs(recon - image).max() <= 2, f"colour {image[0, 0]} came back as {recon[0, 0]}"
+        # Side by side, as the synthetic test image has them: each block's inside (8 px from its edges) exact.
+        patches = dict(synthetic_colours())["corners"]
+        recon = to_uint8(model(to_tensor(patches))[0])[0].astype(int)
+        inside = np.zeros(patches.shape[:2], bool)
+        for y in range(0, 256, 128):
+            for x in range(0, 256, 64):
+                inside[y + 8 : y + 120, x + 8 : x + 56] = True
+        assert np.abs(recon - patches)[inside].max() <= 2
+    # The same model with the shortcut off is not a thumbnail coder: the test can fail.
+    torch.manual_seed(0)
+    plain = Autoencoder(model.config.replace(thumbnail_shortcut=False)).eval()
+    with torch.no_grad():
+        errors = [np.abs(to_uint8(plain(to_tensor(im))[0])[0].astype(int) - im).max() for im in flat]
+    assert max(errors) > 20
+
+
+def thumb_config(latent_channels: int = 4, **changes) -> AutoencoderConfig:
+    return fast_config(latent_channels, shortcuts=False, thumbnail_shortcut=True, patch_out="nearest", **changes)
+
+
+def test_thumbnail_shortcut_carries_box_means_in_the_first_latent_channels():
+    model = Autoencoder(thumb_config(8)).eval()
+    x = torch.rand(2, 3, 32, 48) * 2 - 1
+    with torch.no_grad():
+        posterior = model.encode(x)
+        torch.testing.assert_close(posterior.mean[:, :3], F.avg_pool2d(x, 8))  # the untrained encoder adds nothing
+        assert posterior.mean[:, 3:].abs().max() == 0 and torch.allclose(posterior.logvar, torch.tensor(-6.0))
+        z = torch.randn(2, 8, 4, 6)
+        torch.testing.assert_close(model.decode(z), F.interpolate(z[:, :3], scale_factor=8, mode="bilinear"))
+        ramp = torch.linspace(-0.9, 0.9, 64).expand(1, 3, 64, 64)  # a linear gradient comes back as it was
+        torch.testing.assert_close(model(ramp)[0][..., 8:-8], ramp[..., 8:-8], atol=1e-5, rtol=0)
+    # Trained weights add to it, and tiling still gives the untiled result.
+    model = perturb(model)
+    with torch.no_grad():
+        assert not torch.allclose(model.encode(x).mean[:, :3], F.avg_pool2d(x, 8))
+        torch.testing.assert_close(model.encode(x, tile=16).mean, model.encode(x).mean, atol=1e-5, rtol=0)
+        z = model.encode(x).mean
+        torch.testing.assert_close(model.decode(z, tile=16), model.decode(z), atol=1e-5, rtol=0)
+
+
+def test_thumbnail_shortcut_round_trips_and_is_validated(tmp_path):
+    model = perturb(Autoencoder(thumb_config(4))).eval()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        want = model(x)[0]
+    model.save(str(tmp_path / "m"))
+    loaded = vaekit.load(tmp_path / "m").eval()
+    assert loaded.config.thumbnail_shortcut and not loaded.config.diffusers_compatible
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], want)
+    with pytest.raises(ValueError, match="thumbnail_shortcut"):
+        thumb_config(latent_channels=2, block_channels=(16, 32, 32))
+    with pytest.raises(ValueError, match="thumbnail_shortcut"):
+        AutoencoderConfig(arch="qwenimage", block_channels=(16, 32, 32, 32), latent_channels=4, thumbnail_shortcut=True)
+    for name in ("sd1", "sdxl", "sd3", "flux1", "flux2", "tiny-f8c4", "tiny-fast-f8c4", "tiny-fast-f8c16"):
+        assert not PRESETS[name].config.thumbnail_shortcut  # published and earlier presets are untouched
+
+
+def test_patch_out_nearest_has_no_patch_periodic_grid():
+    """A flat latent decodes flat with patch_out="nearest"; with "shuffle" each of the 2x2 positions has its own weights."""
+    z = torch.full((1, 4, 24, 24), 0.3)  # large enough that the middle is out of reach of the borders
+    for patch_out, grid in (("shuffle", True), ("nearest", False)):
+        model = perturb(Autoencoder(fast_config(4, shortcuts=False, patch_out=patch_out))).eval()
+        with torch.no_grad():
+            inside = model.decode(z)[..., 64:-64, 64:-64]
+        phases = inside.unflatten(-1, (-1, 2)).unflatten(-3, (-1, 2)).mean(dim=(-4, -2))  # mean of each 2x2 position
+        assert (phases.flatten(-2).std(dim=-1).max() > 1e-3) == grid, patch_out
+    with pytest.raises(ValueError, match="patch_out"):
+        fast_config(patch_out="bicubic")

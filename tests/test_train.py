@@ -189,6 +189,13 @@ def test_quickstart_trains_within_its_budget_and_reports(tmp_path: Path, monkeyp
     assert metrics["final"]["psnr"] > metrics["initial"]["psnr"] + 0.5 and metrics["final"]["ssim"] > metrics["initial"]["ssim"]
     assert 6 < metrics["steps"] and metrics["seconds"] < 15 * 1.2  # slack for a loaded machine
     assert f"PSNR {metrics['final']['psnr']:.2f} dB" in out and "samples:" in out
+    # Every held-out set against the bicubic thumbnail: the three photos (as validated) and samples:native's two parts.
+    sets = metrics["against_thumbnail"]
+    assert [sets[k]["n"] for k in ("photos", "crops", "synthetic")] == [3, 10, 7] and sets["photos"]["thumbnail_factor"] == 8
+    assert abs(sets["photos"]["psnr"] - metrics["final"]["psnr"]) < 0.05  # the same reconstructions as validation's
+    for name, title in (("photos", "held-out photos"), ("crops", "native-resolution crops"), ("synthetic", "saturated colours")):
+        assert f"{title}: PSNR {sets[name]['psnr']:.2f} dB, 8x bicubic thumbnail {sets[name]['thumbnail_psnr']:.2f} dB" in out
+    assert sets["synthetic"]["saturated_colour_error"] is not None and set(sets["crops"]["periodic"]) == {"2", "4", "8"}
     grid = sorted((tmp_path / "qs" / "samples").glob("*.png"))[-1]
     assert Image.open(grid).size == (3 * 256, 2 * 256)
     assert vaekit.load(str(tmp_path / "qs" / "model")).config.latent_channels == 4

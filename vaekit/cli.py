@@ -370,6 +370,12 @@ def _run_training(run: Callable, command: str) -> None:
         was = f" ({start} {before['psnr']:.2f} dB / {before['ssim']:.3f})" if before else ""
         print(f"samples: {grid}  (validation images above, reconstructions below)")
         print(f"held-out {plural(f['n'], 'image')} at {m['val_resolution']}x{m['val_resolution']}: PSNR {f['psnr']:.2f} dB, SSIM {f['ssim']:.4f}{was}")
+        for name, title in (("photos", "held-out photos"), ("crops", "native-resolution crops"), ("synthetic", "saturated colours")):
+            t = m.get("against_thumbnail", {}).get(name)
+            if t:
+                colour = f", colour error {t['saturated_colour_error']:.1f} levels at most" if t["saturated_colour_error"] is not None else ""
+                print(f"{title}: PSNR {t['psnr']:.2f} dB, {t['thumbnail_factor']}x bicubic thumbnail {t['thumbnail_psnr']:.2f} dB, "
+                      f"worst image {t['worst_gap']:+.2f} dB against it ({t['worst_image']}){colour}")  # fmt: skip
         print(f"metrics: {result.run / 'metrics.json'}   logs: tensorboard --logdir {result.run / 'logs'}")
 
 
@@ -448,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("eval", "score reconstructions: PSNR, SSIM, MS-SSIM, LPIPS, rFID, with the protocol behind the numbers", cmd_eval,
             "Reconstruct DATA with MODEL exactly as `vaekit reconstruct` does (posterior mode, padded and cropped back, "
             "uint8) and score the result against the originals. DATA is an image, a folder (recursive), tar shards or "
-            "'samples' (the built-in photos; samples:val for the held-out three). See docs/EVALUATION.md.")
+            "'samples' (the built-in photos; samples:val for the held-out three, samples:native for native-resolution crops "
+            "and saturated colours). See docs/EVALUATION.md.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("data", metavar="DATA")
     p.add_argument("--metrics", default="psnr,ssim",
@@ -470,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     analysis_help = (
         "DATA is an image, a folder (recursive), tar shards or 'samples' (the built-in photos; samples:val for the "
-        "held-out three); each image is resized (shorter side) and centre-cropped to --resolution. The report "
+        "held-out three, samples:native for native-resolution crops and saturated colours); each image is resized (shorter side) and centre-cropped to --resolution. The report "
         "(DIR/report.html, opens offline, pictures beside it; DIR/report.json with every number) explains each measure."
     )
 

@@ -59,6 +59,16 @@ class AutoencoderConfig:
     # patch_size: pixels per side folded into channels before the first conv and unfolded after the
     # last, so the full-resolution convolutions (most of the compute) run at 1/patch_size.
     patch_size: int = 1
+    # patch_out: how the decoder gets back to full resolution after a patch stem. "shuffle": its last conv
+    # makes patch_size^2 pixels per position (each position of the patch has its own weights, which can
+    # show as a patch_size-periodic grid); "nearest": the features are upsampled and the last conv runs at
+    # full resolution (one set of weights for every pixel: no grid; the conv is cheap at 3 outputs).
+    patch_out: Literal["shuffle", "nearest"] = "shuffle"
+    # thumbnail_shortcut: the first in_channels latent channels carry the image's factor x factor box
+    # means (added to the encoder's mean) and the decoder adds their bilinear upsampling to its output;
+    # the convs around the latent start at zero, so the untrained model is a thumbnail coder, exact on
+    # flat colours and linear gradients, and training learns only the detail on top (docs/TRAINING.md).
+    thumbnail_shortcut: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_channels", tuple(int(c) for c in self.block_channels))
@@ -85,6 +95,10 @@ class AutoencoderConfig:
             raise ValueError(f"norm_groups={self.norm_groups} must divide every block channel count; {bad} do not")
         if self.arch != "ldm" and self.shortcuts:
             raise ValueError("shortcuts are an option of the ldm architecture")
+        if self.thumbnail_shortcut and (self.arch != "ldm" or not self.in_channels == self.out_channels <= self.latent_channels):
+            raise ValueError("thumbnail_shortcut is an option of the ldm architecture with out_channels = in_channels <= latent_channels")
+        if self.patch_out not in ("shuffle", "nearest"):
+            raise ValueError(f"patch_out must be 'shuffle' or 'nearest', got {self.patch_out!r}")
         if self.patch_size not in (1, 2) or (self.patch_size != 1 and self.arch != "ldm"):
             raise ValueError(f"patch_size must be 1 (or 2 for the ldm architecture), got {self.patch_size}")
         if self.downsample_levels is not None and not 0 <= self.downsample_levels < len(self.block_channels):
@@ -129,7 +143,7 @@ class AutoencoderConfig:
     @property
     def diffusers_compatible(self) -> bool:
         """Whether a diffusers class has this architecture, so it can load vaekit's diffusers folder."""
-        return self.arch == "ldm" and self.kind == "vae" and not self.shortcuts and self.patch_size == 1
+        return self.arch == "ldm" and self.kind == "vae" and not (self.shortcuts or self.thumbnail_shortcut) and self.patch_size == 1
 
     def replace(self, **changes: Any) -> "AutoencoderConfig":
         return dataclasses.replace(self, **changes)
@@ -170,11 +184,13 @@ class Preset:
 _SD = AutoencoderConfig()  # the LDM kl-f8 architecture shared by SD1/SD2/SDXL/PixArt
 _F16 = _SD.replace(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
 _TINY = AutoencoderConfig(block_channels=(32, 64, 128, 128), layers_per_block=1, norm_groups=8)
-# The quickstart's model: about as big as _TINY, but it trains in minutes on a CPU (docs/TRAINING.md).
+# About as big as _TINY, but it trains in minutes on a CPU (docs/TRAINING.md).
 _FAST = AutoencoderConfig(
     block_channels=(32, 64, 128), layers_per_block=1, norm_groups=8, patch_size=2, shortcuts=True,
     use_quant_conv=False, use_post_quant_conv=False, mid_attention=False,
 )  # fmt: skip
+# The quickstart's model: _FAST's size and stem, but it starts as a thumbnail coder and has no pixel shuffles.
+_THUMB = _FAST.replace(shortcuts=False, patch_out="nearest", thumbnail_shortcut=True)
 
 # Qwen-Image's per-channel latent statistics (diffusers' AutoencoderKLQwenImage defaults, the release's config).
 _QWEN_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -232,10 +248,17 @@ PRESETS: dict[str, Preset] = {
     ),
     "tiny-fast-f8c4": Preset(
         _FAST.replace(family="tiny-fast-f8c4"),
-        "small 8x/4-channel VAE that trains in minutes on a CPU (DC-AE shortcuts, 2x2 patch stem); the quickstart's",
+        "small 8x/4-channel VAE that trains in minutes on a CPU (DC-AE shortcuts, 2x2 patch stem); the quickstart's before tiny-thumb",
     ),
     "tiny-fast-f8c16": Preset(
         _FAST.replace(latent_channels=16, family="tiny-fast-f8c16"), "tiny-fast-f8c4 with 16 latent channels"
+    ),
+    "tiny-thumb-f8c4": Preset(
+        _THUMB.replace(family="tiny-thumb-f8c4"),
+        "small 8x/4-channel VAE that starts as a thumbnail coder and trains in minutes on a CPU; the quickstart's",
+    ),
+    "tiny-thumb-f8c16": Preset(
+        _THUMB.replace(latent_channels=16, family="tiny-thumb-f8c16"), "tiny-thumb-f8c4 with 16 latent channels"
     ),
 }
 

@@ -87,7 +87,7 @@ def find_images(root: str | Path) -> list[Path]:
 #
 # Every command that takes images (train, eval, analyze, compare) accepts the same DATA strings:
 # a folder (searched recursively), one image file, tar shards ("shards/{000..099}.tar"), or the
-# built-in photos "samples", "samples:train" and "samples:val".
+# built-in photos "samples", "samples:train", "samples:val" and "samples:native".
 
 # Photos that ship inside scikit-image and scikit-learn, so demos and tests need no download.
 # Held out for validation: three of different content that never enter training: a cat's fur
@@ -98,6 +98,19 @@ SAMPLE_TRAIN = (
     "camera", "brick", "grass", "gravel", "coins", "moon",
 )  # fmt: skip
 SAMPLE_VAL = ("chelsea", "coffee", "flower")
+# A second held-out set of another kind, "samples:native": 256x256 crops at the photos' own resolution
+# (not whole photos scaled down) and synthetic saturated colours. Photo -> (strip width, crop boxes
+# (x, y) of 256x256): the training photos lose that right-hand strip, so its crops stay unseen; the
+# held-out photos give their crops as they are.
+NATIVE_SIDE = 256
+NATIVE_CROPS = {
+    "motorcycle": (256, ((485, 122),)),
+    "hubble_deep_field": (256, ((744, 180), (744, 436))),
+    "retina": (256, ((1155, 450), (1155, 706))),
+    "chelsea": (0, ((97, 22),)),
+    "coffee": (0, ((44, 72), (300, 72))),
+    "flower": (0, ((64, 85), (320, 85))),
+}
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
@@ -127,11 +140,59 @@ def _sample_photo(name: str) -> np.ndarray:
 
 
 def sample_images(split: str = "all") -> list[tuple[str, np.ndarray]]:
-    """The built-in photos as (name, HxWx3 uint8): split "train", "val" (the fixed held-out three) or "all"."""
+    """The built-in photos as (name, HxWx3 uint8): split "train" (without the strips NATIVE_CROPS keeps
+    out), "val" (the fixed held-out three), "all" (both), or "native" (the second held-out set)."""
+    if split == "native":
+        return native_crops() + synthetic_colours()
     names = {"train": SAMPLE_TRAIN, "val": SAMPLE_VAL, "all": SAMPLE_TRAIN + SAMPLE_VAL}.get(split)
     if names is None:
-        raise ValueError(f"unknown samples split {split!r}; use samples, samples:train or samples:val")
-    return [(name, _sample_photo(name)) for name in names]
+        raise ValueError(f"unknown samples split {split!r}; use samples, samples:train, samples:val or samples:native")
+    return [(name, _without_strip(name)) for name in names]
+
+
+def _without_strip(name: str) -> np.ndarray:
+    strip = NATIVE_CROPS.get(name, (0, ()))[0] if name in SAMPLE_TRAIN else 0
+    photo = _sample_photo(name)
+    return photo[:, : photo.shape[1] - strip] if strip else photo
+
+
+def held_out_sets(resolution: int = 256) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """The built-in held-out images by kind: "photos" (samples:val as the trainer validates them, shorter
+    side to `resolution`, centre crop), "crops" and "synthetic" (the two halves of samples:native)."""
+    return {"photos": [(n, center_crop(im, resolution)) for n, im in sample_images("val")], "crops": native_crops(),
+            "synthetic": synthetic_colours()}  # fmt: skip
+
+
+def native_crops() -> list[tuple[str, np.ndarray]]:
+    """256x256 crops at native resolution from the held-out photos and the training photos' held-out strips."""
+    s = NATIVE_SIDE
+    return [(f"{name}@{x},{y}", _sample_photo(name)[y : y + s, x : x + s]) for name, (_, boxes) in NATIVE_CROPS.items()
+            for x, y in boxes]  # fmt: skip
+
+
+def synthetic_colours(side: int = NATIVE_SIDE) -> list[tuple[str, np.ndarray]]:
+    """Saturated colours as real images are full of and small photo sets lack: flat patches at and near
+    the RGB cube's corners, full-saturation hue and two-colour gradients, a saturated petal-like shading."""
+    v, u = np.meshgrid(np.linspace(0, 1, side), np.linspace(0, 1, side), indexing="ij")  # v: down, u: across
+
+    def patches(colours: list[tuple[int, int, int]]) -> np.ndarray:
+        rows = [np.concatenate([np.broadcast_to(np.array(c, np.uint8), (side // 2, side // 4, 3)) for c in colours[r::2]], 1)
+                for r in range(2)]  # fmt: skip
+        return np.concatenate(rows, 0)
+
+    corners = [(r, g, b) for r in (0, 255) for g in (0, 255) for b in (0, 255)]
+    near = [(255, 128, 0), (0, 128, 255), (128, 0, 255), (255, 0, 128), (0, 255, 128), (128, 255, 0), (255, 200, 0), (0, 60, 200)]
+    hue = (u[..., None] * 6 - np.array([0, 2, 4])) % 6  # full-saturation hue sweep across, darker downwards
+    hues = np.clip(np.abs(hue - 3) - 1, 0, 1)[..., [0, 1, 2]] * (1 - 0.6 * v[..., None])
+    r2 = (u - 0.45) ** 2 + (v - 0.55) ** 2
+    petal = np.stack([0.8 + 0.2 * np.exp(-r2 * 4), 0.15 + 0.55 * np.exp(-r2 * 6), 0.012 * np.ones_like(u)], -1)
+    red_yellow = np.stack([np.ones_like(u), u, np.zeros_like(u)], -1) * (1 - 0.3 * v[..., None])
+    blue_cyan_green = np.stack([np.zeros_like(u), np.clip(u * 1.5, 0, 1), np.clip(1.5 - u * 1.5, 0, 1) * (1 - 0.5 * v)], -1)
+    magenta_radial = np.stack([np.ones_like(u), 0.9 * np.sqrt(r2), 1 - np.sqrt(r2)], -1).clip(0, 1)
+    smooth = {"hues": hues, "petal": petal, "red_yellow": red_yellow, "blue_cyan_green": blue_cyan_green,
+              "magenta_radial": magenta_radial}  # fmt: skip
+    out = [("corners", patches(corners)), ("near_corners", patches(near))]
+    return out + [(name, np.round(a * 255).astype(np.uint8)) for name, a in smooth.items()]
 
 
 def _webdataset() -> ModuleType:
@@ -199,6 +260,8 @@ def sources(data: str) -> set[str]:
     data = str(data)
     if data == "samples" or data.startswith("samples:"):
         split = data.partition(":")[2] or "all"
+        if split == "native":
+            return {f"samples:native/{name}" for name, _ in sample_images("native")}
         names = {"train": SAMPLE_TRAIN, "val": SAMPLE_VAL, "all": SAMPLE_TRAIN + SAMPLE_VAL}.get(split, ())
         return {f"samples:{name}" for name in names}
     paths = shard_urls(data) if is_shards(data) else find_images(data)

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from .data import center_crop, find_images, iter_images, to_tensor
-from .metrics import DEFAULT_METRICS, FID, LPIPS, PerImageMetric, as_uint8_images, build_metric, package_version
+from .config import AutoencoderConfig
+from .metrics import (DEFAULT_METRICS, FID, LPIPS, PerImageMetric, as_uint8_images, bicubic_thumbnail, build_metric,
+                      colour_error, package_version, periodic_energy, psnr, ssim)  # fmt: skip
 from .model import Autoencoder
 from .progress import progress as progress_bar
 
@@ -224,3 +226,51 @@ def format_table(result: dict[str, Any]) -> str:
 
 def _fmt(v: float) -> str:
     return f"{v:.4f}" if math.isfinite(v) else str(v)
+
+
+PSNR_CAP = 60.0  # an exact reconstruction (a flat patch) counts as 60 dB in means, not as infinity
+
+
+def thumbnail_factor(config: AutoencoderConfig) -> int:
+    """The bicubic thumbnail that keeps at most as many numbers per pixel as the model's latent: 3 per
+    8x8 patch (8x) against 4 channels at 8x, 12 (4x) against 16 or 32, 48 (2x) against 64 at 8x."""
+    factor, keep = config.factor, 3
+    while factor > 1 and keep * 4 <= config.latent_channels:
+        factor, keep = factor // 2, keep * 4
+    return factor
+
+
+def against_thumbnail(model: Autoencoder, images: Sequence[tuple[str, np.ndarray]], saturated: Sequence[str] = ()) -> dict[str, Any]:
+    """Is the model a faithful coder of these images? PSNR/SSIM next to the bicubic thumbnail with as many
+    numbers (`thumbnail_factor`), the worst image's gap to it, the mean-colour error (levels) of the
+    `saturated` images, and the error's periodic energy at 2/4/8 px (`vaekit.metrics.periodic_energy`)
+    for both. Images are reconstructed one at a time from the posterior mode, as `evaluate` does."""
+    factor = thumbnail_factor(model.config)
+    originals = [im for _, im in images]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            recons = [as_uint8_images(model(to_tensor(im).to(model.device), pad=True)[0].float())[0].permute(1, 2, 0).cpu().numpy()
+                      for im in originals]  # fmt: skip
+    finally:
+        model.train(was_training)
+    thumbs = [bicubic_thumbnail(im, factor) for im in originals]
+    per_image = []
+    for (name, im), rec, th in zip(images, recons, thumbs):
+        p, t = min(float(psnr(rec, im)), PSNR_CAP), min(float(psnr(th, im)), PSNR_CAP)
+        per_image.append({"name": name, "psnr": p, "ssim": float(ssim(rec, im)), "thumbnail_psnr": t, "gap": p - t,
+                          "colour_error": float(colour_error(rec, im))})  # fmt: skip
+    worst = min(per_image, key=lambda r: r["gap"])
+    colours = [r["colour_error"] for r in per_image if r["name"] in saturated]
+    same = lambda arrays: [a for a in arrays if a.shape == originals[0].shape]  # noqa: E731  (one spectrum size)
+    mean = lambda key: float(np.mean([r[key] for r in per_image]))  # noqa: E731
+    return {
+        "n": len(per_image), "thumbnail_factor": factor, "psnr": mean("psnr"), "ssim": mean("ssim"),
+        "thumbnail_psnr": mean("thumbnail_psnr"), "worst_gap": worst["gap"], "worst_image": worst["name"],
+        "below_thumbnail_1db": sum(r["gap"] < -1 for r in per_image),
+        "saturated_colour_error": max(colours) if colours else None,
+        "periodic": periodic_energy(np.stack(same(recons)), np.stack(same(originals))),
+        "thumbnail_periodic": periodic_energy(np.stack(same(thumbs)), np.stack(same(originals))),
+        "per_image": per_image,
+    }  # fmt: skip

@@ -88,6 +88,12 @@ class Autoencoder(nn.Module):
         self.post_quant_conv = post if config.use_post_quant_conv else None
         if config.latent_norm == "patch_bn":  # FLUX.2: its running statistics are the normalisation
             self.bn = nn.BatchNorm2d(4 * c, eps=PATCH_BN_EPS, momentum=0.1, affine=False, track_running_stats=True)
+        if config.thumbnail_shortcut:  # start as the thumbnail coder: nothing but the shortcut reaches the output
+            for conv in (self.encoder.conv_out, self.decoder.conv_out):
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
+            if config.kind == "vae":  # and a nearly deterministic posterior (std e^-3), so noise does not drown the colours
+                nn.init.constant_(self.encoder.conv_out.bias[c:], -6.0)
 
     @property
     def factor(self) -> int:
@@ -203,19 +209,25 @@ class Autoencoder(nn.Module):
         else:
             h = self.encoder.body(x)
         h = self.encoder.head(h)
-        return self.quant_conv(h) if self.quant_conv is not None else h
+        moments = self.quant_conv(h) if self.quant_conv is not None else h
+        if not self.config.thumbnail_shortcut:
+            return moments
+        thumb = F.avg_pool2d(x, self.factor)  # into the first channels of the mean (not of the log-variance)
+        return torch.cat([moments[:, : thumb.shape[1]] + thumb, moments[:, thumb.shape[1] :]], dim=1)
 
     def _decode(self, z: Tensor, tile: int | str | None) -> Tensor:
         if not hasattr(self.decoder, "body"):
             return self.decoder(z)
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        h = self.decoder.head(z)
+        h = self.decoder.head(self.post_quant_conv(z) if self.post_quant_conv is not None else z)
         if tile:
             from .tiling import decode_body_tiled
 
-            return decode_body_tiled(self.decoder, h, tile, self.config)
-        return self.decoder.body(h)
+            x = decode_body_tiled(self.decoder, h, tile, self.config)
+        else:
+            x = self.decoder.body(h)
+        if self.config.thumbnail_shortcut:
+            x = x + F.interpolate(z[:, : x.shape[1]], scale_factor=self.factor, mode="bilinear", align_corners=False)
+        return x
 
     def _fp16_safe(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         """Run fn; if an fp16 model overflowed (the SDXL-VAE NaN problem), redo it in fp32."""

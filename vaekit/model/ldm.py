@@ -186,7 +186,7 @@ class Decoder(Staged):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         ch, g = cfg.block_channels, cfg.norm_groups
-        self.patch_size, self.shortcuts = cfg.patch_size, cfg.shortcuts
+        self.patch_size, self.shortcuts, self.patch_out = cfg.patch_size, cfg.shortcuts, cfg.patch_out
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
         self.mid = MidBlock(ch[-1], g, cfg.mid_attention)
         # Indexed like LDM: up[i] works at the resolution of encoder level i; runs from the top.
@@ -200,7 +200,8 @@ class Decoder(Staged):
             cin = nxt
         self.up = nn.ModuleList(levels)
         self.norm_out = _norm(ch[0], g)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels * cfg.patch_size**2, 3, padding=1)
+        per_position = cfg.patch_size**2 if cfg.patch_out == "shuffle" else 1
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels * per_position, 3, padding=1)
 
     def head(self, z: Tensor) -> Tensor:
         """Latent-resolution part, with global attention: always runs on the whole latent."""
@@ -217,8 +218,12 @@ class Decoder(Staged):
             if level.resample is not None:
                 stages.append(level.resample)
         # Not registered as a submodule: checkpoint keys stay `decoder.norm_out` / `decoder.conv_out`.
-        unpatch = [nn.PixelShuffle(self.patch_size)] if self.patch_size > 1 else []
-        stages.append(nn.Sequential(self.norm_out, nn.SiLU(), self.conv_out, *unpatch))
+        if self.patch_size == 1:
+            stages.append(nn.Sequential(self.norm_out, nn.SiLU(), self.conv_out))
+        elif self.patch_out == "nearest":
+            stages.append(nn.Sequential(self.norm_out, nn.SiLU(), nn.Upsample(scale_factor=self.patch_size), self.conv_out))
+        else:
+            stages.append(nn.Sequential(self.norm_out, nn.SiLU(), self.conv_out, nn.PixelShuffle(self.patch_size)))
         return stages
 
     def forward(self, z: Tensor) -> Tensor:
