@@ -145,23 +145,20 @@ class Autoencoder(nn.Module):
 
     def normalize(self, z: Tensor) -> Tensor:
         """Raw latent (what `encode` gives) -> the family's unit-variance latent (what its diffusion
-        model sees). The only place normalisation lives: see `AutoencoderConfig.latent_norm`."""
-        z = self.normalised_layout(z)
-        shift, scale = self._latent_affine(z)
-        return (z - shift) * scale
+        model sees). See `AutoencoderConfig.latent_norm` and `normalize_latents`."""
+        return normalize_latents(z, self.config, self.bn_stats())
 
     def normalised_layout(self, t: Tensor) -> Tensor:
         """A tensor shaped like `encode`'s latents, in the layout of normalised latents: FLUX.2's 2x2
         patches (channel c*4 + 2*dy + dx at half the side); unchanged for every other family."""
-        return F.pixel_unshuffle(t, 2) if self.config.latent_norm == "patch_bn" else t
+        return normalised_layout(t, self.config)
 
     def denormalize(self, z: Tensor) -> Tensor:
-        channels = self.config.normalised_shape[0]
-        if z.ndim != 4 or z.shape[1] != channels:
-            raise ValueError(f"normalised latents of this model have {channels} channels (NCHW), got shape {tuple(z.shape)}")
-        shift, scale = self._latent_affine(z)
-        z = z / scale + shift
-        return F.pixel_shuffle(z, 2) if self.config.latent_norm == "patch_bn" else z
+        return denormalize_latents(z, self.config, self.bn_stats())
+
+    def bn_stats(self) -> tuple[Tensor, Tensor] | None:
+        """FLUX.2's normalisation statistics (running mean and variance of its patch BatchNorm); None for other families."""
+        return (self.bn.running_mean, self.bn.running_var) if self.config.latent_norm == "patch_bn" else None
 
     def to_latent(
         self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None, pad: bool = False, tile: int | str | None = None
@@ -173,18 +170,6 @@ class Autoencoder(nn.Module):
 
     def from_latent(self, z: Tensor, size: tuple[int, int] | None = None, tile: int | str | None = None) -> Tensor:
         return self.decode(self.denormalize(z), size=size, tile=tile)
-
-    def _latent_affine(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """(shift, scale) with (z - shift) * scale normalised: scalars, or (1, C, 1, 1) per channel."""
-        c = self.config
-        if c.latent_norm == "patch_bn":
-            shift, scale = self.bn.running_mean, torch.rsqrt(self.bn.running_var.float() + PATCH_BN_EPS)
-        elif c.latent_norm == "channel":
-            shift, scale = torch.tensor(c.latents_mean), c.scaling_factor / torch.tensor(c.latents_std, dtype=torch.float64)
-        else:
-            return (torch.as_tensor(c.shift_factor, dtype=z.dtype, device=z.device),
-                    torch.as_tensor(c.scaling_factor, dtype=z.dtype, device=z.device))  # fmt: skip
-        return (shift.to(z.device, z.dtype).view(1, -1, 1, 1), scale.to(z.device, z.dtype).view(1, -1, 1, 1))
 
     # ---- saving ---------------------------------------------------------------------------
 
@@ -308,6 +293,45 @@ class Autoencoder(nn.Module):
         if not bool(torch.isfinite(z).all()):
             raise ValueError("latents contain NaN or Inf values")
         return z.to(self.dtype)
+
+
+# ---- the latent normalisation, the one place it lives ------------------------------------------
+# Functions of the config (and FLUX.2's BatchNorm statistics), so a latent dataset applies its model's
+# normalisation on read without building the model (vaekit.latents).
+
+
+def normalised_layout(t: Tensor, config: AutoencoderConfig) -> Tensor:
+    return F.pixel_unshuffle(t, 2) if config.latent_norm == "patch_bn" else t
+
+
+def normalize_latents(z: Tensor, config: AutoencoderConfig, bn_stats: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Raw latents -> what the family's diffusion model sees (`AutoencoderConfig.latent_norm`)."""
+    z = normalised_layout(z, config)
+    shift, scale = _latent_affine(z, config, bn_stats)
+    return (z - shift) * scale
+
+
+def denormalize_latents(z: Tensor, config: AutoencoderConfig, bn_stats: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    channels = config.normalised_shape[0]
+    if z.ndim != 4 or z.shape[1] != channels:
+        raise ValueError(f"normalised latents of this model have {channels} channels (NCHW), got shape {tuple(z.shape)}")
+    shift, scale = _latent_affine(z, config, bn_stats)
+    z = z / scale + shift
+    return F.pixel_shuffle(z, 2) if config.latent_norm == "patch_bn" else z
+
+
+def _latent_affine(z: Tensor, c: AutoencoderConfig, bn_stats: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """(shift, scale) with (z - shift) * scale normalised: scalars, or (1, C, 1, 1) per channel."""
+    if c.latent_norm == "patch_bn":
+        if bn_stats is None:
+            raise ValueError("FLUX.2-style latents need the model's BatchNorm statistics to be normalised")
+        shift, scale = bn_stats[0], torch.rsqrt(bn_stats[1].float() + PATCH_BN_EPS)
+    elif c.latent_norm == "channel":
+        shift, scale = torch.tensor(c.latents_mean), c.scaling_factor / torch.tensor(c.latents_std, dtype=torch.float64)
+    else:
+        return (torch.as_tensor(c.shift_factor, dtype=z.dtype, device=z.device),
+                torch.as_tensor(c.scaling_factor, dtype=z.dtype, device=z.device))  # fmt: skip
+    return (shift.to(z.device, z.dtype).view(1, -1, 1, 1), scale.to(z.device, z.dtype).view(1, -1, 1, 1))
 
 
 _warned: set[str] = set()
