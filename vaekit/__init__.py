@@ -2,7 +2,8 @@
 
 from .checkpoints import load
 from .config import PRESETS, AutoencoderConfig, preset
+from .latents import LatentDataset
 from .model import Autoencoder, Posterior
 
-__all__ = ["Autoencoder", "AutoencoderConfig", "Posterior", "PRESETS", "load", "preset"]
+__all__ = ["Autoencoder", "AutoencoderConfig", "LatentDataset", "Posterior", "PRESETS", "load", "preset"]
 __version__ = "0.1.0"

@@ -297,6 +297,98 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"wrote {path} and report.json (each model's own report under {Path(args.report) / 'models'})")
 
 
+# ---- encode / decode / calibrate -------------------------------------------------------------
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    from .checkpoints import load
+    from .latents import EncodeOptions, encode_dataset
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    device = args.device
+    if distributed and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    try:
+        model = load(args.model, family=args.family, device=device, dtype=DTYPES[args.precision], seed=args.seed)
+        options = EncodeOptions(
+            resolution=args.resolution, resize_mode=args.resize_mode, buckets=args.buckets, store=args.store, dtype=args.dtype,
+            precision=args.precision, shard_size=args.shard_size, batch_size=args.batch_size, min_side=args.min_side,
+            max_pixels=args.max_pixels, tile=args.tile, workers=args.workers, seed=args.sample_seed,
+        )  # fmt: skip
+        result = encode_dataset(model, args.data, args.out, options)
+    finally:
+        if distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        state = "complete" if result["shards"] == result["of"] else f"{result['shards']} of {result['of']} shards"
+        print(f"encoded {plural(result['encoded_now'], 'source')} now in {result['seconds']:.0f} s; {args.out}: "
+              f"{plural(result['items'], 'latent')}, {result['errors']} skipped (errors.jsonl), {state}")  # fmt: skip
+
+
+def cmd_decode(args: argparse.Namespace) -> None:
+    from .checkpoints import load
+    from .data import to_uint8, write_image
+    from .files import check_output_folder, check_targets, mark_output_folder
+    from .latents import LatentDataset, model_hash, read_latent_file
+    from .model.autoencoder import denormalize_latents
+    from .progress import progress
+
+    src, out = Path(args.latents), Path(args.outdir)
+    model = load(args.model, family=args.family, device=args.device, dtype=DTYPES[args.dtype], seed=args.seed)
+    check_output_folder(out, "OUTDIR")
+    if src.is_dir():
+        dataset = LatentDataset(src)
+        if not args.force and model_hash(model) != dataset.info["model_hash"]:
+            raise CLIError(f"{args.model} is not the model that encoded {src} (its info.json records another weights hash): "
+                           "decode with that model, or pass --force to decode anyway")  # fmt: skip
+        names = [Path(item["source"]).with_suffix(".png") for item in dataset.items]
+        latents = ((name, dataset.raw_latent(i)) for i, name in enumerate(names))  # raw: no round trip through the normalisation
+    else:
+        pairs = read_latent_file(src)
+        names = [Path(f"{key}.png") for key, _ in pairs]
+        bn = model.bn_stats()
+        latents = ((name, t.float() if args.raw else denormalize_latents(t.float()[None], model.config, bn)[0]) for name, (_, t) in zip(names, pairs))
+    check_targets([out / n for n in names], [], args.overwrite)
+    mark_output_folder(out, "vaekit decode")
+    for name, z in progress(latents, "decode", "img", total=len(names)):
+        with torch.inference_mode():
+            x = model.decode(z[None].to(model.device), tile=args.tile)
+        write_image(out / name, to_uint8(x)[0])
+    print(f"wrote {plural(len(names), 'image')} to {out}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from .checkpoints import load
+    from .data import center_crop, load_images, to_tensor
+    from .latents import calibrate, calibrated_model
+
+    model = load(args.model, family=args.family, device=args.device, dtype=torch.float32, seed=args.seed)
+    if args.resolution % model.factor:
+        raise CLIError(f"--resolution {args.resolution} is not a multiple of the model's factor {model.factor}")
+    skipped: list[str] = []
+    images = [to_tensor(center_crop(im, args.resolution)) for _, im in load_images(args.data, limit=args.limit, skipped=skipped)]
+    if not images:
+        raise CLIError(f"no readable images in {args.data}")
+    per_channel = args.per_channel or model.config.latent_norm == "patch_bn"
+    stats = calibrate(model, images, per_channel, sample=not args.mode, seed=args.seed)
+    show = lambda v: ", ".join(f"{x:.4f}" for x in v) if isinstance(v, list) else f"{v:.4f}"  # noqa: E731
+    print(f"measured on {plural(len(images), 'image')} at {args.resolution}x{args.resolution} "
+          f"({'posterior mode' if args.mode else 'posterior samples'}; skipped {len(skipped)} unreadable):")  # fmt: skip
+    print(f"  raw latents: mean {show(stats['mean'])}; std {show(stats['std'])}")
+    new = calibrated_model(model, stats)
+    print(f"  configured normalisation: {model.config.normalisation}")
+    print(f"  calibrated normalisation: {new.config.normalisation}" + ("" if per_channel else
+          f"  (scaling_factor {new.config.scaling_factor:.5f}, shift_factor {new.config.shift_factor:.5f})"))  # fmt: skip
+    now = calibrate(model, images, False, sample=not args.mode, seed=args.seed, normalised=True)
+    print(f"  with the configured normalisation these latents have mean {now['mean']:.4f} and std {now['std']:.4f} "
+          "(a diffusion model expects 0 and 1)")  # fmt: skip
+    if args.write:
+        new.save(args.write, format="single-file" if args.write.endswith(".safetensors") else "diffusers")
+        print(f"wrote {args.write} (the same weights with the calibrated normalisation)")
+
+
 # ---- train / quickstart ------------------------------------------------------------------
 
 
@@ -527,6 +619,79 @@ def build_parser() -> argparse.ArgumentParser:
             "given again override them); Ctrl-C saves a checkpoint first. Under `torchrun --nproc_per_node N -m "
             "vaekit.cli train ...` each process trains on its share of the data with DDP. See docs/TRAINING.md.")
     _add_train_args(p)
+
+    p = add("encode", "encode images once into a sharded latent dataset for diffusion training (resumable, torchrun)",
+            cmd_encode,
+            "Encode every image of DATA (a folder searched recursively in sorted order, an image, tar shards, or "
+            "'samples') with MODEL into OUT: shard-NNNNN.safetensors of --shard-size items (raw posterior mean and "
+            "logvar, or --store mean|sample), manifest.jsonl (one line per item: source relative to DATA, shard, "
+            "index, original size, crop box, bucket), errors.jsonl (every skipped file and why: unreadable, "
+            "truncated, not an image, a decompression bomb, too small) and info.json (the model's weights hash and "
+            "every option that shapes a latent). Running the same command again continues an interrupted run (a "
+            "crash, kill -9) with the result of one clean run; any other model or option is refused. Under "
+            "`torchrun --nproc_per_node K -m vaekit.cli encode ...` the ranks share the shards. Read it with "
+            "vaekit.latents.LatentDataset; see docs/LATENTS.md.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("data", metavar="DATA")
+    p.add_argument("out", metavar="OUT", help="the latent dataset folder (new, or one this command started)")
+    p.add_argument("--resolution", type=int, required=True, metavar="R",
+                   help="image side in pixels (a multiple of the model's factor); with --buckets, about R*R pixels")
+    p.add_argument("--resize-mode", choices=["center-crop", "resize", "pad"], default="center-crop",
+                   help="center-crop: shorter side to R, centre cut (default); resize: stretch to RxR; pad: longer side "
+                        "to R, centred on black")
+    p.add_argument("--buckets", action="store_true",
+                   help="SDXL-style aspect-ratio buckets of about R*R pixels, sides multiples of the factor (of 64 from "
+                        "R=256): each image goes to the bucket nearest its aspect ratio, then covers it and is centre-cut")
+    p.add_argument("--store", choices=["both", "mean", "sample"], default="both",
+                   help="both: posterior mean and logvar (default; LatentDataset(sample=True) draws per access); mean; "
+                        "sample: one seeded draw per image")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="storage dtype (default fp16)")
+    p.add_argument("--precision", choices=list(DTYPES), default="fp32", help="the model's compute dtype (default fp32)")
+    p.add_argument("--shard-size", type=int, default=1000, metavar="N", help="sources per shard (default 1000)")
+    p.add_argument("--batch-size", type=int, metavar="B",
+                   help="images per encoder call (default: 8 on a GPU, 1 on a CPU, where larger batches are slower per image)")
+    p.add_argument("--workers", type=int, default=2, metavar="W",
+                   help="DataLoader processes that read and resize images while the model runs (default 2; 0: in the main process)")
+    p.add_argument("--min-side", type=int, metavar="PX", help="skip images whose shorter side is below PX (default R/2)")
+    p.add_argument("--max-pixels", type=int, default=89_478_485, metavar="N",
+                   help="images above N pixels are refused as decompression bombs (default: PIL's limit)")
+    p.add_argument("--tile", type=int, metavar="N", help="encode the full-resolution layers in N-pixel tiles (large images, bounded GPU memory)")
+    p.add_argument("--sample-seed", type=int, default=0, metavar="S", help="seed of --store sample's draws (default 0)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _add_model_args(p)
+
+    p = add("decode", "decode a latent dataset (or a file of latents) back to PNGs", cmd_decode,
+            "Decode LATENTS, a folder `vaekit encode` wrote or one .safetensors / weights-only .pt file of latents "
+            "(normalised, as a diffusion model makes them, unless --raw), with MODEL into OUTDIR. A dataset's items are "
+            "named after their sources (suffix .png) and decoded from the stored posterior mean; a file's tensors after "
+            "their keys (a batch: KEY_00000.png, ...). MODEL must be the one that encoded the dataset (its weights hash), "
+            "unless --force.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("latents", metavar="LATENTS")
+    p.add_argument("outdir", metavar="OUTDIR")
+    p.add_argument("--raw", action="store_true", help="a file's latents are raw (as `encode` returns), not normalised")
+    p.add_argument("--force", action="store_true", help="decode a dataset with a model other than the one that encoded it")
+    p.add_argument("--overwrite", action="store_true", help="replace images that already exist in OUTDIR")
+    p.add_argument("--tile", type=_tile_arg, metavar="N", help="decode in N-pixel tiles (see docs/TILING.md)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="compute dtype (default fp32)")
+    _add_model_args(p)
+
+    p = add("calibrate", "measure the latent scale/shift (or per-channel mean/std) that gives unit variance on your data",
+            cmd_calibrate,
+            "Encode DATA with MODEL (centre crops of --resolution) and measure its raw latents' mean and std, globally "
+            "(SD/FLUX.1-style scaling_factor and shift_factor) or per channel (--per-channel: latents_mean/latents_std; "
+            "FLUX.2-style models always: their BatchNorm statistics). Prints them beside the configured normalisation; "
+            "--write saves the same weights with the calibrated normalisation.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("data", metavar="DATA")
+    p.add_argument("--resolution", type=int, default=256, metavar="R", help="centre-crop side (default 256)")
+    p.add_argument("--per-channel", action="store_true", help="per-channel mean/std instead of one scale and shift")
+    p.add_argument("--mode", action="store_true", help="measure the posterior mode instead of posterior samples (SD's scale was measured on samples)")
+    p.add_argument("--limit", type=int, metavar="N", help="use the first N images")
+    p.add_argument("--write", metavar="NEWMODEL", help="save the model with the calibrated normalisation (a diffusers folder, or a .safetensors file)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _add_model_args(p)
 
     p = add("quickstart", "train a small VAE on the built-in photos in a few minutes and report its held-out PSNR/SSIM",
             cmd_quickstart,
