@@ -29,9 +29,12 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.nin_shortcut(x) + h
+        # Without autograd nothing needs the intermediate tensors: SiLU and the residual add reuse their
+        # buffers (the same values; two fewer full-size tensors alive at a time, docs/BENCHMARKS.md).
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
+        return h.add_(self.nin_shortcut(x)) if inplace else self.nin_shortcut(x) + h
 
 
 class AttnBlock(nn.Module):
@@ -92,9 +95,37 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, self.out * (4 if shortcut else 1), 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.shortcut:
-            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return F.pixel_shuffle(self.conv(x), 2) + channel_to_space(x, self.out)
+        if self.shortcut:
+            return F.pixel_shuffle(self.conv(x), 2) + channel_to_space(x, self.out)
+        if not torch.is_grad_enabled():  # inference: never hold the whole 2x image, only a band of it
+            return upsample_conv_banded(x, self.conv)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+BAND_BYTES = 32 * 2**20  # the 2x-upsampled rows one band of `upsample_conv_banded` holds at a time
+
+
+def upsample_conv_banded(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """conv(nearest 2x upsampling of x), computed band by band of output rows: the same values as the
+    whole-image form (up to the convolution's float summation order), without the 4x-sized upsampled tensor."""
+    n, c, h, w = x.shape
+    height = 2 * h
+    band = max(2, BAND_BYTES // max(1, n * c * 2 * w * x.element_size()) // 2 * 2)
+    if band >= height:
+        return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    out: Tensor | None = None
+    for y0 in range(0, height, band):
+        y1 = min(height, y0 + band)
+        lo, hi = max(0, y0 - 1), min(height, y1 + 1)  # upsampled rows the band's 3x3 conv reads
+        a, b = lo // 2, (hi + 1) // 2  # the input rows that make them
+        up = F.interpolate(x[:, :, a:b], scale_factor=2.0, mode="nearest")[:, :, lo - 2 * a : hi - 2 * a]
+        up = F.pad(up, (0, 0, int(y0 == 0), int(y1 == height)))  # the conv's zero padding at the image's edges
+        y = F.conv2d(up, conv.weight, conv.bias, padding=(0, 1))
+        if out is None:
+            out = y.new_empty(n, y.shape[1], height, 2 * w)
+        out[:, :, y0:y1] = y
+    assert out is not None
+    return out
 
 
 class MidBlock(nn.Module):
