@@ -389,6 +389,33 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         print(f"wrote {args.write} (the same weights with the calibrated normalisation)")
 
 
+# ---- bench ---------------------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import json
+
+    from .checkpoints import load
+    from .files import write_atomic
+    from .speed import bench, format_rows, to_dicts
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load(args.model, family=args.family, device=args.device, dtype=torch.float32, seed=args.seed)
+    against = None if args.against == "none" else args.against
+    if against and not model.config.diffusers_compatible:
+        print(f"note: diffusers has no class for {args.model}'s architecture; timing vaekit alone", file=sys.stderr)
+    report = lambda r: print(f"{r.op} {r.size}² x{r.batch} {r.precision}: {r.seconds:.3f} s" +  # noqa: E731
+                             (f" (diffusers {r.peer_seconds:.3f} s, {r.speedup:.2f}x)" if r.peer_seconds else ""), file=sys.stderr)
+    rows, peaks = bench(model, args.size, args.batch, args.precision, tile=args.tile, against=against, repeats=args.repeats,
+                        report=report)  # fmt: skip
+    print(format_rows(rows, peaks))
+    if args.json:
+        text = json.dumps({"model": args.model, "peaks": peaks, "rows": to_dicts(rows)}, indent=2) + "\n"
+        write_atomic(Path(args.json), lambda tmp: tmp.write_text(text))
+        print(f"wrote {args.json}")
+
+
 # ---- train / quickstart ------------------------------------------------------------------
 
 
@@ -690,6 +717,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", action="store_true", help="measure the posterior mode instead of posterior samples (SD's scale was measured on samples)")
     p.add_argument("--limit", type=int, metavar="N", help="use the first N images")
     p.add_argument("--write", metavar="NEWMODEL", help="save the model with the calibrated normalisation (a diffusers folder, or a .safetensors file)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _add_model_args(p)
+
+    p = add("bench", "time encode and decode against diffusers and the machine's peaks; peak memory; FLOPs", cmd_bench,
+            "Time MODEL's encode and decode (median of --repeats runs after a warm-up, interleaved with diffusers' class "
+            "on the same weights), peak memory above the loaded model (RSS on a CPU, max_memory_allocated on CUDA), the "
+            "largest difference to diffusers, FLOPs per image and the GFLOP/s achieved against a matmul and a 3x3 conv "
+            "measured by the same command on the same threads. See docs/BENCHMARKS.md.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--size", type=int, nargs="+", default=[256, 512], metavar="PX", help="image sides (default 256 512)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], metavar="B", help="batch sizes (default 1)")
+    p.add_argument("--precision", nargs="+", choices=list(DTYPES), default=["fp32"], help="compute dtypes (default fp32)")
+    p.add_argument("--tile", type=int, metavar="N", help="run vaekit tiled with N-pixel tiles (diffusers untiled)")
+    p.add_argument("--against", choices=["diffusers", "none"], default="diffusers", help="the peer (default diffusers)")
+    p.add_argument("--repeats", type=int, default=5, metavar="N", help="timed runs of each (default 5)")
+    p.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's)")
+    p.add_argument("--json", metavar="FILE", help="also write every number to FILE")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     _add_model_args(p)
 

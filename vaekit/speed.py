@@ -1,0 +1,208 @@
+"""Speed and memory of an autoencoder, against its diffusers class and against the machine's own peaks:
+what `vaekit bench` runs (docs/BENCHMARKS.md).
+
+Times are medians of `repeats` runs after a warm-up, vaekit and the peer interleaved run by run, so a
+neighbour's load hits both alike. Memory is the peak resident set size above the one before the call (the
+loaded model and the input) on a CPU, sampled every millisecond; `max_memory_allocated` on CUDA. FLOPs come
+from `torch.utils.flop_counter` (a multiply-add counts 2); the achieved GFLOP/s are read against a large fp32
+matmul and a 3x3 convolution measured by the same process, on the same threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .model import Autoencoder
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Row:
+    op: str  # "encode" or "decode"
+    size: int
+    batch: int
+    precision: str
+    tile: int | None
+    seconds: float  # per call (the whole batch), median
+    spread: tuple[float, float]  # min, max
+    gflop_per_image: float
+    gflops: float  # achieved
+    conv_peak_share: float
+    rss_mb: float | None  # peak above the start of the call (CPU), or CUDA max_memory_allocated
+    peer_seconds: float | None = None
+    peer_rss_mb: float | None = None
+    max_abs_diff: float | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        return self.peer_seconds / self.seconds if self.peer_seconds else None
+
+
+def machine_peaks(device: torch.device, seconds: float = 1.0) -> dict[str, float]:
+    """GFLOP/s of a 2048² fp32 matmul and of a 3x3 conv (128 channels, 256², batch 1) on this device and threads."""
+    a = torch.randn(2048, 2048, device=device)
+    x = torch.randn(1, 128, 256, 256, device=device)
+    w = torch.randn(128, 128, 3, 3, device=device)
+    tests = {"matmul": (lambda: a @ a, 2 * 2048**3), "conv": (lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * 128 * 128 * 9 * 256 * 256)}
+    peaks = {}
+    for name, (fn, flop) in tests.items():
+        fn()
+        best, start = float("inf"), time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            best = min(best, _timed(fn, device))
+        peaks[f"{name}_gflops"] = flop / best / 1e9
+    return peaks
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
+    """{"mb": peak above the start} once the block ends: RSS sampled every ms (CPU), or CUDA's allocator peak."""
+    out: dict[str, float] = {}
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        yield out
+        out["mb"] = (torch.cuda.max_memory_allocated(device) - start) / 2**20
+        return
+    if not os.path.exists("/proc/self/statm"):  # not Linux: no cheap RSS probe
+        yield out
+        return
+    start, peak, done = _rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        done.set()
+        thread.join()
+        out["mb"] = (max(peak[0], _rss()) - start) / 2**20
+
+
+def diffusers_peer(model: Autoencoder, dtype: torch.dtype) -> Any | None:
+    """The same weights in diffusers' class for this architecture, or None when diffusers has none."""
+    if not model.config.diffusers_compatible:
+        return None
+    from diffusers import AutoencoderKL
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save(folder)
+        return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype).to(model.device).eval()
+
+
+def bench(model: Autoencoder, sizes: list[int], batches: list[int], precisions: list[str], tile: int | None = None,
+          against: str | None = "diffusers", repeats: int = 5, seed: int = 0,
+          report: Callable[[Row], None] | None = None) -> tuple[list[Row], dict[str, float]]:  # fmt: skip
+    """Encode and decode timings for every (size, batch, precision); see the module docstring."""
+    device = model.device
+    peaks = machine_peaks(device)
+    rows: list[Row] = []
+    for precision in precisions:
+        dtype = PRECISIONS[precision]
+        model = model.to(dtype).eval()
+        peer = diffusers_peer(model, dtype) if against == "diffusers" else None
+        for size in sizes:
+            for batch in batches:
+                g = torch.Generator().manual_seed(seed)
+                x = (torch.rand(batch, model.config.in_channels, size, size, generator=g) * 2 - 1).to(device, dtype)
+                with torch.inference_mode():
+                    z = model.encode(x, tile=tile).mean
+                ops = {
+                    "encode": (lambda: model.encode(x, tile=tile).mean,
+                               (lambda: peer.encode(x).latent_dist.mean) if peer is not None else None),
+                    "decode": (lambda: model.decode(z, tile=tile),
+                               (lambda: peer.decode(z).sample) if peer is not None else None),
+                }  # fmt: skip
+                for op, (ours, theirs) in ops.items():
+                    row = _measure(op, ours, theirs, size, batch, precision, tile, repeats, device, peaks)
+                    rows.append(row)
+                    if report:
+                        report(row)
+    return rows, peaks
+
+
+def _measure(op: str, ours: Callable, theirs: Callable | None, size: int, batch: int, precision: str, tile: int | None,
+             repeats: int, device: torch.device, peaks: dict[str, float]) -> Row:  # fmt: skip
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:  # also the warm-up
+            out = ours()
+        flop = counter.get_total_flops()
+        diff = None
+        if theirs is not None:
+            diff = float((theirs().float() - out.float()).abs().max())
+        del out
+        with peak_memory(device) as mem:
+            ours()
+        peer_mem: dict[str, float] = {}
+        if theirs is not None:
+            with peak_memory(device) as peer_mem:
+                theirs()
+        times, peer_times = [], []
+        for _ in range(repeats):  # interleaved: a neighbour's load hits both alike
+            times.append(_timed(ours, device))
+            if theirs is not None:
+                peer_times.append(_timed(theirs, device))
+    t = statistics.median(times)
+    return Row(op=op, size=size, batch=batch, precision=precision, tile=tile, seconds=t, spread=(min(times), max(times)),
+               gflop_per_image=flop / batch / 1e9, gflops=flop / t / 1e9, conv_peak_share=flop / t / 1e9 / peaks["conv_gflops"],
+               rss_mb=mem.get("mb"), peer_seconds=statistics.median(peer_times) if peer_times else None,
+               peer_rss_mb=peer_mem.get("mb"), max_abs_diff=diff)  # fmt: skip
+
+
+def format_rows(rows: list[Row], peaks: dict[str, float]) -> str:
+    """A markdown table of the rows, with the machine's peaks above it."""
+    lines = [f"machine: {torch.get_num_threads()} threads; fp32 matmul {peaks['matmul_gflops']:.0f} GFLOP/s, "
+             f"3x3 conv {peaks['conv_gflops']:.0f} GFLOP/s", "",
+             "| op | size | batch | precision | vaekit s | diffusers s | speed-up | GFLOP/img | GFLOP/s | of conv peak | "
+             "peak MB (vaekit / diffusers) | max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        peer = f"{r.peer_seconds:.3f}" if r.peer_seconds else "-"
+        speed = f"{r.speedup:.2f}x" if r.speedup else "-"
+        mem = f"{r.rss_mb:.0f}" if r.rss_mb is not None else "-"
+        mem += f" / {r.peer_rss_mb:.0f}" if r.peer_rss_mb is not None else ""
+        diff = f"{r.max_abs_diff:.1e}" if r.max_abs_diff is not None else "-"
+        size = f"{r.size}²" + (f" tile {r.tile}" if r.tile else "")
+        lines.append(f"| {r.op} | {size} | {r.batch} | {r.precision} | {r.seconds:.3f} | {peer} | {speed} | "
+                     f"{r.gflop_per_image:.0f} | {r.gflops:.0f} | {r.conv_peak_share:.0%} | {mem} | {diff} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def to_dicts(rows: list[Row]) -> list[dict[str, Any]]:
+    return [{**asdict(r), "speedup": r.speedup} for r in rows]
