@@ -1,0 +1,81 @@
+"""Training-step throughput (issue 14): images/s of vaekit's trainer against a plain diffusers `AutoencoderKL` +
+AdamW loop with the same model, loss (L1 + KL, LDM's weight 0.012288 at 64² = 1e-6 on diffusers' summed KL)
+and batch (16 crops of 64² from the built-in photos).
+
+    python bench/train_speed.py                 # tiny-f8c4 (diffusers has it) and the quickstart's tiny-thumb-f8c4
+
+vaekit's figure is the median images/s its trainer logs (log.jsonl, every 5 steps after the first 10: EMA,
+gradient clipping and data loading included); the loop's is measured the same way over the same steps.
+2 torch threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vaekit import preset
+from vaekit.data import training_data
+from vaekit.losses import LossConfig
+from vaekit.train import QUICKSTART, train
+
+
+def vaekit_rate(name: str, steps: int, out: Path) -> float:
+    cfg = dataclasses.replace(QUICKSTART, preset=name, out=str(out), seconds=None, steps=steps, warmup=5, log_every=5,
+                              sample_every=0, save_every=10**6, permute_colors=False, min_scale=1.0,
+                              loss=LossConfig(pixel="l1", kl_weight=0.012288))  # fmt: skip
+    train(cfg, progress=False)
+    rates = [json.loads(line)["images_per_s"] for line in (out / "log.jsonl").read_text().splitlines()][2:]
+    return statistics.median(rates)
+
+
+def diffusers_rate(name: str, steps: int) -> float:
+    from diffusers import AutoencoderKL
+
+    c = preset(name)
+    torch.manual_seed(0)
+    n = len(c.block_channels)
+    model = AutoencoderKL(block_out_channels=c.block_channels, down_block_types=("DownEncoderBlock2D",) * n,
+                          up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=c.layers_per_block,
+                          latent_channels=c.latent_channels, norm_num_groups=c.norm_groups).train()  # fmt: skip
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = iter(training_data("samples", 64).loader(16, 0))
+    rates, t = [], time.perf_counter()
+    for step in range(1, steps + 1):
+        x = next(batches).images.float() / 127.5 - 1.0
+        posterior = model.encode(x).latent_dist
+        loss = (model.decode(posterior.sample()).sample - x).abs().mean() + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 5 == 0:
+            now = time.perf_counter()
+            rates.append(5 * 16 / (now - t))
+            t = now
+    return statistics.median(rates[2:])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["tiny-f8c4", "tiny-thumb-f8c4"])
+    p.add_argument("--steps", type=int, default=40)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    print("| model | vaekit trainer img/s | diffusers loop img/s | ratio |\n|---|---|---|---|")
+    for name in args.presets:
+        with tempfile.TemporaryDirectory() as tmp:
+            ours = vaekit_rate(name, args.steps, Path(tmp) / "run")
+        theirs = diffusers_rate(name, args.steps) if preset(name).diffusers_compatible else None
+        ratio = f"{ours / theirs:.2f}x" if theirs else "- (no diffusers class)"
+        print(f"| {name} | {ours:.1f} | {f'{theirs:.1f}' if theirs else '-'} | {ratio} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
