@@ -86,7 +86,9 @@ def _rss() -> int:
 
 @contextlib.contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
-    """{"mb": peak above the start} once the block ends: RSS sampled every ms (CPU), or CUDA's allocator peak."""
+    """{"mb": peak above the start} once the block ends: RSS sampled every ms (CPU), or CUDA's allocator peak.
+    The sampler is a thread: it sees what lives while torch computes (its kernels release the GIL), and can
+    miss a buffer that is allocated and freed within one millisecond of pure Python."""
     out: dict[str, float] = {}
     gc.collect()
     if device.type == "cuda":
