@@ -5,7 +5,7 @@ on two held-out sets, against the bicubic thumbnail with as many numbers per pat
     python bench/train_quality.py --channels 4 --arms quickstart bicubic
     python bench/train_quality.py --clock cpu               # a busy machine: budget in CPU time (see below)
 
-Held-out sets (`vaekit.evaluate.against_thumbnail` scores every arm):
+Held-out sets (`vaekit.train.held_out_against_thumbnail` scores every trained arm, as `vaekit quickstart` does):
   photos      chelsea, coffee, flower: shorter side resized to 256 (Lanczos), centre 256x256, as the
               trainer validates them (whole photos scaled down).
   crops       the first part of samples:native: 10 crops of 256x256 at the photos' own resolution (from
@@ -54,20 +54,16 @@ import torch
 from vaekit import load
 from vaekit.config import preset
 from vaekit.data import held_out_sets, synthetic_colours, training_data
-from vaekit.evaluate import PSNR_CAP, against_thumbnail, thumbnail_factor
+from vaekit.evaluate import PSNR_CAP, thumbnail_factor
 from vaekit.losses import LossConfig
 from vaekit.metrics import bicubic_thumbnail, colour_error, periodic_energy, psnr, ssim
+from vaekit.train import held_out_against_thumbnail
 
 CORES = 2  # the budget is for a 2-core CPU
 RESOLUTION = 256
 
 
 SATURATED = tuple(name for name, _ in synthetic_colours())
-
-
-def scores(model: Any, sets: dict[str, list[tuple[str, np.ndarray]]]) -> dict[str, Any]:
-    """`vaekit.evaluate.against_thumbnail` on each set."""
-    return {name: against_thumbnail(model, images, saturated=SATURATED) for name, images in sets.items()}
 
 
 def make_clock(kind: str) -> Callable[[], float]:
@@ -95,7 +91,7 @@ def bicubic(channels: int, sets: dict[str, list[tuple[str, np.ndarray]]]) -> dic
     return {"arm": "bicubic", "recipe": f"{factor}x bicubic thumbnail ({3 * (8 // factor) ** 2} numbers per 8x8 patch)", "sets": rows}
 
 
-def plain_diffusers(channels: int, seconds: float, clock: Callable[[], float], lr: float, sets: dict[str, Any],
+def plain_diffusers(channels: int, seconds: float, clock: Callable[[], float], lr: float,
                     seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """The issue's baseline: what a user writes around diffusers without a trainer."""
     from diffusers import AutoencoderKL
@@ -121,7 +117,7 @@ def plain_diffusers(channels: int, seconds: float, clock: Callable[[], float], l
     wall, cpu = time.time() - wall, time.process_time() - cpu
     with tempfile.TemporaryDirectory() as folder:  # scored by the same code as every arm: through vaekit.load
         model.save_pretrained(folder)
-        result = scores(load(folder), sets)
+        result = held_out_against_thumbnail(load(folder), RESOLUTION)
     recipe = f"diffusers AutoencoderKL (32,64,128,128)x1, AdamW lr {lr:g}, L1 + 1e-6 KL, batch 16, 64px crops"
     return {"arm": "diffusers", "recipe": recipe, "steps": steps, "wall_s": wall, "cpu_s": cpu, "sets": result}
 
@@ -135,7 +131,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def vaekit_recipe(arm: str, channels: int, seconds: float, clock_kind: str, sets: dict[str, Any]) -> dict[str, Any]:
+def vaekit_recipe(arm: str, channels: int, seconds: float, clock_kind: str) -> dict[str, Any]:
     """`vaekit quickstart`'s code path (its step calibration, EMA model), with RECIPES[arm]'s changes."""
     from vaekit import train as trainer
 
@@ -148,7 +144,7 @@ def vaekit_recipe(arm: str, channels: int, seconds: float, clock_kind: str, sets
             wall, cpu = time.time(), time.process_time()
             result = trainer.train(dataclasses.replace(recipe, out=str(Path(out) / "run"), seconds=seconds), progress=False)
             wall, cpu = time.time() - wall, time.process_time() - cpu
-            measured = scores(load(result.model), sets)
+            measured = held_out_against_thumbnail(load(result.model), RESOLUTION)
     finally:
         trainer.time = time
     return {"arm": arm, "recipe": describe(recipe, channels), "steps": result.metrics["step"], "wall_s": wall, "cpu_s": cpu,
@@ -202,9 +198,9 @@ def main() -> None:
             if arm == "bicubic":
                 row = bicubic(channels, sets)
             elif arm == "diffusers":
-                row = plain_diffusers(channels, args.seconds, make_clock(args.clock), args.diffusers_lr, sets)
+                row = plain_diffusers(channels, args.seconds, make_clock(args.clock), args.diffusers_lr)
             else:
-                row = vaekit_recipe(arm, channels, args.seconds, args.clock, sets)
+                row = vaekit_recipe(arm, channels, args.seconds, args.clock)
             rows.append({"channels": channels, **row})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "sets"}), flush=True)
             if args.json:

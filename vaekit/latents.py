@@ -306,7 +306,7 @@ def encode_dataset(model: Autoencoder, data: str, out: str | Path, options: Enco
     n_shards = math.ceil(len(sources) / o.shard_size)
     mine = [k for k in range(n_shards) if k % world == rank and not shard_path(out, k).is_file()]
     positions = [p for k in mine for p in range(k * o.shard_size, min((k + 1) * o.shard_size, len(sources)))]
-    buckets = buckets_for(o.resolution, model.factor) if o.buckets else []
+    buckets = [tuple(b) for b in wanted["buckets"]] if o.buckets else []
     loader = DataLoader(_Prepared(sources, positions, o, buckets), batch_size=None, num_workers=o.workers,
                         prefetch_factor=4 if o.workers else None)  # fmt: skip
     encoder = _Encoder(model, o)
