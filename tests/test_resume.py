@@ -13,8 +13,9 @@ from vaekit.train import TrainConfig, train
 
 TINY = dict(block_channels=[16, 32, 32, 32], layers_per_block=1, norm_groups=8, latent_channels=4)
 # Every piece of state in play: posterior sampling, multi-scale crops and flips, gradient
-# accumulation, EMA, and a GAN whose discriminator (with batch norm) starts training at step 5.
-LOSS = LossConfig(kl_weight=1e-4, gan_weight=0.5, gan_start=5, disc_channels=8, disc_layers=2)
+# accumulation, EMA, scale equivariance (2x and 4x by step), and a GAN whose discriminator (with batch
+# norm) starts training at step 5.
+LOSS = LossConfig(kl_weight=1e-4, gan_weight=0.5, gan_start=5, disc_channels=8, disc_layers=2, scale_equivariance=0.5)
 
 
 def config(out: Path, **changes) -> TrainConfig:
@@ -67,11 +68,11 @@ def test_resuming_from_a_checkpoint_continues_bit_for_bit(straight: Path, tmp_pa
 def test_ctrl_c_saves_a_checkpoint_after_the_current_step_and_resume_is_exact(straight: Path, tmp_path: Path, monkeypatch):
     terms = AutoencoderLoss.terms
 
-    def interrupt_at_step_7(self, x, recon, posterior, step):
+    def interrupt_at_step_7(self, x, recon, posterior, step, se=None):
         if step == 6 and not interrupted:  # 0-based: during the 7th step
             interrupted.append(True)
             os.kill(os.getpid(), signal.SIGINT)
-        return terms(self, x, recon, posterior, step)
+        return terms(self, x, recon, posterior, step, se)
 
     interrupted: list[bool] = []
     monkeypatch.setattr(AutoencoderLoss, "terms", interrupt_at_step_7)

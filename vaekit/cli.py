@@ -244,7 +244,60 @@ def _run_analysis(source: str, names: list[str], x: torch.Tensor, lpips, args: a
                      lpips=lpips, batch_size=args.batch_size, seed=args.seed)
     lpips_info = lpips.info["backbone"] if lpips is not None else None
     result.numbers = {"model": source, "data": args.data, "sources": names, "lpips": lpips_info, **result.numbers}
+    if args.diffusability:
+        from .analysis import grid
+        from .diffusability import Protocol, score
+
+        kid, _ = _kid_extractor(args.kid, args.device)
+        protocol = Protocol(steps=args.diffusability_steps, seed=args.seed)
+        numbers, samples = score(model, args.diffusability, protocol, kid=kid, device=args.device)
+        result.numbers["diffusability"] = numbers
+        result.images["diffusability_samples"] = grid(samples[:32], 8)
     return result
+
+
+def _kid_extractor(kid: str, device: str):
+    """Inception features for KID, or None and a note saying why it is left out."""
+    if kid == "off":
+        return None, "KID left out (--kid off)"
+    from .metrics import FID
+    from .weights import MissingWeights
+
+    try:
+        return FID(device=device), None
+    except (RuntimeError, OSError, ImportError) as e:
+        reason = e.message("pass --kid off to leave it out without this note") if isinstance(e, MissingWeights) else e
+        print(f"note: KID not measured ({reason})", file=sys.stderr)
+        return None, f"KID not measured ({reason})"
+
+
+def cmd_diffusability(args: argparse.Namespace) -> None:
+    from .analysis import grid
+    from .checkpoints import load
+    from .diffusability import Protocol, score
+    from .files import check_output_folder
+    from .report import write_diffusability_report
+
+    check_output_folder(Path(args.out), "--out")
+    model = load(args.model, family=args.family, device=args.device, dtype=torch.float32, seed=args.seed)
+    protocol = Protocol(resolution=args.resolution, train_crops=args.train_crops, val_crops=args.val_crops, steps=args.steps,
+                        samples=args.samples, seed=args.seed)  # fmt: skip
+    if args.resolution % model.factor:
+        f, r = model.factor, args.resolution
+        raise CLIError(f"--resolution {r} is not a multiple of {args.model}'s factor {f}: use --resolution {r - r % f + f}")
+    kid, _ = _kid_extractor(args.kid, args.device)
+    numbers, samples = score(model, args.data, protocol, val=args.val, kid=kid, device=args.device)
+    numbers["model"] = args.model
+    path = write_diffusability_report(numbers, grid(samples, 8), args.out, f"vaekit diffusability: {args.model}")
+    levels = "  ".join(f"t={t:g}: {e:.4f}" for t, e in zip(numbers["levels"], numbers["errors"]))
+    print(f"score {numbers['score']:.4f} (mean relative denoising error; lower is easier to diffuse)")
+    print(f"per noise level: {levels}")
+    lat, img = numbers["latents"], numbers["images"]
+    print(f"latents {tuple(lat['shape'])}: high-frequency share {lat['high_frequency_fraction']:.3f}, slope {lat['spectrum_slope']:.2f} "
+          f"(images: {img['high_frequency_fraction']:.3f}, {img['spectrum_slope']:.2f})")
+    kid_text = f", KID {numbers['samples']['kid']['mean']:.4f} ± {numbers['samples']['kid']['std']:.4f}" if numbers["samples"]["kid"] else ""
+    print(f"samples: edge distance {numbers['samples']['distance']['gradient']:.3f}{kid_text}")
+    print(f"wrote {path} and report.json")
 
 
 def _print_summary(results: dict) -> None:
@@ -518,6 +571,8 @@ def _add_model_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .diffusability import Protocol
+
     parser = argparse.ArgumentParser(
         prog="vaekit",
         description="Build, load, convert, train and measure latent-diffusion autoencoders. "
@@ -616,6 +671,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=8, metavar="B", help="images decoded together (default 8)")
         p.add_argument("--seed", type=int, default=0,
                        help="seed of the random latents and noise directions, and of preset:NAME's random weights (default 0)")
+        p.add_argument("--diffusability", metavar="TRAIN_DATA", help="also score how easily a diffusion model learns each "
+                       "latent space, training vaekit's small fixed denoiser on latents of TRAIN_DATA (see `vaekit diffusability`; "
+                       "about a minute per small model on a CPU)")
+        p.add_argument("--diffusability-steps", type=int, default=Protocol.steps, metavar="N",
+                       help=f"with --diffusability: denoiser training steps (default {Protocol.steps}; scores compare only at equal steps)")
+        p.add_argument("--kid", choices=["auto", "off"], default="auto",
+                       help="with --diffusability: KID of the samples (needs Inception's weights; auto leaves it out with a note offline)")
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         _add_model_args(p, seed=False)
 
@@ -636,6 +698,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", metavar="MODEL")
     add_analysis_args(p)
     p.add_argument("--crops", type=int, default=4, metavar="N", help="images whose most detailed region is shown from every model (default 4)")
+
+    p = add("diffusability", "score how easily a diffusion model learns MODEL's latent space (a small fixed denoiser, trained here)",
+            cmd_diffusability,
+            "Encode crops of DATA with MODEL (to_latent: what a diffusion model sees, then standardised to mean 0, "
+            "std 1), train a small conv UNet denoiser on them (rectified flow; its size follows the latent shape by a "
+            "fixed rule; fixed steps and seed) and report its held-out relative denoising error per noise level and "
+            "their mean, the SCORE (0 perfect, 1 knows nothing: lower is easier to diffuse), the quality of its "
+            "decoded samples (image-statistics distance; KID with Inception's weights) and the latents' spectrum "
+            "beside the images'. The protocol is the same for every model (any family, pixel space: preset:pixel), "
+            "so scores compare only at the same options. DATA is split as `vaekit train` splits it (samples: the "
+            "held-out photos chelsea, coffee, flower). Writes OUT/report.html and OUT/report.json. See docs/DIFFUSABILITY.md.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("data", metavar="DATA")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.html, report.json and the pictures")
+    p.add_argument("--val", metavar="DATA", help="held-out images (default: held out of DATA, as `vaekit train` does)")
+    p.add_argument("--resolution", type=int, default=Protocol.resolution, metavar="R", help=f"crop side (default {Protocol.resolution})")
+    d = Protocol()
+    p.add_argument("--steps", type=int, default=d.steps, help=f"denoiser training steps (default {d.steps})")
+    p.add_argument("--train-crops", type=int, default=d.train_crops, metavar="N", help=f"training crops encoded (default {d.train_crops})")
+    p.add_argument("--val-crops", type=int, default=d.val_crops, metavar="N", help=f"held-out crops scored (default {d.val_crops})")
+    p.add_argument("--samples", type=int, default=d.samples, metavar="N", help=f"samples drawn and decoded (default {d.samples})")
+    p.add_argument("--kid", choices=["auto", "off"], default="auto",
+                   help="KID of the samples against the held-out crops (needs Inception's weights; auto leaves it out with a note offline)")
+    p.add_argument("--seed", type=int, default=0, help="seed of crops, denoiser, noise and samples, and of preset:NAME's random weights (default 0)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _add_model_args(p, seed=False)
 
     p = add("train", "train or fine-tune a VAE or plain AE (resumable, multi-GPU with torchrun)", cmd_train,
             "Train an autoencoder on DATA into the run folder RUN: RUN/config.json (every setting), RUN/checkpoints/ "
@@ -814,6 +902,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     opt(g, "--gan-weight", "PatchGAN weight (LDM: 0.5), scaled by the adaptive weight", d.loss.gan_weight, type=float)
     opt(g, "--gan-start", "first step with the GAN term and discriminator updates (LDM: 50001)", d.loss.gan_start, type=int)
     opt(g, "--gan-loss", "discriminator loss", d.loss.gan_loss, choices=["hinge", "vanilla"])
+    opt(g, "--scale-equivariance", "weight W of scale equivariance (Skorokhodov et al. 2025): decoding the latent downsampled "
+        "2x or 4x must give the image downsampled alike (reconstruction loss x W). With --init it is the paper's short "
+        "fine-tune that takes high frequencies out of the latents (docs/DIFFUSABILITY.md; the paper fine-tunes 10-20k steps)",
+        d.loss.scale_equivariance, type=float)
     opt(g, "--disc-norm", "discriminator normalisation: LDM's batch norm, or group/none, which do not depend on the "
         "batch (with --grad-accum, only they make accumulation equal a larger batch)", d.loss.disc_norm,
         choices=["batch", "group", "none"])

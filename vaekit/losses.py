@@ -244,6 +244,27 @@ def gan_weight_from_grads(nll_grad: Tensor, g_grad: Tensor, scale: float = 1.0, 
     return torch.where(finite, weight, torch.zeros_like(weight)).detach()  # no host sync
 
 
+# ---- scale equivariance ----------------------------------------------------------------------------
+
+ScalePair = tuple[Tensor, Tensor]  # (decoded downsampled latent, downsampled image)
+
+
+def downsample(x: Tensor, factor: int) -> Tensor:
+    """Bilinear downsampling (antialiased) by an integer factor, the same for images and latents: scale
+    equivariance asks that decode(downsample(z)) = downsample(x)."""
+    return F.interpolate(x, scale_factor=1 / factor, mode="bilinear", antialias=True, align_corners=False)
+
+
+def scale_factors(latent_side: int) -> list[int]:
+    """The downsampling factors scale equivariance alternates between (2 and 4, as the paper), those
+    that divide the latent side."""
+    factors = [f for f in (2, 4) if latent_side % f == 0 and latent_side // f >= 1]
+    if not factors:
+        raise ValueError(f"scale equivariance downsamples the latents 2x or 4x; latents of side {latent_side} allow neither: "
+                         "train on crops whose latent side is even")
+    return factors
+
+
 # ---- the combined loss ----------------------------------------------------------------------------
 
 
@@ -268,9 +289,12 @@ class LossConfig:
     disc_layers: int = 3
     disc_channels: int = 64
     disc_norm: DiscNorm = "batch"
+    # Skorokhodov et al. 2025 ("Improving the Diffusability of Autoencoders"): decoding the latent
+    # downsampled 2x or 4x must give the image downsampled alike; this weights that reconstruction loss.
+    scale_equivariance: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("pixel_weight", "ssim_weight", "kl_weight", "lpips_weight", "gan_weight"):
+        for name in ("pixel_weight", "ssim_weight", "kl_weight", "lpips_weight", "gan_weight", "scale_equivariance"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
@@ -315,10 +339,13 @@ class AutoencoderLoss(nn.Module):
         """True from `gan_start` on (LDM's convention: no GAN term and no discriminator step before)."""
         return self.discriminator is not None and step >= self.config.gan_start
 
-    def terms(self, x: Tensor, recon: Tensor, posterior: Posterior, step: int) -> dict[str, Tensor]:
-        """The active terms, unweighted and still attached to the graph, keyed as they are logged."""
+    def terms(self, x: Tensor, recon: Tensor, posterior: Posterior, step: int, se: ScalePair | None = None) -> dict[str, Tensor]:
+        """The active terms, unweighted and still attached to the graph, keyed as they are logged.
+        `se`: (decoded downsampled latent, downsampled image), see `downsample`."""
         c = self.config
         out: dict[str, Tensor] = {}
+        if se is not None and c.scale_equivariance > 0:
+            out["se"] = reconstruction_loss(se[0].float(), se[1], c.pixel, c.charbonnier_eps)
         if c.pixel_weight > 0:
             out[c.pixel] = reconstruction_loss(recon, x, c.pixel, c.charbonnier_eps)
         if c.ssim_weight > 0:
@@ -332,27 +359,32 @@ class AutoencoderLoss(nn.Module):
                 out["gan_g"] = generator_loss(disc(recon), c.gan_loss)
         return out
 
-    def without_gan(self, x: Tensor, recon: Tensor, posterior: Posterior, step: int) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+    def without_gan(
+        self, x: Tensor, recon: Tensor, posterior: Posterior, step: int, se: ScalePair | None = None
+    ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
         """The loss before its GAN term (weighted reconstruction terms + KL term), the unweighted
         generator loss (None before `gan_start`) and the logged parts (detached fp32 scalars). The
         trainer uses it when gradient accumulation decides the GAN weight once per optimizer step."""
         c = self.config
-        terms = self.terms(x, recon, posterior, step)
+        terms = self.terms(x, recon, posterior, step, se)
         weights = {c.pixel: c.pixel_weight, "ssim": c.ssim_weight, "lpips": c.lpips_weight}
         nll = sum(weights[k] * v for k, v in terms.items() if k in weights)
         loss = nll + c.kl_weight / x[0].numel() * terms["kl"] if "kl" in terms else nll  # LDM's kl_weight
+        if "se" in terms:  # outside nll: the adaptive GAN weight balances the reconstruction terms only, as LDM's
+            loss = loss + c.scale_equivariance * terms["se"]
         logs = {k: v.detach() for k, v in terms.items()}
         logs["nll"], logs["loss"] = nll.detach(), loss.detach()
         return loss, terms.get("gan_g"), logs
 
     def forward(
-        self, x: Tensor, recon: Tensor, posterior: Posterior, step: int, last_layer: Tensor | None = None
+        self, x: Tensor, recon: Tensor, posterior: Posterior, step: int, last_layer: Tensor | None = None,
+        se: ScalePair | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Autoencoder loss and its logged parts (detached fp32 scalars; `gan_weight` in LDM's scale,
         its d_weight). `last_layer` is the decoder's last weight (`model.decoder.conv_out.weight`),
         needed by the adaptive GAN weight."""
         c = self.config
-        loss, gan_g, logs = self.without_gan(x, recon, posterior, step)
+        loss, gan_g, logs = self.without_gan(x, recon, posterior, step, se)
         if gan_g is None:
             return loss, logs
         pixels = x[0].numel()

@@ -62,6 +62,9 @@ MEASURES: dict[str, Measure] = {m.path: m for m in [
     Measure("latents.kl_mean", "KL / element", "KL divergence of the posterior from the unit Gaussian, in nats per latent element (empty for a plain AE, which has no posterior).", "", 3),
     Measure("latents.kl_min", "KL, least-used ch.", "The smallest per-channel KL: near 0 means a channel carries no information (unused capacity); empty for a plain AE.", "", 4),
     Measure("latents.posterior_noise", "posterior noise", "Mean posterior standard deviation over the spread of the latents: the size of the neighbourhood the decoder was trained to decode to the same image (0 for a plain AE, whose decoder only ever saw exact latents).", "", 3),
+    Measure("diffusability.score", "diffusability", "Mean relative error of a small diffusion model trained on these latents by vaekit's fixed protocol, denoising held-out latents (0 perfect, 1 knows nothing): lower means a diffusion model learns this latent space more easily.", "low", 4),
+    Measure("diffusability.samples.distance.gradient", "diffusion samples: edges", "Edge-histogram distance of that diffusion model's decoded samples to the held-out images (0 = photo-like).", "low"),
+    Measure("diffusability.samples.kid.mean", "diffusion samples: KID", "Kernel Inception Distance of its decoded samples to the held-out images (needs Inception's weights).", "low", 4),
     Measure("latents.high_frequency_fraction", "latent high-freq.", "Share of the latents' spectral power in the upper half of the frequencies: latents with much of it are known to be harder for a diffusion model to learn.", "low"),
 ]}
 
@@ -69,7 +72,7 @@ SUMMARY = [
     "reconstruction.psnr", "reconstruction.ssim", "reconstruction.lpips", "blur.high_frequency_ratio",
     "continuity.interpolation.l2.worst_jump", "continuity.interpolation.l2.detour", "continuity.perturbation.l2.mean_step",
     "completeness.prior.distance.gradient", "completeness.prior.distance.spectrum_slope",
-    "latents.normalised_std", "latents.kl_min", "latents.high_frequency_fraction",
+    "latents.normalised_std", "latents.kl_min", "latents.high_frequency_fraction", "diffusability.score",
 ]
 
 
@@ -299,7 +302,42 @@ def write_analysis_report(analysis: Analysis, folder: str | Path, title: str, no
     _continuity_section(page, analysis)
     _completeness_section(page, analysis)
     _latent_section(page, analysis)
+    if "diffusability" in n:
+        _diffusability_section(page, n["diffusability"], analysis.images.get("diffusability_samples"))
     return page.write()
+
+
+def write_diffusability_report(numbers: dict[str, Any], samples: np.ndarray, folder: str | Path, title: str) -> Path:
+    """`vaekit diffusability`'s run folder: report.html, report.json (the numbers) and the pictures."""
+    folder = Path(folder)
+    page = Page(folder, title)
+    _write_json(folder, numbers)
+    page.add(f"<h1>{html.escape(title)}</h1>")
+    _diffusability_section(page, numbers, samples)
+    return page.write()
+
+
+def _diffusability_section(page: Page, d: dict[str, Any], samples: np.ndarray | None) -> None:
+    """The protocol's numbers for one model (vaekit.diffusability; docs/DIFFUSABILITY.md)."""
+    kid = d["samples"]["kid"]
+    page.add("<h2>Diffusability</h2>")
+    page.add(f'<p class="lead">A small diffusion model (rectified flow, {d["protocol"]["steps"]} steps, '
+             f'{d["denoiser"]["parameters"]:,} parameters) trained on {d["protocol"]["train_crops"]} latents of '
+             f'{d["protocol"]["resolution"]}² crops ({html.escape(d["data"])}), scored on {d["protocol"]["val_crops"]} held-out ones. '
+             "The same protocol for every model, so scores compare across models: lower is easier.</p>")
+    rows = [["score (mean relative denoising error)", fmt(d["score"], 4)],
+            ["latent shape (C, H, W)", html.escape(str(tuple(d["latents"]["shape"])))],
+            ["latent high-freq. share / spectrum slope", f'{fmt(d["latents"]["high_frequency_fraction"])} / {fmt(d["latents"]["spectrum_slope"], 2)}'],
+            ["images' high-freq. share / spectrum slope", f'{fmt(d["images"]["high_frequency_fraction"])} / {fmt(d["images"]["spectrum_slope"], 2)}'],
+            ["samples: edges / spectrum / colour distance", " / ".join(fmt(d["samples"]["distance"][k]) for k in ("gradient", "spectrum_slope", "color"))],
+            ["samples: KID", f'{fmt(kid["mean"], 4)} ± {fmt(kid["std"], 4)}' if kid else "not measured (no Inception weights)"]]
+    page.add(_table(["measure", "value"], rows, cls="measures"))
+    page.add('<div class="row">')
+    page.figure(_plot_lines(page, "diffusability_errors", d["levels"], {"held-out": d["errors"]}, "denoising error per noise level",
+                            "noise level t", "relative error"), "Relative error of the one-step estimate of the clean latent at each noise level.", 520, 320)
+    if samples is not None:
+        page.image_figure("diffusability_samples", samples, "Samples of that diffusion model, decoded (a tiny model trained briefly: judge them side by side, not alone).")
+    page.add("</div>")
 
 
 def _reconstruction_section(page: Page, a: Analysis) -> None:
@@ -415,6 +453,7 @@ COMPARE_LATENT = [
     "continuity.perturbation.l2.worst_jump", "completeness.prior.distance.gradient", "completeness.prior.distance.spectrum_slope",
     "completeness.fitted.distance.gradient", "completeness.fitted.distance.spectrum_slope", "latents.normalised_std",
     "latents.kl_min", "latents.posterior_noise", "latents.high_frequency_fraction",
+    "diffusability.score", "diffusability.samples.distance.gradient", "diffusability.samples.kid.mean",
 ]
 
 
@@ -464,6 +503,16 @@ def write_comparison_report(
         page.add(f"<h2>{heading}</h2>")
         page.add(_table(["model", "kind", "latent ch", "factor"] + [html.escape(MEASURES[p].label) for p in paths], rows, best))
         page.add(_legend(paths))
+
+    scored = {name: r.numbers["diffusability"] for name, r in results.items() if "diffusability" in r.numbers}
+    if scored:
+        page.add("<h2>Diffusability</h2>")
+        page.add('<p class="lead">The same small diffusion model trained on each latent space by one fixed protocol '
+                 "(docs/DIFFUSABILITY.md); lower errors mean an easier latent space.</p>")
+        curves = {name: d["errors"] for name, d in scored.items()}
+        levels = next(iter(scored.values()))["levels"]
+        page.figure(_plot_lines(page, "diffusability_errors", levels, curves, "denoising error per noise level", "noise level t", "relative error"),
+                    "Held-out relative denoising error at each noise level, one curve per model.", 520, 320)
 
     page.add("<h2>The same regions, reconstructed</h2>")
     page.add('<p class="lead">The most detailed region of each image (where blur shows first), shown at 3x with square pixels.</p>')

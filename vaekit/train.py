@@ -43,7 +43,7 @@ from .config import AutoencoderConfig, check_fields, preset
 from .data import CropDataset, TrainingData, held_out_sets, to_tensor, to_uint8, training_data, write_image
 from .evaluate import against_thumbnail
 from .files import check_output_folder, mark_output_folder, write_atomic
-from .losses import AutoencoderLoss, LossConfig, gan_weight_from_grads
+from .losses import AutoencoderLoss, LossConfig, downsample, gan_weight_from_grads, scale_factors
 from .metrics import psnr, ssim
 from .model import Autoencoder
 from .progress import progress as progress_bar
@@ -255,10 +255,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     start_step = step
     recalibrate_at, since = 0, (0.0, 0)  # set by the first calibration: when to measure the speed again
 
-    ddp_model: nn.Module = model
+    # Scale equivariance decodes a second, downsampled latent: one module runs both decodes, so DDP syncs both.
+    se_factors = scale_factors(cfg.resolution // model.factor) if cfg.loss.scale_equivariance > 0 else []
+    ddp_model: nn.Module = _ScaleEquivariantForward(model) if se_factors else model
     if distributed:
         ids = [device.index] if device.type == "cuda" else None
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        ddp_model = nn.parallel.DistributedDataParallel(ddp_model, device_ids=ids)
         if disc is not None:
             crit.discriminator = nn.parallel.DistributedDataParallel(disc, device_ids=ids)
 
@@ -340,13 +342,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 noise = [_generator(cfg.seed, rank, step, micro * cfg.batch_size + i, device) for i in range(len(x))]
                 with _maybe_no_sync(ddp_model, not last_micro):
                     with autocast:
-                        recon, posterior = ddp_model(x, sample_posterior=True, generator=noise)
+                        if se_factors:  # 2x and 4x in turn, by step: a resumed run continues the same sequence
+                            recon, posterior, se = ddp_model(x, noise, se_factors[step % len(se_factors)])
+                        else:
+                            (recon, posterior), se = ddp_model(x, sample_posterior=True, generator=noise), None
                     if defer:
-                        loss, g_loss, logs = crit.without_gan(x, recon.float(), posterior, step)
+                        loss, g_loss, logs = crit.without_gan(x, recon.float(), posterior, step, se)
                         grads = torch.autograd.grad(g_loss / cfg.grad_accum, params, retain_graph=True, allow_unused=True)
                         g_grads = [_sum(a, b) for a, b in zip(g_grads, grads)] if g_grads else list(grads)
                     else:
-                        loss, logs = crit(x, recon.float(), posterior, step, last_layer=last_layer)
+                        loss, logs = crit(x, recon.float(), posterior, step, last_layer=last_layer, se=se)
                     (loss / cfg.grad_accum).backward()
                 if gan:
                     with _maybe_no_sync(crit.discriminator, not last_micro):
@@ -592,6 +597,21 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -
     for old in sorted(folder.glob("step_*.pt"))[:-keep]:
         old.unlink()
     return path
+
+
+class _ScaleEquivariantForward(nn.Module):
+    """The autoencoder's training forward (posterior sample, decode) plus scale equivariance's pair:
+    the same latent downsampled by `factor` and decoded, and the image downsampled alike."""
+
+    def __init__(self, model: Autoencoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, generator: list[torch.Generator], factor: int):
+        posterior = self.model.encode(x)
+        z = posterior.sample(generator)
+        recon = self.model.decode(z, size=posterior.image_size)
+        return recon, posterior, (self.model.decode(downsample(z, factor)), downsample(x, factor))
 
 
 def _generator(seed: int, rank: int, step: int, sample: int, device: torch.device) -> torch.Generator:
