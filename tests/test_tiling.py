@@ -194,3 +194,60 @@ def test_whole_latent_attention_uses_a_fused_kernel(model, latent):
         with sdpa_kernel([SDPBackend.MATH]):
             reference = model.decoder.mid.attn_1(h)
     assert (fused - reference).abs().max() <= 1e-4
+
+
+# ---- spilling whole-image activations to memory-mapped files -----------------------------------------
+
+
+def test_spilled_tiles_give_the_same_values_and_spill_by_themselves_when_ram_is_short(model, photo, latent, monkeypatch):
+    h = model.decoder.head(latent)
+    with torch.no_grad():
+        in_ram = decode_body_tiled(model.decoder, h, TILE, CONFIG, spill=False)
+        on_disk = decode_body_tiled(model.decoder, h, TILE, CONFIG, spill=True)
+        encoded = tiling.encode_body_tiled(model.encoder, photo, TILE, CONFIG, spill=True)
+        assert torch.equal(in_ram, on_disk) and not tiling._mapping(on_disk, {})  # the image itself is in RAM
+        assert (encoded - model.encoder.body(photo)).abs().max() < BOUND
+        maps = []
+        real = tiling.mmap.mmap
+        monkeypatch.setattr(tiling.mmap, "mmap", lambda *a, **k: maps.append(real(*a, **k)) or maps[-1])
+        monkeypatch.setattr(tiling, "_available_ram", lambda: 2**20)  # 1 MiB available: every stage spills
+        assert torch.equal(decode_body_tiled(model.decoder, h, TILE, CONFIG), in_ram)
+        assert len(maps) == len(model.decoder.body_stages())
+        monkeypatch.setattr(tiling, "_available_ram", lambda: 2**40)
+        maps.clear()
+        decode_body_tiled(model.decoder, h, TILE, CONFIG)
+        assert not maps
+
+
+SPILL_PROBE = """
+import json, sys, torch
+from vaekit import AutoencoderConfig
+from vaekit.model import Autoencoder
+from vaekit.model.tiling import decode_body_tiled
+from vaekit.speed import peak_memory
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = Autoencoder(AutoencoderConfig(block_channels=(16, 32, 32, 32), layers_per_block=1, norm_groups=8, latent_channels=4)).eval()
+h = model.decoder.head(torch.randn(1, 4, 192, 192))  # a 1536x1536 image
+spill = sys.argv[1] == "1"
+with torch.no_grad(), peak_memory(torch.device("cpu")) as mem:
+    x = decode_body_tiled(model.decoder, h, 256, model.config, spill=spill)
+print(json.dumps(mem["mb"]))
+"""
+
+
+def test_spilling_keeps_resident_memory_near_one_tile():
+    """Fresh processes (RSS sees only memory newly taken): 16 channels at 1536² are 151 MB per whole-image
+    activation; kept in RAM a stage holds its input and output, spilled only a tile's working set (and the
+    48 MB image)."""
+    import json
+    import subprocess
+    import sys
+
+    peaks = {}
+    for spill in ("0", "1"):
+        done = subprocess.run([sys.executable, "-c", SPILL_PROBE, spill], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        peaks[spill] = json.loads(done.stdout.splitlines()[-1])
+    assert peaks["0"] > 300, peaks
+    assert peaks["1"] < 0.4 * peaks["0"], peaks

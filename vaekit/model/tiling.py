@@ -12,7 +12,11 @@ resample, the decoder's output layers: the model's own modules, from `body_stage
   applies, as untiled. Cores are exact, so overlaps hold identical values and need no blending.
 - Between stages the whole-image activation is kept on the *store* device (CPU when the model is on
   an accelerator), so the accelerator holds one tile at a time. In RAM this costs the input and
-  output activations of one stage.
+  output activations of one stage, unless they are *spilled*: kept in memory-mapped files whose pages
+  the process releases after every tile (the kernel's page cache holds them, writing them to disk when
+  memory runs short), so resident memory stays near one tile's. That happens by itself when a stage's
+  two activations would take more than half of the available RAM (SD's decoder at 4096²: 24 GiB), or
+  on request (`spill=`).
 - GroupNorm uses statistics of the whole image: a stage runs over all tiles up to its first norm
   whose statistics are unknown, which adds up the tile cores (per sample and group, combined in
   float64), stops the tile, and the stage runs again with that norm known. A ResNet block therefore
@@ -28,6 +32,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import mmap
+import tempfile
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -53,11 +60,14 @@ def encode_body_tiled(
     *,
     whole_image_stats: bool = True,
     offload: bool | None = None,
+    spill: Spill = None,
 ) -> Tensor:
     """`encoder.body(x)` in tiles of `tile` image pixels (or "auto"). `whole_image_stats=False`
     gives the per-tile GroupNorm statistics of other tools, for comparison; `offload` keeps the
-    between-stage activations on the CPU (default: when x is on an accelerator)."""
-    return _run_tiled(encoder.body_stages(), x, tile, config, config.factor, whole_image_stats, offload)
+    between-stage activations on the CPU (default: when x is on an accelerator); `spill` keeps them
+    in memory-mapped files: in that folder, True for the system's temporary folder, False never,
+    None (default) when they would not fit in half the available RAM."""
+    return _run_tiled(encoder.body_stages(), x, tile, config, config.factor, whole_image_stats, offload, spill)
 
 
 def decode_body_tiled(
@@ -68,10 +78,11 @@ def decode_body_tiled(
     *,
     whole_image_stats: bool = True,
     offload: bool | None = None,
+    spill: Spill = None,
 ) -> Tensor:
     """`decoder.body(h)` (h: the head's output at latent resolution) in tiles of `tile` image pixels;
     options as in `encode_body_tiled`."""
-    return _run_tiled(decoder.body_stages(), h, tile, config, 1, whole_image_stats, offload)
+    return _run_tiled(decoder.body_stages(), h, tile, config, 1, whole_image_stats, offload, spill)
 
 
 def tile_memory(config: AutoencoderConfig, tile: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
@@ -118,6 +129,7 @@ def _run_tiled(
     unit: int,
     whole_image_stats: bool,
     offload: bool | None,
+    spill: Spill,
 ) -> Tensor:
     """Run `stages` over x in tiles; `unit` is x's pixels per latent pixel."""
     side = _latent_tile(tile, config, x)
@@ -131,9 +143,10 @@ def _run_tiled(
     if offload is None:
         offload = device.type != "cpu"
     store = torch.device("cpu") if offload else device
+    maps: _Maps = {}
     for stage in stages:
-        x, unit = _run_stage(stage, x, rows, cols, unit, device, store, whole_image_stats)
-    return x.to(device)
+        x, unit = _run_stage(stage, x, rows, cols, unit, device, store, whole_image_stats, spill, maps)
+    return x.clone() if _mapping(x, maps) else x.to(device)  # the image itself leaves the file
 
 
 def _run_stage(
@@ -145,6 +158,8 @@ def _run_stage(
     device: torch.device,
     store: torch.device,
     whole_image_stats: bool,
+    spill: Spill,
+    maps: _Maps,
 ) -> tuple[Tensor, int]:
     """One stage over all tiles of src; returns the whole output (on `store`) and its unit."""
     halo = _halo(stage)
@@ -159,23 +174,81 @@ def _run_stage(
                 (x0, x1), (xa, xb) = _window(c0 * unit, c1 * unit, halo, width)
                 if norms:
                     norms.core = (slice(ya, yb), slice(xa, xb))
+                piece = src[..., y0:y1, x0:x1]
+                if _mapping(src, maps) is not None:  # copy the tile out of the file: its rows span whole pages
+                    piece = piece.clone()
+                    _release(src, maps)
                 try:
-                    y = stage(src[..., y0:y1, x0:x1].to(device))
+                    y = stage(piece.to(device))
                 except _StatsPending:
                     continue
+                finally:
+                    del piece
                 # Resolution change of this stage: 1/2 (downsample), 1, or 2 (upsample).
                 num, den = y.shape[-1], x1 - x0
                 out_unit = unit * num // den
                 if out is None:
-                    out = torch.empty((*y.shape[:2], height * num // den, width * num // den), dtype=y.dtype, device=store)
+                    out = _allocate((*y.shape[:2], height * num // den, width * num // den), y.dtype, store, src, spill, maps)
                 out[..., r0 * out_unit : r1 * out_unit, c0 * out_unit : c1 * out_unit] = y[
                     ..., ya * num // den : yb * num // den, xa * num // den : xb * num // den
                 ]
+                del y
+                _release(out, maps)
             if norms is None or norms.gathering is None:
                 break
             norms.finish()
     assert out is not None
     return out, out_unit
+
+
+# ---- spilling whole-image activations to memory-mapped files ----------------------------------------
+
+Spill = str | Path | bool | None  # a folder, True (the temporary folder), False (never), None (when needed)
+_SPILL_SHARE = 0.5  # spill when a stage's input and output would take more than this share of available RAM
+_Maps = dict[int, mmap.mmap]  # storage address of a spilled tensor -> its mapping (the tensor keeps it alive)
+
+
+def _allocate(shape: tuple[int, ...], dtype: torch.dtype, store: torch.device, src: Tensor, spill: Spill, maps: _Maps) -> Tensor:
+    """An empty whole-image tensor: in RAM (or on the accelerator), or in an unlinked file under the
+    spill folder, mapped shared, so its pages can leave the process and stay in the page cache."""
+    nbytes = dtype.itemsize * int(torch.Size(shape).numel())
+    if store.type != "cpu" or spill is False:
+        return torch.empty(shape, dtype=dtype, device=store)
+    if spill is None:
+        available = _available_ram()
+        if available is None or nbytes + src.numel() * src.element_size() <= _SPILL_SHARE * available:
+            return torch.empty(shape, dtype=dtype, device=store)
+    folder = tempfile.gettempdir() if spill in (None, True) else str(spill)
+    with tempfile.TemporaryFile(dir=folder) as f:  # unlinked at once: the mapping keeps it alive
+        f.truncate(nbytes)
+        mapping = mmap.mmap(f.fileno(), nbytes)
+    out = torch.frombuffer(mapping, dtype=dtype).view(shape)
+    maps[out.untyped_storage().data_ptr()] = mapping
+    return out
+
+
+def _mapping(t: Tensor, maps: _Maps) -> mmap.mmap | None:
+    """The file mapping behind a spilled tensor, or None."""
+    return maps.get(t.untyped_storage().data_ptr()) if t.device.type == "cpu" else None
+
+
+def _release(t: Tensor, maps: _Maps) -> None:
+    """Drop a spilled tensor's pages from the process: MADV_DONTNEED on a shared file mapping keeps the
+    data (in the page cache, or on disk), so resident memory holds one tile, not the whole image."""
+    if (mapping := _mapping(t, maps)) is not None:
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def _available_ram() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None elsewhere (then nothing spills unless asked)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _window(start: int, stop: int, halo: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
