@@ -51,6 +51,25 @@ def test_bench_times_both_implementations_and_counts_flops(tmp_path, capsys):
     assert data["peaks"]["matmul_gflops"] > 1 and data["peaks"]["conv_gflops"] > 1
 
 
+def test_every_family_is_timed_against_its_own_diffusers_class():
+    from vaekit import preset
+    from vaekit.model import Autoencoder
+    from vaekit.speed import bench, diffusers_peer
+
+    small = {"AutoencoderKLFlux2": preset("flux2").replace(block_channels=(16, 32, 32, 32), layers_per_block=1, norm_groups=8),
+             "AutoencoderKLQwenImage": preset("qwenimage").replace(block_channels=(8, 16, 16, 16), layers_per_block=1),
+             "AutoencoderKLHunyuanImage": preset("hunyuanimage").replace(block_channels=(32, 64, 64, 64), latent_channels=16,
+                                                                         layers_per_block=1)}  # fmt: skip
+    for name, config in small.items():
+        torch.manual_seed(0)
+        model = Autoencoder(config).eval()
+        assert type(diffusers_peer(model, torch.float32)).__name__ == name
+        rows, _ = bench(model, [32], [1], ["fp32"], repeats=1)
+        for r in rows:
+            assert r.peer_seconds > 0 and r.max_abs_diff < 1e-4, (name, r.op, r.max_abs_diff)
+    assert diffusers_peer(Autoencoder(preset("pixel")), torch.float32) is None  # pixel space has no diffusers class
+
+
 def test_inference_levers_change_no_value(monkeypatch, tiny_model):
     """In-place SiLU/residual and banded upsample+conv (no autograd only) give what the training-mode forward gives."""
     from vaekit.model import ldm

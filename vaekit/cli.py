@@ -450,13 +450,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     from .checkpoints import load
     from .files import write_atomic
-    from .speed import bench, format_rows, to_dicts
+    from .speed import bench, format_rows, has_diffusers_peer, to_dicts
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load(args.model, family=args.family, device=args.device, dtype=torch.float32, seed=args.seed)
     against = None if args.against == "none" else args.against
-    if against and not model.config.diffusers_compatible:
+    if against and not has_diffusers_peer(model.config):
         print(f"note: diffusers has no class for {args.model}'s architecture; timing vaekit alone", file=sys.stderr)
     report = lambda r: print(f"{r.op} {r.size}² x{r.batch} {r.precision}: {r.seconds:.3f} s" +  # noqa: E731
                              (f" (diffusers {r.peer_seconds:.3f} s, {r.speedup:.2f}x)" if r.peer_seconds else ""), file=sys.stderr)

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import statistics
 import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .config import AutoencoderConfig
 from .model import Autoencoder
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -117,15 +120,22 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
         out["mb"] = (max(peak[0], _rss()) - start) / 2**20
 
 
+def has_diffusers_peer(config: AutoencoderConfig) -> bool:
+    """Whether diffusers has a class for this architecture (pixel space and vaekit's own shortcuts have none)."""
+    return config.arch in ("qwenimage", "hunyuanimage") or config.diffusers_compatible
+
+
 def diffusers_peer(model: Autoencoder, dtype: torch.dtype) -> Any | None:
-    """The same weights in diffusers' class for this architecture, or None when diffusers has none."""
-    if not model.config.diffusers_compatible:
+    """The same weights in the diffusers class that vaekit's diffusers folder names (AutoencoderKL,
+    AutoencoderKLFlux2, AutoencoderKLQwenImage, AutoencoderKLHunyuanImage), or None when there is none."""
+    if not has_diffusers_peer(model.config):
         return None
-    from diffusers import AutoencoderKL
+    import diffusers
 
     with tempfile.TemporaryDirectory() as folder:
         model.save(folder)
-        return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype).to(model.device).eval()
+        name = json.loads((Path(folder) / "config.json").read_text())["_class_name"]
+        return getattr(diffusers, name).from_pretrained(folder, torch_dtype=dtype).to(model.device).eval()
 
 
 def bench(model: Autoencoder, sizes: list[int], batches: list[int], precisions: list[str], tile: int | None = None,
@@ -145,11 +155,14 @@ def bench(model: Autoencoder, sizes: list[int], batches: list[int], precisions: 
                 x = (torch.rand(batch, model.config.in_channels, size, size, generator=g) * 2 - 1).to(device, dtype)
                 with torch.inference_mode():
                     z = model.encode(x, tile=tile).mean
+                # Qwen-Image's diffusers class takes videos: an image is one frame.
+                video = model.config.arch == "qwenimage"
+                frame, unframe = (lambda t: t[:, :, None], lambda t: t[:, :, 0]) if video else (lambda t: t, lambda t: t)
                 ops = {
                     "encode": (lambda: model.encode(x, tile=tile).mean,
-                               (lambda: peer.encode(x).latent_dist.mean) if peer is not None else None),
+                               (lambda: unframe(peer.encode(frame(x)).latent_dist.mean)) if peer is not None else None),
                     "decode": (lambda: model.decode(z, tile=tile),
-                               (lambda: peer.decode(z).sample) if peer is not None else None),
+                               (lambda: unframe(peer.decode(frame(z)).sample)) if peer is not None else None),
                 }  # fmt: skip
                 for op, (ours, theirs) in ops.items():
                     row = _measure(op, ours, theirs, size, batch, precision, tile, repeats, device, peaks)
