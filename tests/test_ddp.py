@@ -24,10 +24,10 @@ rank, out = int(os.environ["RANK"]), sys.argv[2]
 seen, writes, refs = [], [], {}
 terms, ema_update = AutoencoderLoss.terms, T.ema_update
 
-def record(self, x, recon, posterior, step):
+def record(self, x, recon, posterior, step, se=None):
     seen.append(sorted(round(float(v), 3) for v in x[:, 0, 0, 0]))  # every image is one flat colour
     refs["loss"] = self
-    return terms(self, x, recon, posterior, step)
+    return terms(self, x, recon, posterior, step, se)
 
 def keep(ema, model, decay):
     refs["ema"], refs["model"] = ema, model

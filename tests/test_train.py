@@ -95,8 +95,8 @@ def test_non_finite_steps_are_skipped_and_a_persistent_one_stops_with_a_usable_c
     forward = AutoencoderLoss.forward
     nan_steps: set[int] = set()
 
-    def poisoned(self, x, recon, posterior, step, last_layer=None):
-        loss, logs = forward(self, x, recon, posterior, step, last_layer)
+    def poisoned(self, x, recon, posterior, step, last_layer=None, se=None):
+        loss, logs = forward(self, x, recon, posterior, step, last_layer, se)
         return (loss * math.nan, logs) if step in nan_steps else (loss, logs)
 
     monkeypatch.setattr(AutoencoderLoss, "forward", poisoned)
