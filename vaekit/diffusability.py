@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -220,13 +220,14 @@ def crops(data: str, protocol: Protocol, val: str | None = None) -> tuple[Tensor
     return as_float(torch.cat(train)[: p.train_crops]), as_float(torch.stack(val_crops)), split.description
 
 
-def _batched(fn: Any, x: Tensor, device: torch.device, batch: int = 64) -> Tensor:
+def _batched(fn: Callable[[Tensor], Tensor], x: Tensor, device: torch.device, batch: int = 64) -> Tensor:
     with torch.no_grad():
         return torch.cat([fn(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
 
 
 def score(model: Autoencoder, data: str, protocol: Protocol | None = None, val: str | None = None, kid: Any = None,
-          progress: bool = True, transform: Any = None, device: str | torch.device = "cpu") -> tuple[dict[str, Any], Tensor]:  # fmt: skip
+          progress: bool = True, transform: Callable[[Tensor], Tensor] | None = None,
+          device: str | torch.device = "cpu") -> tuple[dict[str, Any], Tensor]:  # fmt: skip
     """The whole protocol for one model: its numbers (JSON-ready) and the decoded samples.
 
     `kid`: a `vaekit.metrics.FID`-like object with `features(images)` (Inception), or None to leave KID
