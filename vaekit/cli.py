@@ -905,7 +905,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     opt(g, "--scale-equivariance", "weight W of scale equivariance (Skorokhodov et al. 2025): decoding the latent downsampled "
         "2x or 4x must give the image downsampled alike (reconstruction loss x W). With --init it is the paper's short "
         "fine-tune that takes high frequencies out of the latents (docs/DIFFUSABILITY.md; the paper fine-tunes 10-20k steps)",
-        d.loss.scale_equivariance, type=float)
+        d.loss.scale_equivariance, type=float, metavar="W")
     opt(g, "--disc-norm", "discriminator normalisation: LDM's batch norm, or group/none, which do not depend on the "
         "batch (with --grad-accum, only they make accumulation equal a larger batch)", d.loss.disc_norm,
         choices=["batch", "group", "none"])
