@@ -236,7 +236,7 @@ def _analysis_lpips(args: argparse.Namespace):
         return None, note
 
 
-def _run_analysis(source: str, names: list[str], x: torch.Tensor, lpips, args: argparse.Namespace):
+def _run_analysis(source: str, names: list[str], x: torch.Tensor, lpips, kid, args: argparse.Namespace):
     from .analysis import analyze
 
     model = _analysis_model(source, args)
@@ -248,7 +248,6 @@ def _run_analysis(source: str, names: list[str], x: torch.Tensor, lpips, args: a
         from .analysis import grid
         from .diffusability import Protocol, score
 
-        kid, _ = _kid_extractor(args.kid, args.device)
         protocol = Protocol(steps=args.diffusability_steps, seed=args.seed)
         numbers, samples = score(model, args.diffusability, protocol, kid=kid, device=args.device)
         result.numbers["diffusability"] = numbers
@@ -257,18 +256,18 @@ def _run_analysis(source: str, names: list[str], x: torch.Tensor, lpips, args: a
 
 
 def _kid_extractor(kid: str, device: str):
-    """Inception features for KID, or None and a note saying why it is left out."""
+    """Inception features for KID, or None (--kid off, or its weights missing: a note says so)."""
     if kid == "off":
-        return None, "KID left out (--kid off)"
+        return None
     from .metrics import FID
     from .weights import MissingWeights
 
     try:
-        return FID(device=device), None
+        return FID(device=device)
     except (RuntimeError, OSError, ImportError) as e:
         reason = e.message("pass --kid off to leave it out without this note") if isinstance(e, MissingWeights) else e
         print(f"note: KID not measured ({reason})", file=sys.stderr)
-        return None, f"KID not measured ({reason})"
+        return None
 
 
 def cmd_diffusability(args: argparse.Namespace) -> None:
@@ -282,10 +281,7 @@ def cmd_diffusability(args: argparse.Namespace) -> None:
     model = load(args.model, family=args.family, device=args.device, dtype=torch.float32, seed=args.seed)
     protocol = Protocol(resolution=args.resolution, train_crops=args.train_crops, val_crops=args.val_crops, steps=args.steps,
                         samples=args.samples, seed=args.seed)  # fmt: skip
-    if args.resolution % model.factor:
-        f, r = model.factor, args.resolution
-        raise CLIError(f"--resolution {r} is not a multiple of {args.model}'s factor {f}: use --resolution {r - r % f + f}")
-    kid, _ = _kid_extractor(args.kid, args.device)
+    kid = _kid_extractor(args.kid, args.device)
     numbers, samples = score(model, args.data, protocol, val=args.val, kid=kid, device=args.device)
     numbers["model"] = args.model
     path = write_diffusability_report(numbers, grid(samples, 8), args.out, f"vaekit diffusability: {args.model}")
@@ -316,7 +312,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     check_output_folder(Path(args.report), "--report")
     names, x, notes = _analysis_images(args)
     lpips, note = _analysis_lpips(args)
-    result = _run_analysis(args.model, names, x, lpips, args)
+    kid = _kid_extractor(args.kid, args.device) if args.diffusability else None
+    result = _run_analysis(args.model, names, x, lpips, kid, args)
     path = write_analysis_report(result, args.report, f"vaekit analyze: {args.model}", notes + ([note] if note else []))
     _print_summary({args.model: result})
     print(f"wrote {path} and report.json")
@@ -333,13 +330,14 @@ def cmd_compare(args: argparse.Namespace) -> None:
     names, x, notes = _analysis_images(args)
     lpips, note = _analysis_lpips(args)
     notes += [note] if note else []
+    kid = _kid_extractor(args.kid, args.device) if args.diffusability else None  # loaded once for every model
     side = max(16, args.resolution // 4)
     boxes = [(i, detail_box(x[i], side)) for i in range(min(args.crops, len(names)))]
     results, crops, reports = {}, {}, {}
     for k, source in enumerate(args.models, 1):
         label = source if source not in results else f"{source} ({k})"
         print(f"[{k}/{len(args.models)}] {label}", file=sys.stderr)
-        result = _run_analysis(source, names, x, lpips, args)
+        result = _run_analysis(source, names, x, lpips, kid, args)
         folder = f"models/{k}_{slug(label)}"
         write_analysis_report(result, Path(args.report) / folder, f"vaekit analyze: {label}", notes)
         results[label], reports[label] = result, f"{folder}/report.html"

@@ -139,6 +139,7 @@ def denoise_errors(net: Denoiser, z: Tensor, levels: tuple[float, ...], seed: in
     """Relative error E|z_hat - z|² / E|z|² of the one-step estimate at each noise level, with noise
     fixed by `seed` (the same for every model)."""
     g = torch.Generator().manual_seed(seed)
+    device = next(net.parameters()).device
     errors = []
     with torch.no_grad():
         for t in levels:
@@ -147,7 +148,6 @@ def denoise_errors(net: Denoiser, z: Tensor, levels: tuple[float, ...], seed: in
                 z0 = z[i : i + batch]
                 e = torch.randn(z0.shape, generator=g)
                 xt = (1 - t) * z0 + t * e
-                device = next(net.parameters()).device
                 z_hat = xt - t * net(xt.to(device), torch.full((len(z0),), t, device=device)).cpu()
                 num += float((z_hat - z0).pow(2).sum())
                 den += float(z0.pow(2).sum())
@@ -236,7 +236,8 @@ def score(model: Autoencoder, data: str, protocol: Protocol | None = None, val: 
     device = torch.device(device)
     model = model.eval().float().to(device)
     if p.resolution % model.factor:
-        raise ValueError(f"--resolution {p.resolution} is not a multiple of the model's factor {model.factor}")
+        r, f = p.resolution, model.factor
+        raise ValueError(f"--resolution {r} is not a multiple of the model's factor {f}: use --resolution {r - r % f + f}")
     x_train, x_val, description = crops(data, p, val)
     z_train, z_val = _batched(model.to_latent, x_train, device), _batched(model.to_latent, x_val, device)
     if transform is not None:

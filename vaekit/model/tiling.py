@@ -146,7 +146,7 @@ def _run_tiled(
     maps: _Maps = {}
     for stage in stages:
         x, unit = _run_stage(stage, x, rows, cols, unit, device, store, whole_image_stats, spill, maps)
-    return x.clone() if _mapping(x, maps) else x.to(device)  # the image itself leaves the file
+    return x.clone() if _mapping(x, maps) is not None else x.to(device)  # the image itself leaves the file
 
 
 def _run_stage(
