@@ -179,15 +179,18 @@ def test_cli_train_resume_takes_the_runs_settings_and_lpips_fails_in_one_line(tm
 
 
 def test_quickstart_trains_within_its_budget_and_reports(tmp_path: Path, monkeypatch, capsys):
-    # The real recipe needs minutes; the same code path with a tiny model needs seconds.
-    small = dataclasses.replace(QUICKSTART, config=TINY, resolution=32, batch_size=4, warmup=5)
+    # The real recipe needs minutes; the same code path with a tiny model needs seconds. Its learning rate is
+    # high enough that the 6 steps a loaded CI machine may fit in 15 s already gain > 1 dB (CI once fit ~8 at 1e-3).
+    small = dataclasses.replace(QUICKSTART, config=TINY, resolution=32, batch_size=4, warmup=2, lr=3e-3)
     monkeypatch.setattr(vaekit.train, "QUICKSTART", small)
     assert main(["quickstart", "--out", str(tmp_path / "qs"), "--seconds", "15"]) == 0
     out = capsys.readouterr().out
     metrics = json.loads((tmp_path / "qs" / "metrics.json").read_text())
     assert metrics["val_resolution"] == 256 and metrics["final"]["n"] == 3
-    assert metrics["final"]["psnr"] > metrics["initial"]["psnr"] + 0.5 and metrics["final"]["ssim"] > metrics["initial"]["ssim"]
-    assert 6 < metrics["steps"] and metrics["seconds"] < 15 * 1.2  # slack for a loaded machine
+    assert 6 <= metrics["steps"], metrics["steps"]
+    assert metrics["final"]["psnr"] > metrics["initial"]["psnr"] + 0.5, metrics["steps"]
+    assert metrics["final"]["ssim"] > metrics["initial"]["ssim"]
+    assert metrics["seconds"] < 15 * 1.2  # slack for a loaded machine
     assert f"PSNR {metrics['final']['psnr']:.2f} dB" in out and "samples:" in out
     # Every held-out set against the bicubic thumbnail: the three photos (as validated) and samples:native's two parts.
     sets = metrics["against_thumbnail"]
