@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AutoencoderConfig
-from .ldm import ResnetBlock, Staged, _norm
+from .ldm import NormSiluConv, ResnetBlock, Staged, _norm
 
 
 def fold(x: Tensor) -> Tensor:
@@ -132,7 +132,7 @@ class Decoder(Staged):
 
     def body_stages(self) -> list[nn.Module]:
         # Built on the fly (not registered): the names stay decoder.norm_out / decoder.conv_out.
-        return [*self.up_blocks, nn.Sequential(self.norm_out, nn.SiLU(), self.conv_out)]
+        return [*self.up_blocks, NormSiluConv(self.norm_out, self.conv_out)]
 
     def forward(self, z: Tensor) -> Tensor:
         return self.body(self.head(z))

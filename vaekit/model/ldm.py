@@ -29,9 +29,15 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        # Without autograd nothing needs the intermediate tensors: SiLU and the residual add reuse their
-        # buffers (the same values; two fewer full-size tensors alive at a time, docs/BENCHMARKS.md).
         inplace = not torch.is_grad_enabled()
+        # Inference on a large input: GroupNorm + SiLU + conv in bands of rows, so neither normalised tensor
+        # exists whole, and the second conv writes over the first's output: besides its input, the block holds
+        # one tensor of its output's size and one band (docs/BENCHMARKS.md).
+        if inplace and _banded(x, self.norm1):
+            h = norm_silu_conv_banded(x, self.norm1, self.conv1)
+            return norm_silu_conv_banded(h, self.norm2, self.conv2, residual=self.nin_shortcut, skip=x, in_place=True)
+        # Without autograd nothing needs the intermediate tensors: SiLU and the residual add reuse their
+        # buffers (the same values; two fewer full-size tensors alive at a time).
         h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
         h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
         return h.add_(self.nin_shortcut(x)) if inplace else self.nin_shortcut(x) + h
@@ -102,7 +108,9 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-BAND_BYTES = 32 * 2**20  # the 2x-upsampled rows one band of `upsample_conv_banded` holds at a time
+# What one band of rows holds at a time in the banded inference paths below. 8 MB bands stay in this CPU's
+# caches: SD1's 512² decode ran 1.1x faster and peaked 0.67x lower than with 32 MB bands (docs/BENCHMARKS.md).
+BAND_BYTES = 8 * 2**20
 
 
 def upsample_conv_banded(x: Tensor, conv: nn.Conv2d) -> Tensor:
@@ -110,7 +118,7 @@ def upsample_conv_banded(x: Tensor, conv: nn.Conv2d) -> Tensor:
     whole-image form (up to the convolution's float summation order), without the 4x-sized upsampled tensor."""
     n, c, h, w = x.shape
     height = 2 * h
-    band = max(2, BAND_BYTES // max(1, n * c * 2 * w * x.element_size()) // 2 * 2)
+    band = _band_rows(x, scale=2)
     if band >= height:
         return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     out: Tensor | None = None
@@ -123,6 +131,69 @@ def upsample_conv_banded(x: Tensor, conv: nn.Conv2d) -> Tensor:
         y = F.conv2d(up, conv.weight, conv.bias, padding=(0, 1))
         if out is None:
             out = y.new_empty(n, y.shape[1], height, 2 * w)
+        out[:, :, y0:y1] = y
+    assert out is not None
+    return out
+
+
+def _band_rows(x: Tensor, scale: int = 1) -> int:
+    """Rows per band for `x` (at `scale` times its width) so that one band holds about BAND_BYTES."""
+    n, c, _, w = x.shape
+    return max(2, BAND_BYTES // max(1, n * c * scale * w * x.element_size()) // 2 * 2)
+
+
+def _banded(x: Tensor, norm: nn.GroupNorm) -> bool:
+    """Whether an inference-time norm + SiLU + conv on x runs in bands: x spans several bands and
+    vaekit.model.tiling has not replaced the norm's forward (it brings its own whole-image statistics)."""
+    return x.numel() * x.element_size() > 2 * BAND_BYTES and "forward" not in vars(norm)
+
+
+class NormSiluConv(nn.Module):
+    """conv(silu(norm(x))): the decoder's output layers, banded in inference like a ResnetBlock's."""
+
+    def __init__(self, norm: nn.GroupNorm, conv: nn.Conv2d):
+        super().__init__()
+        self.norm, self.conv = norm, conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() and _banded(x, self.norm):
+            return norm_silu_conv_banded(x, self.norm, self.conv)
+        return self.conv(F.silu(self.norm(x)))
+
+
+def norm_silu_conv_banded(x: Tensor, norm: nn.GroupNorm, conv: nn.Conv2d, residual: nn.Module | None = None,
+                          skip: Tensor | None = None, in_place: bool = False) -> Tensor:  # fmt: skip
+    """conv(silu(norm(x))) [+ residual(skip)] band by band of rows: GroupNorm's statistics come from the whole
+    of x first (float32 `var_mean`), then each band (with the conv's one-row halo) is normalised and convolved
+    on its own. The same values up to float summation order, without the whole normalised tensor. `in_place`
+    writes the result into x (a conv that keeps the shape): each band's last input row is kept aside for the
+    next band, whose halo it is."""
+    n, c, height, _ = x.shape
+    var, mean = torch.var_mean(x.reshape(n, norm.num_groups, -1).float(), dim=-1, correction=0)
+    per = c // norm.num_groups
+    rstd = torch.rsqrt(var + norm.eps).repeat_interleave(per, dim=1)
+    scale = rstd * norm.weight.float()
+    shift = norm.bias.float() - mean.repeat_interleave(per, dim=1) * scale
+    scale, shift = scale.to(x.dtype)[..., None, None], shift.to(x.dtype)[..., None, None]
+    band = _band_rows(x)
+    out: Tensor | None = x if in_place else None
+    above: Tensor | None = None  # in place: the input row above the band, before the previous band overwrote it
+    for y0 in range(0, height, band):
+        y1 = min(height, y0 + band)
+        hi = min(height, y1 + 1)  # the rows the band's 3x3 conv reads: one above and one below
+        if y0 == 0:
+            rows = x[:, :, :hi]
+        else:
+            rows = torch.cat([above, x[:, :, y0:hi]], dim=2) if above is not None else x[:, :, y0 - 1 : hi]
+        a = F.silu(torch.addcmul(shift, rows, scale), inplace=True)
+        a = F.pad(a, (0, 0, int(y0 == 0), int(y1 == height)))  # the conv's zero padding at the image's edges
+        y = F.conv2d(a, conv.weight, conv.bias, padding=(0, 1))
+        if residual is not None and skip is not None:
+            y += residual(skip[:, :, y0:y1])
+        if in_place:
+            above = x[:, :, y1 - 1 : y1].clone()
+        if out is None:
+            out = y.new_empty(n, y.shape[1], height, x.shape[3])
         out[:, :, y0:y1] = y
     assert out is not None
     return out
@@ -250,11 +321,11 @@ class Decoder(Staged):
                 stages.append(level.resample)
         # Not registered as a submodule: checkpoint keys stay `decoder.norm_out` / `decoder.conv_out`.
         if self.patch_size == 1:
-            stages.append(nn.Sequential(self.norm_out, nn.SiLU(), self.conv_out))
+            stages.append(NormSiluConv(self.norm_out, self.conv_out))
         elif self.patch_out == "nearest":
             stages.append(nn.Sequential(self.norm_out, nn.SiLU(), nn.Upsample(scale_factor=self.patch_size), self.conv_out))
         else:
-            stages.append(nn.Sequential(self.norm_out, nn.SiLU(), self.conv_out, nn.PixelShuffle(self.patch_size)))
+            stages.append(nn.Sequential(NormSiluConv(self.norm_out, self.conv_out), nn.PixelShuffle(self.patch_size)))
         return stages
 
     def forward(self, z: Tensor) -> Tensor:
