@@ -457,9 +457,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if against and not has_diffusers_peer(model.config):
         print(f"note: diffusers has no class for {args.model}'s architecture; timing vaekit alone", file=sys.stderr)
     report = lambda r: print(f"{r.op} {r.size}² x{r.batch} {r.precision}: {r.seconds:.3f} s" +  # noqa: E731
-                             (f" (diffusers {r.peer_seconds:.3f} s, {r.speedup:.2f}x)" if r.peer_seconds else ""), file=sys.stderr)
+                             (f" (diffusers {r.peer_seconds:.3f} s, {r.speedup:.2f}x)" if r.peer_seconds else "") +
+                             (f", compiled in {r.compile_seconds:.1f} s" if r.compile_seconds is not None else ""), file=sys.stderr)
     rows, peaks = bench(model, args.size, args.batch, args.precision, tile=args.tile, against=against, repeats=args.repeats,
-                        report=report)  # fmt: skip
+                        compile=args.compile, report=report)  # fmt: skip
     print(format_rows(rows, peaks))
     if args.json:
         text = json.dumps({"model": args.model, "peaks": peaks, "rows": to_dicts(rows)}, indent=2) + "\n"
@@ -818,6 +819,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, metavar="N", help="run vaekit tiled with N-pixel tiles (diffusers untiled)")
     p.add_argument("--against", choices=["diffusers", "none"], default="diffusers", help="the peer (default diffusers)")
     p.add_argument("--repeats", type=int, default=5, metavar="N", help="timed runs of each (default 5)")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="run vaekit and diffusers under torch.compile (default backend inductor: needs a C++ compiler on "
+                        "a CPU, Triton on a GPU) and report each one's compile time; FLOPs are counted uncompiled")
     p.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's)")
     p.add_argument("--json", metavar="FILE", help="also write every number to FILE")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

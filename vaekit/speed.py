@@ -47,6 +47,8 @@ class Row:
     peer_seconds: float | None = None
     peer_rss_mb: float | None = None
     max_abs_diff: float | None = None
+    compile_seconds: float | None = None  # with `compile`: the first call's time above a compiled call's
+    peer_compile_seconds: float | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -139,9 +141,11 @@ def diffusers_peer(model: Autoencoder, dtype: torch.dtype) -> Any | None:
 
 
 def bench(model: Autoencoder, sizes: list[int], batches: list[int], precisions: list[str], tile: int | None = None,
-          against: str | None = "diffusers", repeats: int = 5, seed: int = 0,
+          against: str | None = "diffusers", repeats: int = 5, seed: int = 0, compile: str | None = None,
           report: Callable[[Row], None] | None = None) -> tuple[list[Row], dict[str, float]]:  # fmt: skip
-    """Encode and decode timings for every (size, batch, precision); see the module docstring."""
+    """Encode and decode timings for every (size, batch, precision); see the module docstring. `compile` names a
+    `torch.compile` backend ("inductor" for speed) that both vaekit's and the peer's calls run under; FLOPs are
+    still counted eagerly."""
     device = model.device
     peaks = machine_peaks(device)
     rows: list[Row] = []
@@ -165,7 +169,7 @@ def bench(model: Autoencoder, sizes: list[int], batches: list[int], precisions: 
                                (lambda: unframe(peer.decode(frame(z)).sample)) if peer is not None else None),
                 }  # fmt: skip
                 for op, (ours, theirs) in ops.items():
-                    row = _measure(op, ours, theirs, size, batch, precision, tile, repeats, device, peaks)
+                    row = _measure(op, ours, theirs, size, batch, precision, tile, repeats, device, peaks, compile)
                     rows.append(row)
                     if report:
                         report(row)
@@ -173,11 +177,17 @@ def bench(model: Autoencoder, sizes: list[int], batches: list[int], precisions: 
 
 
 def _measure(op: str, ours: Callable, theirs: Callable | None, size: int, batch: int, precision: str, tile: int | None,
-             repeats: int, device: torch.device, peaks: dict[str, float]) -> Row:  # fmt: skip
+             repeats: int, device: torch.device, peaks: dict[str, float], compile: str | None = None) -> Row:  # fmt: skip
     with torch.inference_mode():
         with FlopCounterMode(display=False) as counter:  # also the warm-up
             out = ours()
         flop = counter.get_total_flops()
+        compiled: dict[str, float] = {}
+        if compile:
+            torch._dynamo.reset()  # the previous rows' graphs: each row compiles anew and reports its own time
+            ours, compiled["ours"] = _compiled(ours, compile, device)
+            if theirs is not None:
+                theirs, compiled["theirs"] = _compiled(theirs, compile, device)
         diff = None
         if theirs is not None:
             diff = float((theirs().float() - out.float()).abs().max())
@@ -197,7 +207,15 @@ def _measure(op: str, ours: Callable, theirs: Callable | None, size: int, batch:
     return Row(op=op, size=size, batch=batch, precision=precision, tile=tile, seconds=t, spread=(min(times), max(times)),
                gflop_per_image=flop / batch / 1e9, gflops=flop / t / 1e9, conv_peak_share=flop / t / 1e9 / peaks["conv_gflops"],
                rss_mb=mem.get("mb"), peer_seconds=statistics.median(peer_times) if peer_times else None,
-               peer_rss_mb=peer_mem.get("mb"), max_abs_diff=diff)  # fmt: skip
+               peer_rss_mb=peer_mem.get("mb"), max_abs_diff=diff, compile_seconds=compiled.get("ours"),
+               peer_compile_seconds=compiled.get("theirs"))  # fmt: skip
+
+
+def _compiled(fn: Callable, backend: str, device: torch.device) -> tuple[Callable, float]:
+    """fn under torch.compile, and the compile time: the first call's time less a second (compiled) call's."""
+    compiled = torch.compile(fn, backend=backend, dynamic=False)
+    first = _timed(compiled, device)
+    return compiled, max(0.0, first - _timed(compiled, device))
 
 
 def format_rows(rows: list[Row], peaks: dict[str, float]) -> str:
@@ -207,6 +225,10 @@ def format_rows(rows: list[Row], peaks: dict[str, float]) -> str:
              "| op | size | batch | precision | vaekit s | diffusers s | speed-up | GFLOP/img | GFLOP/s | of conv peak | "
              "peak MB (vaekit / diffusers) | max abs diff |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    compiled = any(r.compile_seconds is not None for r in rows)
+    if compiled:
+        lines[-2] += " compile s (vaekit / diffusers) |"
+        lines[-1] += "---|"
     for r in rows:
         peer = f"{r.peer_seconds:.3f}" if r.peer_seconds else "-"
         speed = f"{r.speedup:.2f}x" if r.speedup else "-"
@@ -216,6 +238,8 @@ def format_rows(rows: list[Row], peaks: dict[str, float]) -> str:
         size = f"{r.size}²" + (f" tile {r.tile}" if r.tile else "")
         lines.append(f"| {r.op} | {size} | {r.batch} | {r.precision} | {r.seconds:.3f} | {peer} | {speed} | "
                      f"{r.gflop_per_image:.0f} | {r.gflops:.0f} | {r.conv_peak_share:.0%} | {mem} | {diff} |")  # fmt: skip
+        if compiled:
+            lines[-1] += f" {r.compile_seconds or 0:.1f}" + (f" / {r.peer_compile_seconds:.1f}" if r.peer_compile_seconds is not None else "") + " |"
     return "\n".join(lines)
 
 
