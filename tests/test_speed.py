@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import torch
+import torch.nn.functional as F
+from conftest import perturb
 
 from vaekit.cli import main
 
@@ -71,10 +73,14 @@ def test_every_family_is_timed_against_its_own_diffusers_class():
 
 
 def test_inference_levers_change_no_value(monkeypatch, tiny_model):
-    """In-place SiLU/residual and banded upsample+conv (no autograd only) give what the training-mode forward gives."""
+    """In-place SiLU/residual, banded norm+SiLU+conv and banded upsample+conv (no autograd only) give what the
+    training-mode forward gives."""
     from vaekit.model import ldm
 
     monkeypatch.setattr(ldm, "BAND_BYTES", 4096)  # many bands even at this size
+    banded = []
+    plain = ldm.norm_silu_conv_banded
+    monkeypatch.setattr(ldm, "norm_silu_conv_banded", lambda x, *a, **k: banded.append(x.shape) or plain(x, *a, **k))
     x = torch.rand(2, 3, 48, 40) * 2 - 1
     want_z = tiny_model.encode(x).mean.detach()
     want = tiny_model.decode(want_z).detach()  # autograd on: the plain forward
@@ -82,12 +88,41 @@ def test_inference_levers_change_no_value(monkeypatch, tiny_model):
         z = tiny_model.encode(x).mean
         got = tiny_model.decode(z)
         tiled = tiny_model.decode(z, tile=16)
-    torch.testing.assert_close(z, want_z, atol=1e-6, rtol=0)
+    torch.testing.assert_close(z, want_z, atol=5e-6, rtol=0)  # float summation order: GroupNorm statistics by var_mean
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(tiled, want, atol=1e-5, rtol=0)
+    # The banded norm+SiLU+conv ran, in every full-resolution ResnetBlock and the output layers, but not under tiling
+    # (there the norms take the whole image's statistics from vaekit.model.tiling, and tiles are small anyway).
+    untiled = len(banded)
+    assert (2, 16, 48, 40) in banded and untiled >= 2 * 3 + 1, banded
+    with torch.inference_mode():
+        tiny_model.decode(z, tile=16)
+    assert len(banded) == untiled
+    # Large activations far from zero, where a GroupNorm's statistics lose precision first.
+    block = perturb(ldm.ResnetBlock(32, 16, 8), seed=1)
+    h = torch.randn(1, 32, 64, 48) * 20 + 50
+    with torch.no_grad():
+        torch.testing.assert_close(block(h), block.nin_shortcut(h) + block.conv2(F.silu(block.norm2(block.conv1(F.silu(block.norm1(h)))))),
+                                   atol=2e-5, rtol=1e-6)  # fmt: skip
     # The banded path really ran: the upsampled tensor it avoids would not fit the band.
     up = tiny_model.decoder.up[1].upsample
     h = torch.randn(1, up.conv.in_channels, 12, 10)
     with torch.no_grad():
         torch.testing.assert_close(ldm.upsample_conv_banded(h, up.conv), up.conv(torch.nn.functional.interpolate(h, scale_factor=2.0)),
                                    atol=1e-6, rtol=0)  # fmt: skip
+
+
+def test_bench_compiles_both_and_reports_the_compile_time(capsys):
+    # The "eager" backend: dynamo's tracing and guards without inductor's C++ codegen, which takes minutes on 2
+    # cores; `vaekit bench --compile` defaults to inductor (docs/BENCHMARKS.md has its numbers).
+    argv = ["bench", "preset:tiny-f8c4", "--size", "32", "--repeats", "1", "--threads", "1", "--compile", "eager"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    header, _, *rows = [line for line in out.splitlines() if line.startswith("|")]
+    assert header.endswith("| compile s (vaekit / diffusers) |") and len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        ours, theirs = (float(v) for v in cells[-1].split(" / "))
+        assert ours > 0 and theirs > 0  # the first call traced the graph; the timed ones did not
+        assert float(cells[-2]) < 1e-4  # compiled or not, the same outputs as diffusers
+    assert "compiled in" in err
