@@ -126,3 +126,47 @@ def test_bench_compiles_both_and_reports_the_compile_time(capsys):
         assert ours > 0 and theirs > 0  # the first call traced the graph; the timed ones did not
         assert float(cells[-2]) < 1e-4  # compiled or not, the same outputs as diffusers
     assert "compiled in" in err
+
+
+def test_winograd_is_opt_in_within_1e4_and_leaves_training_alone(monkeypatch, tiny_model):
+    """`vaekit.winograd()`: NNPACK's convolutions in CPU inference, banded, tiled and in every family, within 1e-4 of the
+    direct ones; outside it, or with autograd on, exactly the direct convolution."""
+    import vaekit
+    from vaekit import preset
+    from vaekit.model import Autoencoder, ldm
+
+    monkeypatch.setattr(ldm, "BAND_BYTES", 4096)  # the banded paths too
+    x = torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.inference_mode():
+        z = tiny_model.encode(x).mean
+        want = tiny_model.decode(z)
+        with vaekit.winograd():
+            z_fast, got, tiled = tiny_model.encode(x).mean, tiny_model.decode(z), tiny_model.decode(z, tile=16)
+        again = tiny_model.decode(z)
+    assert torch.equal(again, want)  # off again after the context
+    for fast, exact in ((z_fast, z), (got, want), (tiled, want)):
+        assert 0 < (fast - exact).abs().max() < 1e-4  # it ran (other rounding), within the bound
+    with vaekit.winograd():  # training: autograd on, the direct convolution
+        trained = tiny_model.decode(z.clone().requires_grad_())
+    assert torch.equal(trained.detach(), tiny_model.decode(z.clone().requires_grad_()).detach())
+    # Qwen-Image's image convolutions are a slice of a video kernel (not contiguous); Hunyuan's resamplers.
+    for cfg in (preset("qwenimage").replace(block_channels=(8, 16, 16, 16), layers_per_block=1),
+                preset("hunyuanimage").replace(block_channels=(32, 64, 64, 64), latent_channels=16, layers_per_block=1)):
+        torch.manual_seed(0)
+        model = perturb(Autoencoder(cfg)).eval()
+        y = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        with torch.inference_mode():
+            exact = model.decode(model.encode(y).mean)
+            with vaekit.winograd():
+                fast = model.decode(model.encode(y).mean)
+        assert 0 < (fast - exact).abs().max() < 1e-4, cfg.arch
+
+
+def test_bench_winograd_row(capsys):
+    argv = ["bench", "preset:tiny-f8c4", "--size", "32", "--repeats", "1", "--threads", "1", "--winograd"]
+    assert main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| encode") or line.startswith("| decode")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[3] == "fp32 winograd" and 0 < float(cells[-1]) < 1e-4  # against diffusers' direct convolutions

@@ -3,7 +3,7 @@
 from .checkpoints import load
 from .config import PRESETS, AutoencoderConfig, preset
 from .latents import LatentDataset
-from .model import Autoencoder, Posterior
+from .model import Autoencoder, Posterior, winograd
 
-__all__ = ["Autoencoder", "AutoencoderConfig", "LatentDataset", "Posterior", "PRESETS", "load", "preset"]
+__all__ = ["Autoencoder", "AutoencoderConfig", "LatentDataset", "Posterior", "PRESETS", "load", "preset", "winograd"]
 __version__ = "0.1.0"

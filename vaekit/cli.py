@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WINOGRAD_HELP = ("CPU fp32: 3x3 convolutions by NNPACK's Winograd transform, about 2x faster on AVX2 CPUs, ~1e-5 relative "
+                 "error per convolution (SD1 decodes within 1e-4 of the direct result; docs/BENCHMARKS.md)")
 
 
 class CLIError(Exception):
@@ -354,6 +356,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_encode(args: argparse.Namespace) -> None:
     from .checkpoints import load
     from .latents import EncodeOptions, encode_dataset
+    from .model import winograd
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not torch.distributed.is_initialized():
@@ -368,7 +371,8 @@ def cmd_encode(args: argparse.Namespace) -> None:
             precision=args.precision, shard_size=args.shard_size, batch_size=args.batch_size, min_side=args.min_side,
             max_pixels=args.max_pixels, tile=args.tile, workers=args.workers, seed=args.sample_seed,
         )  # fmt: skip
-        result = encode_dataset(model, args.data, args.out, options)
+        with winograd(args.winograd):
+            result = encode_dataset(model, args.data, args.out, options)
     finally:
         if distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -383,6 +387,7 @@ def cmd_decode(args: argparse.Namespace) -> None:
     from .data import to_uint8, write_image
     from .files import check_output_folder, check_targets, mark_output_folder
     from .latents import LatentDataset, model_hash, read_latent_file
+    from .model import winograd
     from .model.autoencoder import denormalize_latents
     from .progress import progress
 
@@ -404,7 +409,7 @@ def cmd_decode(args: argparse.Namespace) -> None:
     check_targets([out / n for n in names], [], args.overwrite)
     mark_output_folder(out, "vaekit decode")
     for name, z in progress(latents, "decode", "img", total=len(names)):
-        with torch.inference_mode():
+        with torch.inference_mode(), winograd(args.winograd):
             x = model.decode(z[None].to(model.device), tile=args.tile)
         write_image(out / name, to_uint8(x)[0])
     print(f"wrote {plural(len(names), 'image')} to {out}")
@@ -460,7 +465,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                              (f" (diffusers {r.peer_seconds:.3f} s, {r.speedup:.2f}x)" if r.peer_seconds else "") +
                              (f", compiled in {r.compile_seconds:.1f} s" if r.compile_seconds is not None else ""), file=sys.stderr)
     rows, peaks = bench(model, args.size, args.batch, args.precision, tile=args.tile, against=against, repeats=args.repeats,
-                        compile=args.compile, report=report)  # fmt: skip
+                        compile=args.compile, winograd=args.winograd, report=report)  # fmt: skip
     print(format_rows(rows, peaks))
     if args.json:
         text = json.dumps({"model": args.model, "peaks": peaks, "rows": to_dicts(rows)}, indent=2) + "\n"
@@ -770,6 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=89_478_485, metavar="N",
                    help="images above N pixels are refused as decompression bombs (default: PIL's limit)")
     p.add_argument("--tile", type=int, metavar="N", help="encode the full-resolution layers in N-pixel tiles (large images, bounded GPU memory)")
+    p.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP)
     p.add_argument("--sample-seed", type=int, default=0, metavar="S", help="seed of --store sample's draws (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     _add_model_args(p)
@@ -787,6 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="decode a dataset with a model other than the one that encoded it")
     p.add_argument("--overwrite", action="store_true", help="replace images that already exist in OUTDIR")
     p.add_argument("--tile", type=_tile_arg, metavar="N", help="decode in N-pixel tiles (see docs/TILING.md)")
+    p.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="compute dtype (default fp32)")
     _add_model_args(p)
@@ -822,6 +829,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="run vaekit and diffusers under torch.compile (default backend inductor: needs a C++ compiler on "
                         "a CPU, Triton on a GPU) and report each one's compile time; FLOPs are counted uncompiled")
+    p.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP + " (vaekit only; diffusers stays direct)")
     p.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's)")
     p.add_argument("--json", metavar="FILE", help="also write every number to FILE")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

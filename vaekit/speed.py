@@ -26,7 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import AutoencoderConfig
-from .model import Autoencoder
+from .model import Autoencoder, ldm
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -142,10 +142,11 @@ def diffusers_peer(model: Autoencoder, dtype: torch.dtype) -> Any | None:
 
 def bench(model: Autoencoder, sizes: list[int], batches: list[int], precisions: list[str], tile: int | None = None,
           against: str | None = "diffusers", repeats: int = 5, seed: int = 0, compile: str | None = None,
-          report: Callable[[Row], None] | None = None) -> tuple[list[Row], dict[str, float]]:  # fmt: skip
+          winograd: bool = False, report: Callable[[Row], None] | None = None) -> tuple[list[Row], dict[str, float]]:  # fmt: skip
     """Encode and decode timings for every (size, batch, precision); see the module docstring. `compile` names a
     `torch.compile` backend ("inductor" for speed) that both vaekit's and the peer's calls run under; FLOPs are
-    still counted eagerly."""
+    still counted eagerly. `winograd` runs vaekit's calls under `vaekit.winograd()` (the peer stays direct); the
+    FLOPs and GFLOP/s are then still the direct convolution's, and the precision reads "fp32 winograd"."""
     device = model.device
     peaks = machine_peaks(device)
     rows: list[Row] = []
@@ -169,7 +170,7 @@ def bench(model: Autoencoder, sizes: list[int], batches: list[int], precisions: 
                                (lambda: unframe(peer.decode(frame(z)).sample)) if peer is not None else None),
                 }  # fmt: skip
                 for op, (ours, theirs) in ops.items():
-                    row = _measure(op, ours, theirs, size, batch, precision, tile, repeats, device, peaks, compile)
+                    row = _measure(op, ours, theirs, size, batch, precision, tile, repeats, device, peaks, compile, winograd)
                     rows.append(row)
                     if report:
                         report(row)
@@ -177,11 +178,16 @@ def bench(model: Autoencoder, sizes: list[int], batches: list[int], precisions: 
 
 
 def _measure(op: str, ours: Callable, theirs: Callable | None, size: int, batch: int, precision: str, tile: int | None,
-             repeats: int, device: torch.device, peaks: dict[str, float], compile: str | None = None) -> Row:  # fmt: skip
+             repeats: int, device: torch.device, peaks: dict[str, float], compile: str | None = None,
+             winograd: bool = False) -> Row:  # fmt: skip
     with torch.inference_mode():
         with FlopCounterMode(display=False) as counter:  # also the warm-up
             out = ours()
         flop = counter.get_total_flops()
+        if winograd:  # after the count: flop_counter has no formula for NNPACK's convolution
+            ours = _under_winograd(ours)
+            out = ours()
+            precision += " winograd"
         compiled: dict[str, float] = {}
         if compile:
             torch._dynamo.reset()  # the previous rows' graphs: each row compiles anew and reports its own time
@@ -209,6 +215,14 @@ def _measure(op: str, ours: Callable, theirs: Callable | None, size: int, batch:
                rss_mb=mem.get("mb"), peer_seconds=statistics.median(peer_times) if peer_times else None,
                peer_rss_mb=peer_mem.get("mb"), max_abs_diff=diff, compile_seconds=compiled.get("ours"),
                peer_compile_seconds=compiled.get("theirs"))  # fmt: skip
+
+
+def _under_winograd(fn: Callable) -> Callable:
+    def run() -> Any:
+        with ldm.winograd():
+            return fn()
+
+    return run
 
 
 def _compiled(fn: Callable, backend: str, device: torch.device) -> tuple[Callable, float]:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AutoencoderConfig
-from .ldm import NormSiluConv, ResnetBlock, Staged, _norm
+from .ldm import Conv2d, NormSiluConv, ResnetBlock, Staged, _norm
 
 
 def fold(x: Tensor) -> Tensor:
@@ -31,7 +31,7 @@ def unfold(x: Tensor) -> Tensor:
 class Downsample(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout // 4, 3, padding=1)
+        self.conv = Conv2d(cin, cout // 4, 3, padding=1)
         self.group = 4 * cin // cout
 
     def forward(self, x: Tensor) -> Tensor:
@@ -43,7 +43,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout * 4, 3, padding=1)
+        self.conv = Conv2d(cin, cout * 4, 3, padding=1)
         self.repeats = 4 * cout // cin
 
     def forward(self, x: Tensor) -> Tensor:
@@ -56,8 +56,8 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.norm = _norm(channels, 32)
-        self.to_q, self.to_k, self.to_v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
-        self.proj = nn.Conv2d(channels, channels, 1)
+        self.to_q, self.to_k, self.to_v = (Conv2d(channels, channels, 1) for _ in range(3))
+        self.proj = Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
@@ -85,7 +85,7 @@ class Encoder(Staged):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         ch = cfg.block_channels
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         layers: list[nn.Module] = []
         for i, width in enumerate(ch):
             layers += [ResnetBlock(width, width, 32) for _ in range(cfg.layers_per_block)]
@@ -95,7 +95,7 @@ class Encoder(Staged):
         self.mid_block = MidBlock(ch[-1])
         self.norm_out = _norm(ch[-1], 32)
         moments = 2 * cfg.latent_channels if cfg.kind == "vae" else cfg.latent_channels
-        self.conv_out = nn.Conv2d(ch[-1], moments, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], moments, 3, padding=1)
         self.group = ch[-1] // moments
 
     def body_stages(self) -> list[nn.Module]:
@@ -115,7 +115,7 @@ class Decoder(Staged):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         ch = tuple(reversed(cfg.block_channels))
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
         self.repeats = ch[0] // cfg.latent_channels
         self.mid_block = MidBlock(ch[0])
         layers: list[nn.Module] = []
@@ -125,7 +125,7 @@ class Decoder(Staged):
                 layers.append(Upsample(width, ch[i + 1]))
         self.up_blocks = nn.ModuleList(layers)
         self.norm_out = _norm(ch[-1], 32)
-        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def head(self, z: Tensor) -> Tensor:
         return self.mid_block(self.conv_in(z) + z.repeat_interleave(self.repeats, dim=1))

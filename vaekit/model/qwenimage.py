@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AutoencoderConfig
-from .ldm import Staged
+from .ldm import Conv2d, Staged, conv2d
 
 
 class CausalConv3d(nn.Conv3d):
@@ -27,7 +27,7 @@ class CausalConv3d(nn.Conv3d):
         self.spatial_padding = padding
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight[:, :, -1], self.bias, self.stride[1:], self.spatial_padding)
+        return conv2d(x, self.weight[:, :, -1], self.bias, self.stride[1:], self.spatial_padding)
 
 
 class RMSNorm(nn.Module):
@@ -63,8 +63,8 @@ class AttentionBlock(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.norm = RMSNorm(dim, video=False)
-        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
-        self.proj = nn.Conv2d(dim, dim, 1)
+        self.to_qkv = Conv2d(dim, dim * 3, 1)
+        self.proj = Conv2d(dim, dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
@@ -92,9 +92,9 @@ class Resample(nn.Module):
         super().__init__()
         self.up = up
         if up:
-            self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"), nn.Conv2d(dim, dim // 2, 3, padding=1))
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"), Conv2d(dim, dim // 2, 3, padding=1))
         else:
-            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), Conv2d(dim, dim, 3, stride=2))
         if temporal:
             self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1)) if up else CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
 
