@@ -4,6 +4,7 @@ for the tables and the plot of time and memory against pixels.
     python bench/speed.py                                  # sd1, fp32 and bf16, 256² to 1024², batch 1 (~25 min)
     python bench/speed.py --preset tiny-f8c4 --sizes 256 512 --precision fp32
     python bench/speed.py --plot docs/img/benchmarks.png --json runs/speed.json
+    python bench/speed.py --from runs/speed.json runs/speed_winograd.json --plot docs/img/benchmarks.png  # re-plot saved runs
 
 Random weights of the preset (`preset:NAME`), the same in both implementations; 2 torch threads unless
 --threads. The numbers are ratios measured in one run on one machine: re-measure on yours.
@@ -36,10 +37,11 @@ def plot(rows: list[dict], path: Path) -> None:
                 continue
             px = [r["size"] ** 2 / 1e6 for r in sel]
             axes[0].plot(px, [r["seconds"] for r in sel], style, label=f"vaekit {op} {precision}")
-            if sel[0]["peer_seconds"]:
+            peer = "winograd" not in precision  # a winograd run's peer is diffusers' own fp32 again
+            if peer and sel[0]["peer_seconds"]:
                 axes[0].plot(px, [r["peer_seconds"] for r in sel], style, alpha=0.4, label=f"diffusers {op} {precision}")
             axes[1].plot(px, [r["rss_mb"] for r in sel], style, label=f"vaekit {op} {precision}")
-            if sel[0]["peer_rss_mb"] is not None:
+            if peer and sel[0]["peer_rss_mb"] is not None:
                 axes[1].plot(px, [r["peer_rss_mb"] for r in sel], style, alpha=0.4, label=f"diffusers {op} {precision}")
     axes[0].set(xlabel="megapixels", ylabel="seconds per image", xscale="log", yscale="log", title="time")
     axes[1].set(xlabel="megapixels", ylabel="peak memory above the model (MB)", xscale="log", yscale="log", title="memory")
@@ -60,7 +62,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--plot", type=Path)
     p.add_argument("--json", type=Path)
+    p.add_argument("--from", dest="saved", type=Path, nargs="+", metavar="JSON", help="plot these saved runs instead of measuring")
     args = p.parse_args()
+    if args.saved:
+        if not args.plot:
+            p.error("--from only re-plots: give --plot PNG")
+        plot([row for path in args.saved for row in json.loads(path.read_text())["rows"]], args.plot)
+        return
     torch.set_num_threads(args.threads)
     model = load(f"preset:{args.preset}", dtype=torch.float32)
     report = lambda r: print(f"{r.op} {r.size}² {r.precision}: {r.seconds:.3f} s, diffusers {r.peer_seconds or 0:.3f} s", file=sys.stderr, flush=True)  # noqa: E731
