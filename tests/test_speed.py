@@ -170,3 +170,41 @@ def test_bench_winograd_row(capsys):
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[3] == "fp32 winograd" and 0 < float(cells[-1]) < 1e-4  # against diffusers' direct convolutions
+
+
+ATTENTION_PROBE = """
+import json, torch
+from vaekit.model.ldm import AttnBlock
+from vaekit.speed import peak_memory
+torch.set_num_threads(1)
+block = AttnBlock(512, 32).eval()
+x = torch.randn(1, 512, 96, 96)  # one activation: 18 MB
+with torch.inference_mode(), peak_memory(torch.device("cpu")) as mem:
+    y = block(x)
+print(json.dumps(mem["mb"] / (x.numel() * 4 / 2**20)))
+"""
+
+
+def test_inference_attention_in_query_blocks_equals_the_formula_and_holds_four_activations(monkeypatch):
+    """AttnBlock without autograd runs its queries in blocks, each result over its own queries: the same values
+    as softmax(q kᵀ / √c) v, and (measured in a fresh process) at most the normalised input plus q, k, v alive
+    at once, where the straightforward way holds seven or more (the 4096² head in docs/BENCHMARKS.md)."""
+    from vaekit.model import ldm
+
+    monkeypatch.setattr(ldm, "ATTENTION_QUERIES", 7)  # many blocks, the last one short
+    block = perturb(ldm.AttnBlock(16, 8), seed=2)
+    x = torch.randn(2, 16, 9, 11)
+    n, c, h, w = x.shape
+    y = block.norm(x).flatten(2)
+    q, k, v = (p.weight.flatten(1) @ y + p.bias[:, None] for p in (block.q, block.k, block.v))
+    att = torch.softmax(q.transpose(1, 2) @ k / c**0.5, dim=-1)  # (n, queries, keys)
+    want = (x + block.proj_out(((v @ att.transpose(1, 2))).view(n, c, h, w))).detach()
+    with torch.inference_mode():
+        got = block(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(block(x).detach(), want, atol=1e-5, rtol=0)  # autograd on: one SDPA call
+    assert got.is_contiguous()
+    done = subprocess.run([sys.executable, "-c", ATTENTION_PROBE], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    activations = json.loads(done.stdout.splitlines()[-1])
+    assert 3 < activations < 5, activations

@@ -98,13 +98,26 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
-        y = self.norm(x)
-        # Contiguous (tokens, channels): with a transposed view SDPA falls back to its math kernel, which
-        # holds the whole tokens x tokens matrix (16 GiB for the latent of a 2048x2048 image).
-        q, k, v = (t(y).reshape(n, 1, c, h * w).transpose(2, 3).contiguous() for t in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v)
-        y = y.transpose(2, 3).reshape(n, c, h, w)
-        return x + self.proj_out(y)
+        # Tokens-major (n, 1, tokens, channels) straight out of the projections, contiguous: with a transposed
+        # view SDPA falls back to its math kernel, which holds the whole tokens x tokens matrix (16 GiB for the
+        # latent of a 2048x2048 image). A 1x1 conv is a matmul over channels: no copies to change the layout.
+        y = self.norm(x).flatten(2).transpose(1, 2).unsqueeze(1)
+        q, k, v = (F.linear(y, p.weight.flatten(1), p.bias) for p in (self.q, self.k, self.v))
+        del y
+        if torch.is_grad_enabled():
+            q = F.scaled_dot_product_attention(q, k, v)
+        else:
+            # Inference: each block of queries' result overwrites those queries, so no fourth tensor of the
+            # input's size exists (the latent of a 4096x4096 image: 512 MB each; docs/BENCHMARKS.md).
+            for i in range(0, h * w, ATTENTION_QUERIES):
+                q[:, :, i : i + ATTENTION_QUERIES] = F.scaled_dot_product_attention(q[:, :, i : i + ATTENTION_QUERIES], k, v)
+        del k, v
+        y = F.linear(q, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        del q
+        return x + y.view(n, h * w, c).transpose(1, 2).view(n, c, h, w)
+
+
+ATTENTION_QUERIES = 4096  # queries per block in inference attention: 8 MB of results at 512 channels
 
 
 def space_to_channel(x: Tensor, channels: int) -> Tensor:
