@@ -96,25 +96,44 @@ class AttnBlock(nn.Module):
         self.v = Conv2d(channels, channels, 1)
         self.proj_out = Conv2d(channels, channels, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, overwrite: bool = False) -> Tensor:
+        """`overwrite` (honoured without autograd, on a contiguous x) writes the result into x: the caller's own
+        temporary, one activation less."""
+        if not torch.is_grad_enabled():
+            return self._in_blocks(x, x if overwrite and x.is_contiguous() else x.new_empty(x.shape))
         n, c, h, w = x.shape
         # Tokens-major (n, 1, tokens, channels) straight out of the projections, contiguous: with a transposed
         # view SDPA falls back to its math kernel, which holds the whole tokens x tokens matrix (16 GiB for the
         # latent of a 2048x2048 image). A 1x1 conv is a matmul over channels: no copies to change the layout.
         y = self.norm(x).flatten(2).transpose(1, 2).unsqueeze(1)
         q, k, v = (F.linear(y, p.weight.flatten(1), p.bias) for p in (self.q, self.k, self.v))
-        del y
-        if torch.is_grad_enabled():
-            q = F.scaled_dot_product_attention(q, k, v)
-        else:
-            # Inference: each block of queries' result overwrites those queries, so no fourth tensor of the
-            # input's size exists (the latent of a 4096x4096 image: 512 MB each; docs/BENCHMARKS.md).
-            for i in range(0, h * w, ATTENTION_QUERIES):
-                q[:, :, i : i + ATTENTION_QUERIES] = F.scaled_dot_product_attention(q[:, :, i : i + ATTENTION_QUERIES], k, v)
-        del k, v
-        y = F.linear(q, self.proj_out.weight.flatten(1), self.proj_out.bias)
-        del q
+        y = F.scaled_dot_product_attention(q, k, v)
+        y = F.linear(y, self.proj_out.weight.flatten(1), self.proj_out.bias)
         return x + y.view(n, h * w, c).transpose(1, 2).view(n, c, h, w)
+
+    def _in_blocks(self, x: Tensor, out: Tensor) -> Tensor:
+        """Inference in blocks of ATTENTION_QUERIES tokens, normalised with the whole image's GroupNorm statistics:
+        keys and values first, then each block's queries attend and the block's result plus its residual goes to
+        `out`. Besides x and out only k and v exist whole; the straightforward way also holds the normalised x,
+        q and the attention's output (at 4096² each of these is 512 MB; docs/BENCHMARKS.md)."""
+        n, c, h, w = x.shape
+        scale, shift = group_affine(x, self.norm)
+        tokens, results = x.reshape(n, c, h * w), out.view(n, c, h * w)
+        blocks = range(0, h * w, ATTENTION_QUERIES)
+
+        def project(i: int, conv: nn.Conv2d) -> Tensor:  # (n, 1, block, c)
+            y = torch.addcmul(shift[..., None], tokens[:, :, i : i + ATTENTION_QUERIES], scale[..., None])
+            return F.linear(y.transpose(1, 2), conv.weight.flatten(1), conv.bias).unsqueeze(1)
+
+        k, v = (x.new_empty(n, 1, h * w, c) for _ in range(2))
+        for i in blocks:
+            k[:, :, i : i + ATTENTION_QUERIES] = project(i, self.k)
+            v[:, :, i : i + ATTENTION_QUERIES] = project(i, self.v)
+        for i in blocks:
+            a = F.scaled_dot_product_attention(project(i, self.q), k, v).squeeze(1)
+            a = F.linear(a, self.proj_out.weight.flatten(1), self.proj_out.bias).transpose(1, 2)
+            results[:, :, i : i + ATTENTION_QUERIES] = a.add_(tokens[:, :, i : i + ATTENTION_QUERIES])
+        return out
 
 
 ATTENTION_QUERIES = 4096  # queries per block in inference attention: 8 MB of results at 512 channels
@@ -216,6 +235,17 @@ class NormSiluConv(nn.Module):
         return self.conv(F.silu(self.norm(x)))
 
 
+def group_affine(x: Tensor, norm: nn.GroupNorm) -> tuple[Tensor, Tensor]:
+    """`norm(x)` as `x * scale + shift` per sample and channel (each (n, c), x's dtype), from the whole of x's
+    statistics (float32 `var_mean`): the banded inference paths normalise one band at a time with them."""
+    n, c = x.shape[:2]
+    var, mean = torch.var_mean(x.reshape(n, norm.num_groups, -1).float(), dim=-1, correction=0)
+    per = c // norm.num_groups
+    scale = torch.rsqrt(var + norm.eps).repeat_interleave(per, dim=1) * norm.weight.float()
+    shift = norm.bias.float() - mean.repeat_interleave(per, dim=1) * scale
+    return scale.to(x.dtype), shift.to(x.dtype)
+
+
 def norm_silu_conv_banded(x: Tensor, norm: nn.GroupNorm, conv: nn.Conv2d, residual: nn.Module | None = None,
                           skip: Tensor | None = None, in_place: bool = False) -> Tensor:  # fmt: skip
     """conv(silu(norm(x))) [+ residual(skip)] band by band of rows: GroupNorm's statistics come from the whole
@@ -224,12 +254,7 @@ def norm_silu_conv_banded(x: Tensor, norm: nn.GroupNorm, conv: nn.Conv2d, residu
     writes the result into x (a conv that keeps the shape): each band's last input row is kept aside for the
     next band, whose halo it is."""
     n, c, height, _ = x.shape
-    var, mean = torch.var_mean(x.reshape(n, norm.num_groups, -1).float(), dim=-1, correction=0)
-    per = c // norm.num_groups
-    rstd = torch.rsqrt(var + norm.eps).repeat_interleave(per, dim=1)
-    scale = rstd * norm.weight.float()
-    shift = norm.bias.float() - mean.repeat_interleave(per, dim=1) * scale
-    scale, shift = scale.to(x.dtype)[..., None, None], shift.to(x.dtype)[..., None, None]
+    scale, shift = (t[..., None, None] for t in group_affine(x, norm))
     band = _band_rows(x)
     out: Tensor | None = x if in_place else None
     above: Tensor | None = None  # in place: the input row above the band, before the previous band overwrote it
@@ -262,7 +287,10 @@ class MidBlock(nn.Module):
         self.block_2 = ResnetBlock(channels, channels, groups)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
+        h = self.block_1(x)
+        if isinstance(self.attn_1, AttnBlock):
+            h = self.attn_1(h, overwrite=True)  # h is this block's own temporary: in inference, one activation less
+        return self.block_2(h)
 
 
 class Level(nn.Module):
