@@ -113,6 +113,34 @@ def test_inference_levers_change_no_value(monkeypatch, tiny_model):
                                    atol=1e-6, rtol=0)  # fmt: skip
 
 
+def test_the_mid_block_writes_over_its_own_tensors_and_the_callers_only_when_told(monkeypatch):
+    """Inference writes every step of the mid block over the running tensor (the decoder's head over conv_in's
+    output too, by `overwrite`): the values of the autograd forward, the caller's input kept unless it says."""
+    from vaekit.model import ldm
+
+    monkeypatch.setattr(ldm, "BAND_BYTES", 4096)  # the banded paths at this size
+    monkeypatch.setattr(ldm, "ATTENTION_QUERIES", 7)
+    mid = perturb(ldm.MidBlock(32, 8, attention=True), seed=3)
+    x = torch.randn(2, 32, 12, 10) * 3 + 1
+    want = mid(x).detach()
+    with torch.inference_mode():
+        kept = x.clone()
+        got = mid(kept)
+        mine = x.clone()
+        over = mid(mine, overwrite=True)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    assert torch.equal(kept, x)
+    torch.testing.assert_close(over, want, atol=2e-5, rtol=0)
+    assert over.data_ptr() == mine.data_ptr()
+    block = perturb(ldm.ResnetBlock(32, 16, 8), seed=4)  # changes channels: cannot write over its input
+    want = block(x).detach()
+    with torch.inference_mode():
+        mine = x.clone()
+        got = block(mine, overwrite=True)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    assert torch.equal(mine, x)
+
+
 def test_bench_compiles_both_and_reports_the_compile_time(capsys):
     # The "eager" backend: dynamo's tracing and guards without inductor's C++ codegen, which takes minutes on 2
     # cores; `vaekit bench --compile` defaults to inductor (docs/BENCHMARKS.md has its numbers).

@@ -70,14 +70,17 @@ class ResnetBlock(nn.Module):
         self.conv2 = Conv2d(cout, cout, 3, padding=1)
         self.nin_shortcut = Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, overwrite: bool = False) -> Tensor:
+        """`overwrite` (honoured in banded inference when the block keeps the shape) writes the result into x:
+        the caller's own temporary, one activation less."""
         inplace = not torch.is_grad_enabled()
         # Inference on a large input: GroupNorm + SiLU + conv in bands of rows, so neither normalised tensor
-        # exists whole, and the second conv writes over the first's output: besides its input, the block holds
-        # one tensor of its output's size and one band (docs/BENCHMARKS.md).
+        # exists whole, and the second conv writes over the first's output (or over x): besides its input, the
+        # block holds one tensor of its output's size and one band (docs/BENCHMARKS.md).
         if inplace and _banded(x, self.norm1):
             h = norm_silu_conv_banded(x, self.norm1, self.conv1)
-            return norm_silu_conv_banded(h, self.norm2, self.conv2, residual=self.nin_shortcut, skip=x, in_place=True)
+            into = x if overwrite and h.shape == x.shape else h
+            return norm_silu_conv_banded(h, self.norm2, self.conv2, residual=self.nin_shortcut, skip=x, out=into)
         # Without autograd nothing needs the intermediate tensors: SiLU and the residual add reuse their
         # buffers (the same values; two fewer full-size tensors alive at a time).
         h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
@@ -247,16 +250,16 @@ def group_affine(x: Tensor, norm: nn.GroupNorm) -> tuple[Tensor, Tensor]:
 
 
 def norm_silu_conv_banded(x: Tensor, norm: nn.GroupNorm, conv: nn.Conv2d, residual: nn.Module | None = None,
-                          skip: Tensor | None = None, in_place: bool = False) -> Tensor:  # fmt: skip
+                          skip: Tensor | None = None, out: Tensor | None = None) -> Tensor:  # fmt: skip
     """conv(silu(norm(x))) [+ residual(skip)] band by band of rows: GroupNorm's statistics come from the whole
     of x first (float32 `var_mean`), then each band (with the conv's one-row halo) is normalised and convolved
-    on its own. The same values up to float summation order, without the whole normalised tensor. `in_place`
-    writes the result into x (a conv that keeps the shape): each band's last input row is kept aside for the
-    next band, whose halo it is."""
+    on its own. The same values up to float summation order, without the whole normalised tensor. The result
+    goes into `out` (default: a new tensor), which may be x itself (a conv that keeps the shape: each band's
+    last input row is kept aside for the next band, whose halo it is) or skip (read row for row before)."""
     n, c, height, _ = x.shape
     scale, shift = (t[..., None, None] for t in group_affine(x, norm))
     band = _band_rows(x)
-    out: Tensor | None = x if in_place else None
+    in_place = out is x
     above: Tensor | None = None  # in place: the input row above the band, before the previous band overwrote it
     for y0 in range(0, height, band):
         y1 = min(height, y0 + band)
@@ -286,11 +289,14 @@ class MidBlock(nn.Module):
         self.attn_1 = AttnBlock(channels, groups) if attention else nn.Identity()
         self.block_2 = ResnetBlock(channels, channels, groups)
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.block_1(x)
+    def forward(self, x: Tensor, *, overwrite: bool = False) -> Tensor:
+        """`overwrite`: x is the caller's temporary, and inference may write into it. Either way every later
+        step writes over the running tensor (block_1's result is this block's own), so the mid block holds
+        one activation besides its input (none with `overwrite`), plus attention's keys and values."""
+        h = self.block_1(x, overwrite=overwrite)
         if isinstance(self.attn_1, AttnBlock):
-            h = self.attn_1(h, overwrite=True)  # h is this block's own temporary: in inference, one activation less
-        return self.block_2(h)
+            h = self.attn_1(h, overwrite=True)
+        return self.block_2(h, overwrite=True)
 
 
 class Level(nn.Module):
@@ -393,7 +399,7 @@ class Decoder(Staged):
         h = self.conv_in(z)
         if self.shortcuts:  # the bottleneck's shortcut: each latent channel repeated
             h = h + z.repeat_interleave(h.shape[1] // z.shape[1], dim=1)
-        return self.mid(h)
+        return self.mid(h, overwrite=True)  # h is the head's own
 
     def body_stages(self) -> list[nn.Module]:
         """The upsampling layers in order; `vaekit.model.tiling` runs them one at a time."""
