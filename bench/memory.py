@@ -64,7 +64,8 @@ def main() -> None:
         cmd = [sys.executable, "-c", ONE, way, str(args.size), str(args.tile), args.precision, str(args.threads), str(int(args.winograd))]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
-            raise SystemExit(f"{way}: {done.stderr[-2000:]}")
+            why = f"killed by signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
+            raise SystemExit(f"{way}: {why}\n{done.stderr[-2000:]}")
         rows.append(json.loads(done.stdout.splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     print("\n| way | size | tile | peak MB above the model | seconds | µs / pixel |\n|---|---|---|---|---|---|")

@@ -1,12 +1,16 @@
 """Tiled encode/decode equals untiled (whole-image GroupNorm statistics, receptive-field halos), shows
 no seam, and picks its tile from a memory budget."""
 
+import errno
+import os
+
 import pytest
 import torch
 from skimage import data as skdata
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vaekit import AutoencoderConfig, preset
+from vaekit.cli import _explain
 from vaekit.data import to_tensor
 from vaekit.model import Autoencoder
 from vaekit.model import tiling
@@ -218,6 +222,33 @@ def test_spilled_tiles_give_the_same_values_and_spill_by_themselves_when_ram_is_
         maps.clear()
         decode_body_tiled(model.decoder, h, TILE, CONFIG)
         assert not maps
+
+
+def test_spill_files_get_their_disk_blocks_up_front_and_a_full_disk_is_an_error_that_says_where(tmp_path, monkeypatch):
+    """A sparse spill file takes its blocks at write-back, and a full disk then kills the decode with SIGBUS
+    and no message; reserved when made, it fails at once and names the folder. File systems that cannot
+    reserve fall back to a sparse file."""
+    with open(tmp_path / "f", "wb") as f:
+        tiling._reserve_disk(f.fileno(), 8 * 2**20, str(tmp_path))
+        assert os.fstat(f.fileno()).st_size == 8 * 2**20 and os.fstat(f.fileno()).st_blocks * 512 >= 8 * 2**20
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tiling.os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=f"no room to spill 1.0 GiB of activations to {tmp_path}.*TMPDIR") as e:
+        tiling._allocate((1, 2**28), torch.float32, torch.device("cpu"), torch.empty(1), tmp_path, {})
+    assert e.value.errno == errno.ENOSPC
+    assert _explain(e.value).startswith("no room to spill")  # the CLI's one line, without "[Errno 28]"
+
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(tiling.os, "posix_fallocate", unsupported)
+    maps: dict = {}
+    sparse = tiling._allocate((4, 1024), torch.float32, torch.device("cpu"), torch.empty(1), tmp_path, maps)
+    sparse.fill_(3.0)
+    assert tiling._mapping(sparse, maps) is not None and float(sparse.sum()) == 3.0 * 4096
 
 
 def test_a_tile_leaves_a_spilled_image_without_mapping_whole_rows():

@@ -30,9 +30,12 @@ measured agreement, cost and memory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import itertools
 import mmap
+import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -217,11 +220,24 @@ def _allocate(shape: tuple[int, ...], dtype: torch.dtype, store: torch.device, s
             return torch.empty(shape, dtype=dtype, device=store)
     folder = tempfile.gettempdir() if spill in (None, True) else str(spill)
     with tempfile.TemporaryFile(dir=folder) as f:  # unlinked at once: the mapping keeps it alive
-        f.truncate(nbytes)
+        _reserve_disk(f.fileno(), nbytes, folder)
         mapping = mmap.mmap(f.fileno(), nbytes)
     out = torch.frombuffer(mapping, dtype=dtype).view(shape)
     maps[out.untyped_storage().data_ptr()] = mapping
     return out
+
+
+def _reserve_disk(fd: int, nbytes: int, folder: str) -> None:
+    """Give the spill file its blocks now. A sparse file gets them as pages are written back, and a full disk
+    then kills the process with SIGBUS mid-decode, with no message; reserved, it fails here and says why."""
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except (AttributeError, OSError) as e:  # AttributeError: no posix_fallocate (macOS, Windows)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            free = shutil.disk_usage(folder).free / 2**30
+            raise OSError(e.errno, f"no room to spill {nbytes / 2**30:.1f} GiB of activations to {folder} ({free:.1f} GiB "
+                          "free): point TMPDIR (or spill=FOLDER) at a disk with more room") from e  # fmt: skip
+        os.ftruncate(fd, nbytes)  # a file system that cannot reserve: sparse, as before
 
 
 def _mapping(t: Tensor, maps: _Maps) -> mmap.mmap | None:
