@@ -148,7 +148,10 @@ def _run_tiled(
     store = torch.device("cpu") if offload else device
     maps: _Maps = {}
     for stage in stages:
-        x, unit = _run_stage(stage, x, rows, cols, unit, device, store, whole_image_stats, spill, maps)
+        y, unit = _run_stage(stage, x, rows, cols, unit, device, store, whole_image_stats, spill, maps)
+        if _mapping(x, maps) is not None:  # a spilled input's file (its disk and its mapping) goes with the tensor:
+            del maps[x.untyped_storage().data_ptr()]  # the files on disk are a stage's input and output, not all
+        x = y
     return x.clone() if _mapping(x, maps) is not None else x.to(device)  # the image itself leaves the file
 
 
