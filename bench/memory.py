@@ -4,6 +4,7 @@
     python bench/memory.py --size 2048 --ways tiled spilled --tile 512
     python bench/memory.py --size 1024 --ways vaekit --precision bf16
     python bench/memory.py --size 1024 --ways vaekit --winograd            # vaekit's ways under vaekit.winograd()
+    python bench/memory.py --size 4096 --ways head                          # the untiled head alone (mid block, attention)
 
 RSS only shows memory newly taken from the system, so every figure comes from its own process: the
 model and the latent are made first, then `vaekit.speed.peak_memory` wraps the decode alone. "tiled"
@@ -18,7 +19,7 @@ import json
 import subprocess
 import sys
 
-WAYS = ("vaekit", "diffusers", "tiled", "spilled")
+WAYS = ("vaekit", "diffusers", "tiled", "spilled", "head")
 
 ONE = """
 import json, sys, time, torch
@@ -37,6 +38,7 @@ with torch.inference_mode():
         "diffusers": lambda: peer.decode(z).sample,
         "tiled": lambda: _tiled(False),
         "spilled": lambda: _tiled(True),
+        "head": lambda: model.decoder.head(model.post_quant_conv(z)),  # the untiled latent-resolution part alone
     }
     def _tiled(spill):  # model.decode(z, tile=tile) with the spilling forced on or off
         h = model.decoder.head(model.post_quant_conv(z))
