@@ -252,9 +252,9 @@ def test_spill_files_get_their_disk_blocks_up_front_and_a_full_disk_is_an_error_
 
 
 def test_a_spilled_stage_input_leaves_the_disk_when_the_stage_is_done(model, latent, monkeypatch):
-    """Every stage's output was kept mapped until the decode returned: SD1 at 4096² held ~35 GB of files
-    at the end, where one stage's input and output take 24. Open spill files are the process's descriptors
-    of deleted files (a mapping holds one)."""
+    """Every stage's output was kept mapped until the decode returned: SD1 at 4096² would have held ~70 GiB
+    of files by its end, where one stage's input and output take 24 at most. Open spill files are the
+    process's descriptors of deleted files (a mapping holds one)."""
     def open_spill_files() -> int:
         fds = [os.path.join("/proc/self/fd", n) for n in os.listdir("/proc/self/fd")]
         return sum(1 for fd in fds if os.path.exists(fd) and os.readlink(fd).endswith("(deleted)"))

@@ -965,7 +965,7 @@ def _explain(e: BaseException) -> str:
     """An OS error (which names a path) as 'PATH: what happened and what to do'; others as they are."""
     if isinstance(e, OSError) and e.errno is not None and e.filename is not None:
         return f"{e.filename}: {OS_ADVICE.get(e.errno, e.strerror)}"
-    if isinstance(e, OSError) and e.strerror:  # vaekit's own OSError(errno, advice): the advice, without "[Errno N]"
+    if isinstance(e, OSError) and e.strerror:  # no path to name: its text (vaekit's own carry advice), not "[Errno N] ..."
         return e.strerror
     return str(e)
 
