@@ -10,6 +10,9 @@ a complete `AutoencoderConfig`, and a record of where each part came from. Three
   or metadata, else from an explicit `family=`, else from a full checkpoint's other parts (its UNet
   says which model it is), else they are assumed, and the assumption is stated and warned about.
 
+A model file that cannot be read (empty, truncated, corrupt, a config.json that is not a JSON object)
+is one `UnreadableFile` (a ValueError) that names the file and says what to do, whatever the command.
+
 The diffusers layout is one key mapping away from the native one (`diffusers_key_map`), used in
 both directions. FLUX.1's `ae.safetensors` uses the LDM names too (it just has no quant convs);
 FLUX.2's puts the quant convs inside the encoder and decoder (BFL_NAMES) and carries its latent
@@ -23,18 +26,20 @@ import math
 import os
 import pickle
 import re
+import struct
 import sys
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from .config import PATCH_BN_EPS, PRESETS, AutoencoderConfig, describe_channels, preset, preset_name
@@ -126,7 +131,10 @@ def read_checkpoint(source: str | os.PathLike, family: str | None = None, seed: 
         if path.exists():
             found = _from_path(path)
         elif re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) and not text.endswith((".safetensors",) + TORCH_SUFFIXES):
-            found = _from_path(_download(text))
+            try:
+                found = _from_path(_download(text))
+            except UnreadableFile as e:  # a download cut short stays in the cache, and the cache is read first
+                raise UnreadableFile(e.path, e.kind, e.reason, _hub_cache_advice(e.path, text)) from None
             found.format = f"Hugging Face Hub {text}: {found.format}"
         else:
             raise FileNotFoundError(f"no such file or folder: {text}")
@@ -352,20 +360,17 @@ def _from_path(path: Path) -> _Found:
     if path.is_dir():
         return _from_folder(path)
     if path.suffix == ".safetensors":
-        with safe_open(path, framework="pt") as f:
+        with _safetensors(path) as f:
             metadata = f.metadata() or {}
             found = _select(list(f.keys()), "single-file", f.get_tensor)
         if METADATA_KEY in metadata:
-            found.config = AutoencoderConfig.from_dict(json.loads(metadata[METADATA_KEY]))
+            part = f"its {METADATA_KEY} metadata is "
+            with _settings_of(path, ".safetensors file", part):
+                found.config = AutoencoderConfig.from_dict(_json_object(metadata[METADATA_KEY], path, ".safetensors file", part))
             found.normalisation = "file metadata"
         return found
     if path.suffix in TORCH_SUFFIXES:
-        obj = _torch_load(path)
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]  # LDM/Lightning .ckpt
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
-        tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+        tensors = _torch_tensors(path)
         return _select(list(tensors), f"torch {path.suffix} file", tensors.__getitem__)
     raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; vaekit reads .safetensors, "
                      f"{', '.join(TORCH_SUFFIXES)} and diffusers folders")
@@ -402,19 +407,154 @@ def _select(keys: list[str], kind: str, get: Callable[[str], Tensor]) -> _Found:
     return _Found(tensors, kind, hint=hint, notes=notes)
 
 
+# ---- reading model files: a file that cannot be read is one error naming it ---------------------
+
+
+class UnreadableFile(ValueError):
+    """A model file that is empty, truncated, corrupt or of the wrong kind: names it and says what to do."""
+
+    def __init__(self, path: Path, kind: str, reason: str, advice: str = "download or convert it again"):
+        self.path, self.kind, self.reason = path, kind, reason
+        super().__init__(f"{path} is not a valid {kind} ({reason}): {advice}")
+
+
+@contextmanager
+def _safetensors(path: Path) -> Iterator[Any]:
+    """`safe_open(path)`. safetensors' errors, at the open or later, lazily, at `get_tensor`, become
+    `UnreadableFile`; other errors raised inside (vaekit's own) pass through."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise UnreadableFile(path, ".safetensors file", _safetensors_damage(path, e)) from None
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    with _safetensors(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _safetensors_damage(path: Path, error: Exception) -> str:
+    """What is wrong with a .safetensors file safetensors refused, measured where possible: a file
+    cut short (an interrupted download or copy) is told by its sizes."""
+    size = path.stat().st_size
+    said = str(error).removeprefix("Error while deserializing header: ")
+    if size == 0:
+        return "empty: 0 bytes"
+    if size < 8:
+        return f"truncated: {size} bytes, less than its 8-byte header length"
+    with open(path, "rb") as f:
+        (header,) = struct.unpack("<Q", f.read(8))
+        if 8 + header > size:
+            if header > 100_000_000:  # safetensors' own limit: not a header length at all
+                return f"corrupt, or not a .safetensors file: its first 8 bytes claim a {header:,}-byte header"
+            return f"truncated or corrupt: its header length says {header:,} bytes, the whole file has {size:,}"
+        try:
+            entries = json.loads(f.read(header))
+            end = max((int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return f"corrupt: {said}"
+    if 8 + header + end > size:
+        return f"truncated: its tensors need {8 + header + end:,} bytes, the file has {size:,}"
+    return f"corrupt: {said}"
+
+
+# torch's weights-only refusals of a pickle that would run code (any other is a damaged file).
+_CODE_PICKLE = re.compile(r"GLOBAL \S+ (was not an allowed global|whose module \S+ is blocked)"
+                          r"|reduce for unrecognized function|Can only (build|create new object)")
+
+
 def _torch_load(path: Path) -> Any:
+    """`torch.load(weights_only=True)`: a pickle that would run code is refused (nothing is executed);
+    any other failure, bar the OS's (a missing or unreadable file), is a damaged file: `UnreadableFile`."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).split("\n")[0]
+        said = _unpickler_said(str(e))
+        if not _CODE_PICKLE.search(said):
+            raise UnreadableFile(path, "torch checkpoint", _torch_damage(path, f"unreadable pickle data ({said})")) from None
         raise ValueError(
             f"refused {path}: it holds pickled objects that would run code when loaded, and vaekit never "
-            f"executes pickles (nothing was executed; torch says: {reason}). If you trust the file, convert it "
+            f"executes pickles (nothing was executed; torch says: {said}). If you trust the file, convert it "
             f"once: python -c \"import torch, safetensors.torch as s; c = torch.load('{path}', weights_only=False); "
             f"s.save_file(c.get('state_dict', c), '{path.with_suffix('.safetensors')}')\" and load the .safetensors"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"could not read {path} as a torch checkpoint: {e}") from None
+    except OSError as e:
+        if e.errno is not None:  # missing, a folder, no permission: the CLI says what to do about those
+            raise
+        raise UnreadableFile(path, "torch checkpoint", _torch_damage(path, e)) from None
+    except Exception as e:  # EOFError, RuntimeError (a broken zip), KeyError, ...: torch met bytes it cannot parse
+        raise UnreadableFile(path, "torch checkpoint", _torch_damage(path, e)) from None
+
+
+def _unpickler_said(message: str) -> str:
+    """The unpickler's own words out of torch's weights-only message (which wraps them in advice)."""
+    lines = [line.split("WeightsUnpickler error:")[-1].strip() for line in message.splitlines()]
+    boilerplate = ("Weights only load failed", "Check the documentation", "(1) ", "(2) ")
+    return next((line for line in lines if line and not line.startswith(boilerplate)), message.split("\n")[0])
+
+
+def _torch_damage(path: Path, said: str | Exception) -> str:
+    size = path.stat().st_size
+    if size == 0:
+        return "empty: 0 bytes"
+    if isinstance(said, RuntimeError) and str(said).strip():  # torch's own words: their first sentence
+        said = re.split(r"(?<=\.)\s", str(said).strip(), maxsplit=1)[0].rstrip(".")
+    elif isinstance(said, Exception):  # EOFError, KeyError, ...: the unpickler met bytes it cannot parse
+        said = f"unreadable data ({type(said).__name__}{': ' + str(said) if str(said) else ''})"
+    return f"truncated or corrupt, {size:,} bytes: {said}"
+
+
+def _torch_tensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of a `.ckpt/.pt/.pth/.bin` file: a state dict, or an LDM/Lightning checkpoint's."""
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # LDM/Lightning .ckpt
+    if not isinstance(obj, dict):
+        raise UnreadableFile(path, "checkpoint", f"it holds a {type(obj).__name__}, not a state dict of tensors")
+    return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+
+
+CONFIG_ADVICE = "download it again or fix it"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A config.json's settings."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UnreadableFile(path, "config.json", f"not text: byte {e.start} is not UTF-8", CONFIG_ADVICE) from None
+    return _json_object(text, path, "config.json")
+
+
+def _json_object(text: str, path: Path, kind: str, part: str = "") -> dict[str, Any]:
+    """`text` (all of `path`, or the `part` of it named) as a JSON object of settings, or `UnreadableFile`."""
+    advice = CONFIG_ADVICE if not part else "download or convert it again"
+    if not text.strip():
+        raise UnreadableFile(path, kind, f"{part}empty", advice)
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UnreadableFile(path, kind, f"{part}not JSON: {e.msg} at line {e.lineno} column {e.colno}", advice) from None
+    if not isinstance(d, dict):
+        what = {list: "a JSON list", str: "a JSON string", bool: "a JSON boolean", type(None): "JSON null"}.get(type(d), "a JSON number")
+        raise UnreadableFile(path, kind, f"{part}{what}, not an object of settings {{...}}", advice)
+    return d
+
+
+@contextmanager
+def _settings_of(path: Path, kind: str, part: str = "") -> Iterator[None]:
+    """Settings in `path` (or the `part` of it named) that make no config (a wrong type or value, an
+    unknown key): the error names the file."""
+    try:
+        yield
+    except UnreadableFile:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        if str(path) in str(e):  # already names it
+            raise
+        reason = f"{part}settings vaekit cannot use: " + (f"no {e}" if isinstance(e, KeyError) else str(e) or type(e).__name__)
+        raise UnreadableFile(path, kind, reason, "fix it, or download or convert it again") from None
 
 
 def _from_folder(path: Path) -> _Found:
@@ -427,9 +567,10 @@ def _from_folder(path: Path) -> _Found:
         raise FileNotFoundError(f"{path} is not a diffusers autoencoder folder: it needs config.json and "
                                 f"{DIFFUSERS_WEIGHTS[0]} (or .bin), directly or under vae/")
     found = _Found({}, "diffusers folder" + (" (vae/ of a pipeline)" if folder != path else ""))
-    config, stated = _config_from_diffusers(json.loads(config_file.read_text()), str(config_file), found.notes)
+    with _settings_of(config_file, "config.json"):
+        config, stated = _config_from_diffusers(_read_json(config_file), str(config_file), found.notes)
     found.config, found.normalisation = config, ("config.json" if stated else None)
-    tensors = load_file(weights) if weights.suffix == ".safetensors" else _torch_load(weights)
+    tensors = _load_safetensors(weights) if weights.suffix == ".safetensors" else _torch_tensors(weights)
     layout = LAYOUTS.get(config.arch)
     found.tensors = layout.to_native(tensors) if layout else _native_names(tensors)[0]
     return found
@@ -485,6 +626,14 @@ def _hub_hint(repo: str, why: str) -> str:
     return f"no local file or folder {repo!r}, and the Hugging Face Hub cannot be used ({why}): {_hub_fetch(repo)}"
 
 
+def _hub_cache_advice(path: Path, repo: str) -> str:
+    """What to do about a damaged file in the Hub cache: the cache is read first and its blob is reused,
+    so only removing the repo's cached copy brings a fresh download."""
+    cached = next((p for p in path.parents if p.name.startswith("models--")), None)
+    where = f"rm -r {cached}" if cached else f"hf cache delete, choosing {repo}"
+    return f"the Hugging Face cache holds a damaged copy of {repo}: remove it ({where}) and run again to download it anew"
+
+
 # ---- settling config and normalisation --------------------------------------------------------
 
 
@@ -492,6 +641,8 @@ def _settle(found: _Found, family: str | None) -> Checkpoint:
     notes = found.notes
     stored = Counter(str(t.dtype).removeprefix("torch.") for t in found.tensors.values())
     dtype = next(iter(stored)) if len(stored) == 1 else "mixed: " + ", ".join(f"{d} ({n})" for d, n in stored.most_common())
+    if not stored:
+        dtype = "none (pixel space has no weights)" if found.config is not None and found.config.arch == "pixel" else "none (no tensors)"
     if found.config is not None:
         config = found.config
     elif found.layout is not None:
