@@ -241,6 +241,58 @@ def test_a_time_budget_that_grows_during_warm_up_never_lowers_the_lr(tmp_path: P
     assert all(a < b for a, b in zip(lr[:peak], lr[1 : peak + 1])) and all(a >= b for a, b in zip(lr[peak:], lr[peak + 1 :]))
 
 
+class StepClock:
+    """Stands in for the trainer's `time`: only the training steps move it (in `ema_update`, once a step), by
+    `seconds_per_step(now)`, so how long a run lasts and how many steps fit do not depend on the machine."""
+
+    def __init__(self, seconds_per_step):
+        self.now, self.seconds_per_step = 0.0, seconds_per_step
+
+    def time(self) -> float:
+        return self.now
+
+    def install(self, monkeypatch) -> None:
+        update = vaekit.train.ema_update
+
+        def timed_update(*args):
+            self.now += self.seconds_per_step(self.now)
+            update(*args)
+
+        monkeypatch.setattr(vaekit.train, "time", self)
+        monkeypatch.setattr(vaekit.train, "ema_update", timed_update)
+
+
+@pytest.mark.parametrize(
+    "seconds_per_step",
+    [
+        # The issue's case: another process loads the machine for the first 10 of 30 s, 3x slower steps. The first
+        # count (steps 2-6) and the only other measurement there was (at a fifth of it, step 7) both fell in it:
+        # 32 steps, "done" at 16.8 s. Measured again as the run goes on, it makes 72, done at 28.8 s.
+        lambda now: 0.9 if now < 10 else 0.3,
+        # Genuinely slower than first measured (twice as slow from 3 s on): the count shrinks to what fits. The one
+        # measurement there was (step 29, half its window fast) said 92: "out of time" at step 82, lr 0.18 x peak.
+        lambda now: 0.2 if now < 3 else 0.4,
+        # On time: 96 steps, done at 28.8 s, as before measuring again.
+        lambda now: 0.3,
+    ],
+    ids=["slow-start", "slower-later", "on-time"],
+)
+def test_a_time_budget_is_used_whatever_speed_the_first_steps_had(tmp_path: Path, monkeypatch, seconds_per_step):
+    StepClock(seconds_per_step).install(monkeypatch)
+    small = dict(block_channels=[8, 16], layers_per_block=1, norm_groups=8)  # only the clock and the lr matter here
+    run = tiny_run(tmp_path / "r", config=small, resolution=16, val_resolution=16, batch_size=1, steps=10_000,
+                   seconds=30, sample_every=0, save_every=0, log_every=1, warmup=500)  # fmt: skip
+    metrics = train(run, progress=False).metrics
+    end = 30 - vaekit.train._reserve(0.0)  # the initial validation takes no time on this clock
+    assert metrics["stopped"] == "done" and metrics["step"] == metrics["steps"], metrics
+    assert end - 0.9 <= metrics["seconds"] <= end, metrics  # within one slow step of its budget
+    lr = [json.loads(line)["lr"] for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    peak = lr.index(max(lr))
+    assert len(lr) == metrics["steps"] and max(lr) == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lr[:peak], lr[1 : peak + 1])) and all(a >= b for a, b in zip(lr[peak:], lr[peak + 1 :]))
+    assert lr[-1] == pytest.approx(1e-4, rel=0.05)  # the decay ends at the floor on the last step
+
+
 def _first_step_gradients(run: TrainConfig, monkeypatch) -> list[torch.Tensor]:
     """The gradients the first optimizer step applies: the autoencoder's, then the discriminator's."""
     clip, grads = torch.nn.utils.clip_grad_norm_, []

@@ -251,9 +251,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         if state["world_size"] != world:
             _note(master, f"resuming a {state['world_size']}-process run with {world}: the data order changes")
         del state
-    calibrated = not cfg.seconds or checkpoint_path is not None
     start_step = step
-    recalibrate_at, since = 0, (0.0, 0)  # set by the first calibration: when to measure the speed again
 
     # Scale equivariance decodes a second, downsampled latent: one module runs both decodes, so DDP syncs both.
     se_factors = scale_factors(cfg.resolution // model.factor) if cfg.loss.scale_equivariance > 0 else []
@@ -280,10 +278,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     else:
         eval_seconds = 0.0
 
-    def steps_that_fit(per_step: float) -> int:
-        """The step count (at most --steps) that ends the run within --seconds at this speed."""
-        left = started + cfg.seconds - time.time() - _reserve(eval_seconds)
-        return _broadcast_int(max(step, min(cfg.steps, step + int(left / per_step))), distributed)
+    # A time budget calibrates the step count from measured speed and keeps fitting it (see TimeBudget).
+    budget = None
+    if cfg.seconds:
+        budget = TimeBudget(cfg.seconds, started, _reserve(eval_seconds), cfg.steps, cfg.warmup, cfg.min_lr_ratio,
+                            eval_seconds, cfg.sample_every if data.val else 0, distributed, calibrated=checkpoint_path is not None)  # fmt: skip
 
     # With gradient accumulation the adaptive GAN weight is decided once per optimizer step, from the
     # whole step's gradients, so accumulation equals a larger batch (see _add_deferred_gan_term).
@@ -369,7 +368,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             # One update per step, or none when anything is non-finite (ranks agree on it).
             grad_norm = nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf)
             d_norm = nn.utils.clip_grad_norm_(disc.parameters(), math.inf) if gan else grad_norm  # LDM: not clipped
-            out_of_time = calibrated and cfg.seconds is not None and time.time() > started + cfg.seconds - _reserve(eval_seconds)
+            out_of_time = budget is not None and budget.out_of_time()
             flags = _agree([not (finite and torch.isfinite(grad_norm) and torch.isfinite(d_norm)), interrupted(), out_of_time], distributed)
             bad, stop_now, late = flags
             if not bad:
@@ -390,19 +389,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             bar.update(1)
             step_times.append(time.time() - t_step)
 
-            if not calibrated and len(step_times) >= 6:
-                # Time budget: a first step count from the speed of steps 2-6 (the schedule needs one),
-                # and again at a fifth of the run from the wall-clock rate since then, validations and
-                # checkpoints included: early steps run slow, so the first count alone left 10-15% of
-                # the quickstart's budget unused. The first count sets the schedule (warm-up capped at a
-                # quarter of it); the second only retargets it, so the learning rate never steps back.
-                per_step = float(np.mean(step_times[1:])) + (eval_seconds / cfg.sample_every if cfg.sample_every else 0.0)
-                schedule = Schedule.of(steps_that_fit(per_step), cfg.warmup, cfg.min_lr_ratio)
-                calibrated, recalibrate_at, since = True, max(step + 1, schedule.total // 5), (time.time(), step)
-                bar.total = schedule.total
-            elif step == recalibrate_at:  # the same step on every rank: the broadcast cannot deadlock
-                schedule = schedule.retarget(step, steps_that_fit((time.time() - since[0]) / (step - since[1])))
-                bar.total = schedule.total
+            if budget is not None:
+                fitted = budget.fit(step, step_times, schedule)
+                if fitted is not schedule:
+                    schedule, bar.total = fitted, fitted.total
 
             if step % cfg.log_every == 0 or step == schedule.total:
                 now = time.time()
@@ -503,7 +493,7 @@ def build_model(cfg: TrainConfig) -> Autoencoder:
 @dataclass(frozen=True)
 class Schedule:
     """The learning rate's factor at each step: linear warm-up over `warmup` steps, then cosine decay
-    from 1 to `min_ratio` at `total`. A time budget's second measurement moves `total` mid-run through
+    from 1 to `min_ratio` at `total`. A time budget's later measurements move `total` mid-run through
     `retarget`, which keeps the curve continuous and monotone: warm-up keeps its length, and a decay
     already under way continues from where it is to the new end."""
 
@@ -531,6 +521,71 @@ class Schedule:
         if step <= self.start:  # the decay has not begun: only its end moves
             return dataclasses.replace(self, total=total)
         return dataclasses.replace(self, total=total, start=step, start_progress=self.progress(step))
+
+
+class TimeBudget:
+    """Fits a --seconds run's step count to its budget, from the speed the run measures.
+
+    The speed of steps 2-6 sets the first count and the schedule (warm-up capped at a quarter of it). The
+    speed is measured again at a fifth of the run and after every tenth of it, each time retargeting the
+    schedule (`Schedule.retarget`: the learning rate never steps back, the decay ends at the new last step).
+    A measurement is the mean time of the steps since the one before, plus the time per step spent outside
+    steps (validations, checkpoints, logs) since the first count. Recent steps decide, so a slow start
+    (another process briefly loading the machine) is outgrown: with a single measurement, from the first
+    count on and at a fifth of the count that slow start had made too small, a run kept that speed to the
+    end and stopped "done" well inside its budget (the quickstart at 233 of 285 s, 533 steps of ~1030).
+    A run that turns slower than measured shrinks its count; `out_of_time` still stops it at the budget.
+
+    Every rank measures at the same steps and takes rank 0's count. A resumed run (`calibrated`) keeps the
+    schedule it saved and only stops in time."""
+
+    first_steps = 6  # steps 2-6 set the first count (the first step runs slow)
+    min_window = 5  # steps between two measurements, at least
+
+    def __init__(self, seconds: float, started: float, reserve: float, max_steps: int, warmup: int, min_ratio: float,
+                 eval_seconds: float = 0.0, eval_every: int = 0, distributed: bool = False, calibrated: bool = False):  # fmt: skip
+        self.end = started + seconds - reserve  # the loop stops by here: the rest is the final validation and saving
+        self.max_steps, self.warmup, self.min_ratio, self.distributed = max_steps, warmup, min_ratio, distributed
+        self.eval_seconds, self.eval_every = eval_seconds, eval_every  # expected validation time, until one is timed
+        self.calibrated = calibrated
+        self.first: tuple[float, int] = (0.0, 0)  # (time, step) of the first count
+        self.last = 0  # the step of the last measurement
+        self.next = 0  # the step of the next one; 0: none
+
+    def out_of_time(self) -> bool:
+        return self.calibrated and time.time() > self.end
+
+    def fit(self, step: int, step_times: list[float], schedule: Schedule) -> Schedule:
+        """After `step` (step_times[-1] is its time, step_times[0] the run's first since start or resume):
+        the schedule to continue with, a new one at the first count and at each measurement."""
+        if not self.calibrated:
+            if len(step_times) < self.first_steps:
+                return schedule
+            per_step = float(np.mean(step_times[1:])) + self._eval_per_step()
+            schedule = Schedule.of(self._steps_that_fit(step, per_step), self.warmup, self.min_ratio)
+            self.calibrated, self.first, self.last = True, (time.time(), step), step
+            self.next = max(step + 1, schedule.total // 5)
+            return schedule
+        if step != self.next:  # the same step on every rank: the broadcast cannot deadlock
+            return schedule
+        t0, s0 = self.first
+        first = len(step_times) - step  # step_times index of step 0 (negative after a resume)
+        stepping = sum(step_times[first + s0:])  # seconds inside steps since the first count
+        outside = max(0.0, time.time() - t0 - stepping) / (step - s0)
+        if self.eval_every and (step - 1) // self.eval_every == (s0 - 1) // self.eval_every:
+            outside += self._eval_per_step()  # no validation yet (steps s0 .. step-1 validate after their fit)
+        per_step = float(np.mean(step_times[first + self.last:])) + outside
+        total = self._steps_that_fit(step, per_step)
+        self.last, self.next = step, step + max(self.min_window, total // 10)
+        return schedule.retarget(step, total) if total != schedule.total else schedule
+
+    def _eval_per_step(self) -> float:
+        return self.eval_seconds / self.eval_every if self.eval_every else 0.0
+
+    def _steps_that_fit(self, step: int, per_step: float) -> int:
+        """The step count (at most --steps) that ends the loop by `end` at this speed."""
+        left = self.end - time.time()
+        return _broadcast_int(max(step, min(self.max_steps, step + int(left / max(per_step, 1e-9)))), self.distributed)
 
 
 @torch.no_grad()
