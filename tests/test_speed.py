@@ -251,3 +251,63 @@ def test_inference_attention_in_blocks_equals_the_formula_and_holds_only_keys_an
     (mb_small, act_small), (mb_large, act_large) = runs
     activations = (mb_large - mb_small) / (act_large - act_small)
     assert 1.5 < activations < 2.5, runs
+
+
+def test_bench_says_fewer_than_three_repeats_are_noise(capsys):
+    argv = ["bench", "preset:tiny-f8c4", "--size", "32", "--threads", "1", "--against", "none", "--repeats"]
+    assert main(argv + ["1"]) == 0
+    out, err = capsys.readouterr()
+    notes = [line for line in err.splitlines() if "fewer than 3 repeats" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: --repeats 1:") and "--repeats 5" in notes[0], err
+    assert "fewer than 3" not in out  # a note on stderr, not in the table
+    assert main(argv + ["3"]) == 0
+    assert "fewer than 3" not in "".join(capsys.readouterr())
+
+
+def test_bench_keeps_diffusers_notices_out_of_its_table(monkeypatch, capfd):
+    """What diffusers says while bench builds its peer (here a logger warning and a print, provoked in
+    from_pretrained; without `accelerate` it warns there by itself) stays out of stdout, which holds vaekit's
+    table alone; its log level is back where it was afterwards, and vaekit's own notes still show."""
+    import logging
+
+    import diffusers
+    import pytest
+    from diffusers.utils import logging as diffusers_logging
+
+    monkeypatch.delenv("DIFFUSERS_VERBOSITY", raising=False)
+    seen, heard = [], []
+    original = diffusers.AutoencoderKL.from_pretrained
+
+    def noisy(cls, *args, **kwargs):
+        seen.append(diffusers_logging.get_verbosity())
+        diffusers_logging.get_logger("diffusers.models.modeling_utils").warning("DIFFUSERS-NOTICE logged")
+        print("DIFFUSERS-NOTICE printed")
+        return original(*args, **kwargs)
+
+    class Listener(logging.Handler):
+        def emit(self, record):
+            heard.append(record.getMessage())
+
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", classmethod(noisy))
+    listener = Listener()
+    diffusers_logging.get_logger().addHandler(listener)  # hears what passes diffusers' level, wherever its handler writes
+    before = diffusers_logging.get_verbosity()
+    try:
+        diffusers_logging.set_verbosity_warning()
+        argv = ["bench", "preset:tiny-f8c4", "--size", "32", "--repeats", "1", "--threads", "1"]
+        assert main(argv) == 0
+        out, err = capfd.readouterr()
+        assert "DIFFUSERS-NOTICE" not in out and not heard, (out, heard)
+        assert all(line.startswith(("machine:", "|")) or not line for line in out.splitlines()), out
+        assert len([line for line in out.splitlines() if line.startswith(("| encode", "| decode"))]) == 2
+        assert "DIFFUSERS-NOTICE printed" in err  # sent to stderr, not lost
+        assert "note: --repeats 1:" in err and "encode 32² x1 fp32:" in err  # vaekit's own lines are not hidden
+        assert seen == [logging.ERROR] and diffusers_logging.get_verbosity() == logging.WARNING
+        from vaekit.speed import quiet_diffusers
+
+        with pytest.raises(RuntimeError), quiet_diffusers():  # restored on an error too
+            raise RuntimeError
+        assert diffusers_logging.get_verbosity() == logging.WARNING
+    finally:
+        diffusers_logging.get_logger().removeHandler(listener)
+        diffusers_logging.set_verbosity(before)

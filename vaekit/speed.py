@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import os
 import statistics
 import tempfile
@@ -140,6 +141,24 @@ def diffusers_peer(model: Autoencoder, dtype: torch.dtype) -> Any | None:
         return getattr(diffusers, name).from_pretrained(folder, torch_dtype=dtype).to(model.device).eval()
 
 
+@contextlib.contextmanager
+def quiet_diffusers(level: int = logging.ERROR) -> Iterator[None]:
+    """diffusers' own log notices below `level` silenced within the block (e.g. that `accelerate` is missing, when
+    `from_pretrained` builds a peer): they say nothing about the timings and would land among bench's lines. Its
+    errors still show, its verbosity is restored after the block, and a DIFFUSERS_VERBOSITY set by the user wins."""
+    from diffusers.utils import logging as diffusers_logging
+
+    if os.environ.get("DIFFUSERS_VERBOSITY"):
+        yield
+        return
+    before = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(max(before, level))
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(before)
+
+
 def bench(model: Autoencoder, sizes: list[int], batches: list[int], precisions: list[str], tile: int | None = None,
           against: str | None = "diffusers", repeats: int = 5, seed: int = 0, compile: str | None = None,
           winograd: bool = False, report: Callable[[Row], None] | None = None) -> tuple[list[Row], dict[str, float]]:  # fmt: skip
@@ -150,30 +169,33 @@ def bench(model: Autoencoder, sizes: list[int], batches: list[int], precisions: 
     device = model.device
     peaks = machine_peaks(device)
     rows: list[Row] = []
-    for precision in precisions:
-        dtype = PRECISIONS[precision]
-        model = model.to(dtype).eval()
-        peer = diffusers_peer(model, dtype) if against == "diffusers" else None
-        for size in sizes:
-            for batch in batches:
-                g = torch.Generator().manual_seed(seed)
-                x = (torch.rand(batch, model.config.in_channels, size, size, generator=g) * 2 - 1).to(device, dtype)
-                with torch.inference_mode():
-                    z = model.encode(x, tile=tile).mean
-                # Qwen-Image's diffusers class takes videos: an image is one frame.
-                video = model.config.arch == "qwenimage"
-                frame, unframe = (lambda t: t[:, :, None], lambda t: t[:, :, 0]) if video else (lambda t: t, lambda t: t)
-                ops = {
-                    "encode": (lambda: model.encode(x, tile=tile).mean,
-                               (lambda: unframe(peer.encode(frame(x)).latent_dist.mean)) if peer is not None else None),
-                    "decode": (lambda: model.decode(z, tile=tile),
-                               (lambda: unframe(peer.decode(frame(z)).sample)) if peer is not None else None),
-                }  # fmt: skip
-                for op, (ours, theirs) in ops.items():
-                    row = _measure(op, ours, theirs, size, batch, precision, tile, repeats, device, peaks, compile, winograd)
-                    rows.append(row)
-                    if report:
-                        report(row)
+    # diffusers' notices (building and running the peer) stay out of the output; vaekit's own reports still print
+    quiet = quiet_diffusers() if against == "diffusers" and has_diffusers_peer(model.config) else contextlib.nullcontext()
+    with quiet:
+        for precision in precisions:
+            dtype = PRECISIONS[precision]
+            model = model.to(dtype).eval()
+            peer = diffusers_peer(model, dtype) if against == "diffusers" else None
+            for size in sizes:
+                for batch in batches:
+                    g = torch.Generator().manual_seed(seed)
+                    x = (torch.rand(batch, model.config.in_channels, size, size, generator=g) * 2 - 1).to(device, dtype)
+                    with torch.inference_mode():
+                        z = model.encode(x, tile=tile).mean
+                    # Qwen-Image's diffusers class takes videos: an image is one frame.
+                    video = model.config.arch == "qwenimage"
+                    frame, unframe = (lambda t: t[:, :, None], lambda t: t[:, :, 0]) if video else (lambda t: t, lambda t: t)
+                    ops = {
+                        "encode": (lambda: model.encode(x, tile=tile).mean,
+                                   (lambda: unframe(peer.encode(frame(x)).latent_dist.mean)) if peer is not None else None),
+                        "decode": (lambda: model.decode(z, tile=tile),
+                                   (lambda: unframe(peer.decode(frame(z)).sample)) if peer is not None else None),
+                    }  # fmt: skip
+                    for op, (ours, theirs) in ops.items():
+                        row = _measure(op, ours, theirs, size, batch, precision, tile, repeats, device, peaks, compile, winograd)
+                        rows.append(row)
+                        if report:
+                            report(row)
     return rows, peaks
 
 
