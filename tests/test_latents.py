@@ -26,9 +26,9 @@ SMALL = dict(block_channels=(8, 16, 16), layers_per_block=1, norm_groups=8, late
 SIZES = [(20, 24), (24, 20), (16, 16), (32, 40), (28, 28), (40, 24), (20, 40), (36, 20)]
 
 
-def save_model(path: Path, **changes) -> Path:
-    torch.manual_seed(0)
-    model = perturb(Autoencoder(AutoencoderConfig(**{**SMALL, **changes})), scale=0.1)
+def save_model(path: Path, seed: int = 0, **changes) -> Path:
+    torch.manual_seed(seed)
+    model = perturb(Autoencoder(AutoencoderConfig(**{**SMALL, **changes})), scale=0.1, seed=seed)
     model.save(str(path))
     return path
 
@@ -102,7 +102,7 @@ def test_encode_writes_shards_manifest_errors_and_the_latents_of_encode(tmp_path
         original = read_image(images / item["source"])  # CMYK, RGBA and 16-bit as vaekit reads them
         assert item["size"] == list(original.shape[:2])
         pixels, box = fit(original, (16, 16), "center-crop")
-        assert item["crop"] == [round(v, 1) for v in box] and item["bucket"] is None
+        assert item["crop"] == [round(v, 1) for v in box] and item["bucket"] == [16, 16]  # the target, also without --buckets
         stored = load_file(str(out / f"shard-{item['shard']:05d}.safetensors"))
         with torch.no_grad():
             posterior = model.encode(to_tensor(pixels))
@@ -178,7 +178,8 @@ def test_a_different_model_or_option_is_refused_never_mixed(tmp_path, images, ca
     assert "model_hash" in capsys.readouterr().err
     (images / "new.png").write_bytes((images / "img1.png").read_bytes())
     assert main(["encode", str(model_dir), str(images), str(out), *ARGS]) == 1
-    assert "sources" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 image(s) that" in err and "new.png" in err and "--add" in err, err
     after = tensors(out)
     assert after.keys() == before.keys() and all(torch.equal(after[f][k], before[f][k]) for f in after for k in after[f])
 
@@ -319,10 +320,12 @@ def test_decode_a_dataset_and_a_file_of_latents(tmp_path, images, capsys):
             want = to_uint8(model.decode(data.raw_latent(i)[None]))[0]
         got = np.asarray(Image.open(tmp_path / "dec" / Path(data.items[i]["source"]).with_suffix(".png")))
         assert np.array_equal(got, want)
-    other = save_model(tmp_path / "other", scaling_factor=0.7)  # same architecture, another hash
+    other = save_model(tmp_path / "other", seed=1)  # same architecture, other weights
     assert main(["decode", str(other), str(out), str(tmp_path / "dec2")]) == 1
-    assert "--force" in capsys.readouterr().err
+    assert "--force" in capsys.readouterr().err and not (tmp_path / "dec2").exists()
     assert main(["decode", str(other), str(out), str(tmp_path / "dec2"), "--force"]) == 0
+    recalibrated = save_model(tmp_path / "recal", scaling_factor=0.7)  # the same weights, another normalisation
+    assert main(["decode", str(recalibrated), str(out), str(tmp_path / "dec4")]) == 0
     # A file of normalised latents, as a diffusion model samples them.
     z = torch.randn(2, 4, 5, 6)
     save_file({"samples": z}, str(tmp_path / "z.safetensors"))

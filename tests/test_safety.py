@@ -169,3 +169,39 @@ def test_eval_scores_in_fp32_by_default_and_records_the_dtype(tiny_model, photos
     for extra, dtype in (([], "float32"), (["--dtype", "fp16"], "float16")):
         assert run(capsys, "eval", tmp_path / "half", photos / "sub", "--json", tmp_path / "r.json", *extra)[0] == 0
         assert json.loads((tmp_path / "r.json").read_text())["protocol"]["reconstruction"]["dtype"] == dtype
+
+
+# ---- every command that writes: never over its inputs (issue 25) -------------------------------------
+
+
+WRITERS = {  # command line -> what it would have written over
+    "reconstruct into its input": ["reconstruct", "{model}", "{data}", "{data}"],
+    "convert over its source": ["convert", "{model}", "{model}", "--overwrite"],
+    "calibrate --write over its model": ["calibrate", "{model}", "{data}", "--resolution", "16", "--write", "{model}", "--overwrite"],
+    "eval --json over the model": ["eval", "{model}", "{data}", "--json", "{model}"],
+    "eval --json over an image": ["eval", "{model}", "{data}", "--json", "{data}/x.png"],
+    "bench --json over the model": ["bench", "{model}", "--size", "16", "--repeats", "1", "--against", "none", "--json", "{model}"],
+    "encode into the data folder": ["encode", "{model}", "{data}", "{data}", "--resolution", "16"],
+    "decode into the data folder": ["decode", "{model}", "{latents}", "{data}"],
+    "decode over its latents file": ["decode", "{model}", "{latents}", "{latents_dir}"],
+    "analyze --report into the data folder": ["analyze", "{model}", "{data}", "--report", "{data}", "--resolution", "16"],
+    "compare --report into the data folder": ["compare", "{model}", "{model}", "{data}", "--report", "{data}", "--resolution", "16"],
+    "diffusability --out into the data folder": ["diffusability", "{model}", "{data}", "--out", "{data}"],
+    "train --out into the data folder": ["train", "--data", "{data}", "--out", "{data}", "--preset", "tiny-f8c4", "--steps", "1"],
+}
+
+
+@pytest.mark.parametrize("case", list(WRITERS))
+def test_no_command_writes_over_its_inputs(case, photos, tiny_model, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    model = tmp_path / "model.safetensors"
+    tiny_model.save(str(model), format="single-file")
+    latents_dir = tmp_path / "z"
+    latents_dir.mkdir()
+    save_file({"z": torch.randn(4, 4, 4)}, str(latents_dir / "z.safetensors"))
+    names = {"model": model, "data": photos, "latents": latents_dir / "z.safetensors", "latents_dir": latents_dir}
+    before = {**snapshot(photos), "model": model.read_bytes(), "latents": snapshot(latents_dir)}
+    code, _, err = run(capsys, *(a.format(**names) for a in WRITERS[case]))
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert {**snapshot(photos), "model": model.read_bytes(), "latents": snapshot(latents_dir)} == before

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import itertools
 import os
+import shlex
 import sys
 import warnings
-from collections import Counter
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import torch
+
+from .data import MAX_PIXELS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WINOGRAD_HELP = ("CPU fp32: 3x3 convolutions by NNPACK's Winograd transform, about 2x faster on AVX2 CPUs, ~1e-5 relative "
@@ -70,19 +74,14 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .checkpoints import DIFFUSERS_WEIGHTS, load
-    from .files import check_targets
+    from .checkpoints import load
 
     dest = Path(args.dest)
     single = dest.suffix == ".safetensors"
     fmt = args.format or ("single-file" if single else "diffusers")
     if fmt == "diffusers" and single:
         raise CLIError(f"DEST {dest} names a .safetensors file but --format diffusers writes a folder: drop --format, or give a folder name")
-    if fmt == "diffusers" and dest.is_file():
-        raise CLIError(f"DEST {dest} is a file; --format diffusers writes a folder: give a folder name")
-    source = Path(args.source).expanduser()
-    inputs = [p for p in (source.rglob("*") if source.is_dir() else [source]) if p.is_file()] if source.exists() else []
-    check_targets([dest] if fmt == "single-file" else [dest / DIFFUSERS_WEIGHTS[0], dest / "config.json"], inputs, args.overwrite)
+    _check_model_dest(args.source, dest, fmt, args.overwrite)
     model = load(args.source, family=args.family, seed=args.seed)
     dtype = DTYPES[args.dtype] if args.dtype else None
     model.save(dest, format=fmt, dtype=dtype)
@@ -95,7 +94,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_reconstruct(args: argparse.Namespace) -> None:
     from .checkpoints import load
     from .data import IMAGE_SUFFIXES, find_images, read_image, to_tensor, to_uint8, write_image
-    from .files import check_output_folder, check_targets, mark_output_folder
+    from .files import check_output_folder, check_targets, output_folder, output_names
     from .progress import progress
 
     src, out = Path(args.input), Path(args.outdir)
@@ -109,51 +108,37 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     files = find_images(src)
     if not files:
         raise CLIError(f"no images (png/jpg/webp/bmp/tif) found under {src}")
-    targets = [out] if to_file else [out / name for name in output_names(files, src)]
-    check_targets(targets, files, args.overwrite)
+    rel = [PurePosixPath((f.relative_to(src) if src.is_dir() else Path(f.name)).as_posix()) for f in files]
+    targets = [out] if to_file else [out / name for name in output_names(rel)]
+    check_targets(targets, files, args.overwrite, inside=None if to_file else out)
     model = load(args.model, family=args.family, device=args.device, dtype=DTYPES[args.dtype], seed=args.seed).eval()
-    if not to_file:
-        mark_output_folder(out, "vaekit reconstruct")
     skipped: list[str] = []
-    for path, target in progress(list(zip(files, targets)), "reconstruct", "img"):
-        try:
-            image = read_image(path)
-        except Exception as e:  # unreadable files are reported and skipped, not fatal
-            skipped.append(f"skipped unreadable {path}: {e}")
-            continue
-        h, w = image.shape[:2]
-        if not args.pad and (h % model.factor or w % model.factor):
-            f = model.factor
-            fits = " or ".join(dict.fromkeys(f"{a}x{b}" for a, b in ((h - h % f or f, w - w % f or f), (h - h % f + f, w - w % f + f))))
-            message = f"{path} is {h}x{w}, not a multiple of the model's factor {f}: crop or resize it to {fits}, or drop --no-pad"
-            if src.is_file():
-                raise CLIError(message)
-            skipped.append(f"skipped {message}")
-            continue
-        x = to_tensor(image).to(model.device)
-        with torch.inference_mode():
-            recon, _ = model(x, pad=args.pad) if not args.tile else _tiled_recon(model, x, args.pad, args.tile)
-        write_image(target, to_uint8(recon)[0])
-    written = len(files) - len(skipped)
-    if not written:
-        raise CLIError(f"no image under {src} could be reconstructed ({skipped[0]}{f'; {len(skipped) - 1} more' if len(skipped) > 1 else ''})")
+    with contextlib.nullcontext() if to_file else output_folder(out, "vaekit reconstruct"):
+        for path, target in progress(list(zip(files, targets)), "reconstruct", "img"):
+            try:
+                image = read_image(path)
+            except Exception as e:  # unreadable files are reported and skipped, not fatal
+                skipped.append(f"skipped unreadable {path}: {e}")
+                continue
+            h, w = image.shape[:2]
+            if not args.pad and (h % model.factor or w % model.factor):
+                f = model.factor
+                fits = " or ".join(dict.fromkeys(f"{a}x{b}" for a, b in ((h - h % f or f, w - w % f or f), (h - h % f + f, w - w % f + f))))
+                message = f"{path} is {h}x{w}, not a multiple of the model's factor {f}: crop or resize it to {fits}, or drop --no-pad"
+                if src.is_file():
+                    raise CLIError(message)
+                skipped.append(f"skipped {message}")
+                continue
+            x = to_tensor(image).to(model.device)
+            with torch.inference_mode():
+                recon, _ = model(x, pad=args.pad) if not args.tile else _tiled_recon(model, x, args.pad, args.tile)
+            write_image(target, to_uint8(recon)[0])
+        written = len(files) - len(skipped)
+        if not written:
+            raise CLIError(f"no image under {src} could be reconstructed ({skipped[0]}{f'; {len(skipped) - 1} more' if len(skipped) > 1 else ''})")
     for line in skipped:
         print(line, file=sys.stderr)
     print(f"wrote {plural(written, 'reconstruction')} to {out}" + (f" ({len(skipped)} skipped)" if skipped else ""))
-
-
-def output_names(files: list[Path], src: Path) -> list[Path]:
-    """Where each input's reconstruction goes, relative to OUTDIR: its relative path with a .png suffix;
-    when two inputs would share that name (x.jpg and x.png), those not already named so keep their
-    whole name plus .png (x.jpg.png), so no reconstruction replaces another."""
-    rel = [f.relative_to(src) if src.is_dir() else Path(f.name) for f in files]
-    wanted = [r.with_suffix(".png") for r in rel]
-    shared = {w for w, n in Counter(wanted).items() if n > 1}
-    names = [r.with_name(r.name + ".png") if w in shared and r != w else w for r, w in zip(rel, wanted)]
-    clash = next((n for n, k in Counter(names).items() if k > 1), None)
-    if clash is not None:
-        raise CLIError(f"two inputs would both be reconstructed to {clash}; rename one of them")
-    return names
 
 
 def plural(n: int, noun: str) -> str:
@@ -179,8 +164,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise CLIError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(METRICS)}")
-    if args.json:  # the scores may replace an earlier JSON, never an input image
-        check_targets([Path(args.json)], find_images(args.data) if Path(args.data).exists() else [], overwrite=True)
+    if args.json:  # the scores may replace an earlier JSON, never an input image or the model
+        images = find_images(args.data) if Path(args.data).exists() else []
+        check_targets([Path(args.json)], images + _files_of(args.model), overwrite=True)
     try:
         result = evaluate(args.model, args.data, metrics=metrics, resolution=args.resolution, batch_size=args.batch_size,
                           lpips_net=args.lpips_net, device=args.device, family=args.family, dtype=DTYPES[args.dtype],
@@ -369,24 +355,35 @@ def cmd_encode(args: argparse.Namespace) -> None:
         options = EncodeOptions(
             resolution=args.resolution, resize_mode=args.resize_mode, buckets=args.buckets, store=args.store, dtype=args.dtype,
             precision=args.precision, shard_size=args.shard_size, batch_size=args.batch_size, min_side=args.min_side,
-            max_pixels=args.max_pixels, tile=args.tile, workers=args.workers, seed=args.sample_seed,
+            max_pixels=args.max_pixels, tile=args.tile, workers=args.workers, seed=args.sample_seed, flip=args.flip,
+            reduced_jpeg=args.reduced_jpeg, commit_seconds=args.commit_seconds,
         )  # fmt: skip
         with winograd(args.winograd):
-            result = encode_dataset(model, args.data, args.out, options)
+            result = encode_dataset(model, args.data, args.out, options, add=args.add, command=_command_line(args))
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) == 0 and Path(args.out, "info.json").is_file():
+            print(f"vaekit encode: interrupted; what was encoded is kept in {args.out}: the same command continues it", file=sys.stderr)
+        raise
     finally:
         if distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         state = "complete" if result["shards"] == result["of"] else f"{result['shards']} of {result['of']} shards"
-        print(f"encoded {plural(result['encoded_now'], 'source')} now in {result['seconds']:.0f} s; {args.out}: "
+        added = f"added {plural(result['added'], 'new source')} as new shards; " if result["added"] else ""
+        print(f"{added}encoded {plural(result['encoded_now'], 'source')} now in {result['seconds']:.0f} s; {args.out}: "
               f"{plural(result['items'], 'latent')}, {result['errors']} skipped (errors.jsonl), {state}")  # fmt: skip
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command as typed (for messages that say how to run it again)."""
+    return "vaekit " + shlex.join(args.argv)
 
 
 def cmd_decode(args: argparse.Namespace) -> None:
     from .checkpoints import load
     from .data import to_uint8, write_image
-    from .files import check_output_folder, check_targets, mark_output_folder
-    from .latents import LatentDataset, model_hash, read_latent_file
+    from .files import check_output_folder, check_targets, output_folder, output_names, safe_name
+    from .latents import LatentDataset, encoded_by, is_latent_dataset, output_name, read_latent_file
     from .model import winograd
     from .model.autoencoder import denormalize_latents
     from .progress import progress
@@ -394,55 +391,124 @@ def cmd_decode(args: argparse.Namespace) -> None:
     src, out = Path(args.latents), Path(args.outdir)
     model = load(args.model, family=args.family, device=args.device, dtype=DTYPES[args.dtype], seed=args.seed)
     check_output_folder(out, "OUTDIR")
-    if src.is_dir():
+    skipped: list[str] = []
+    if is_latent_dataset(src):
         dataset = LatentDataset(src)
-        if not args.force and model_hash(model) != dataset.info["model_hash"]:
-            raise CLIError(f"{args.model} is not the model that encoded {src} (its info.json records another weights hash): "
-                           "decode with that model, or pass --force to decode anyway")  # fmt: skip
-        names = [Path(item["source"]).with_suffix(".png") for item in dataset.items]
-        latents = ((name, dataset.raw_latent(i)) for i, name in enumerate(names))  # raw: no round trip through the normalisation
+        if not args.force and not encoded_by(model, dataset.info):
+            raise CLIError(f"{args.model} is not the model that encoded {src} (its info.json records other weights): "
+                           "decode with that model (or a recalibrated copy of it), or pass --force to decode anyway")  # fmt: skip
+        _check_channels(model, dataset.config.latent_channels, f"{src} holds", raw=True)
+        kept = []
+        for i, item in enumerate(dataset.items):
+            try:
+                kept.append((i, output_name(item["source"], item.get("flipped", False))))
+            except ValueError as e:
+                skipped.append(f"skipped {item['source']}: {e}")
+        names = [name for _, name in kept]
+        latents = (dataset.raw_latent(i) for i, _ in kept)  # raw: no round trip through the normalisation
+    elif src.is_dir():
+        raise CLIError(f"LATENTS {src} is a folder without info.json: give a latent dataset `vaekit encode` wrote, or a .safetensors or .pt file of latents")
     else:
-        pairs = read_latent_file(src)
-        names = [Path(f"{key}.png") for key, _ in pairs]
+        pairs = []
+        for key, t in read_latent_file(src):
+            _check_channels(model, t.shape[0], f"{src}: {key!r} has", raw=args.raw)
+            try:
+                pairs.append((safe_name(key), t))
+            except ValueError as e:
+                skipped.append(f"skipped {key!r}: {e}")
+        names = [name for name, _ in pairs]
         bn = model.bn_stats()
-        latents = ((name, t.float() if args.raw else denormalize_latents(t.float()[None], model.config, bn)[0]) for name, (_, t) in zip(names, pairs))
-    check_targets([out / n for n in names], [], args.overwrite)
-    mark_output_folder(out, "vaekit decode")
-    for name, z in progress(latents, "decode", "img", total=len(names)):
-        with torch.inference_mode(), winograd(args.winograd):
-            x = model.decode(z[None].to(model.device), tile=args.tile)
-        write_image(out / name, to_uint8(x)[0])
-    print(f"wrote {plural(len(names), 'image')} to {out}")
+        latents = (t.float() if args.raw else denormalize_latents(t.float()[None], model.config, bn)[0] for _, t in pairs)
+    if not names:
+        raise CLIError(f"nothing to decode in {src}" + (f" ({skipped[0]})" if skipped else ""))
+    targets = [out / name for name in output_names(names)]
+    check_targets(targets, [], args.overwrite, inside=out)
+    for line in skipped:
+        print(line, file=sys.stderr)
+    with output_folder(out, "vaekit decode"):
+        for target, z in progress(zip(targets, latents), "decode", "img", total=len(targets)):
+            with torch.inference_mode(), winograd(args.winograd):
+                x = model.decode(z[None].to(model.device), tile=args.tile)
+            write_image(target, to_uint8(x)[0])
+    print(f"wrote {plural(len(targets), 'image')} to {out}" + (f" ({len(skipped)} skipped)" if skipped else ""))
+
+
+def _check_channels(model, channels: int, what: str, raw: bool) -> None:
+    """Latents the model cannot decode are refused before any folder is made."""
+    want = model.config.latent_channels if raw else model.config.normalised_shape[0]
+    if channels != want:
+        kind = "raw" if raw else "normalised"
+        raise CLIError(f"{what} {channels}-channel latents; the model's {kind} latents have {want}: decode with the model "
+                       "that made them" + ("" if raw else " (or pass --raw if they are raw, as `encode` returns them)"))  # fmt: skip
+
+
+def _check_model_dest(source: str, dest: Path, fmt: str, overwrite: bool) -> None:
+    """A model file or folder vaekit writes: never over its source, never over an existing file without --overwrite."""
+    from .checkpoints import DIFFUSERS_WEIGHTS
+    from .files import check_targets
+
+    if fmt == "diffusers" and dest.is_file():
+        raise CLIError(f"{dest} is a file; a diffusers model is a folder: give a folder name (or a name ending in .safetensors)")
+    check_targets([dest] if fmt == "single-file" else [dest / DIFFUSERS_WEIGHTS[0], dest / "config.json"], _files_of(source), overwrite)
+
+
+def _files_of(source: str) -> list[Path]:
+    """The files a MODEL (or SOURCE) argument names: the file, or every file of the folder; none for preset:NAME or a repo id."""
+    path = Path(source).expanduser()
+    return [p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file()] if path.exists() else []
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from .checkpoints import load
-    from .data import center_crop, load_images, to_tensor
-    from .latents import calibrate, calibrated_model
+    from .latents import (EncodeOptions, LatentDataset, calibrate, calibrated_model, encoded_by, is_latent_dataset,
+                          latent_statistics, prepared_images, stored_latents)  # fmt: skip
 
+    fmt = "single-file" if args.write and args.write.endswith(".safetensors") else "diffusers"
+    if args.write:  # refused before any work, as `convert` refuses
+        _check_model_dest(args.model, Path(args.write), fmt, args.overwrite)
     model = load(args.model, family=args.family, device=args.device, dtype=torch.float32, seed=args.seed)
-    if args.resolution % model.factor:
-        raise CLIError(f"--resolution {args.resolution} is not a multiple of the model's factor {model.factor}")
-    skipped: list[str] = []
-    images = [to_tensor(center_crop(im, args.resolution)) for _, im in load_images(args.data, limit=args.limit, skipped=skipped)]
-    if not images:
-        raise CLIError(f"no readable images in {args.data}")
     per_channel = args.per_channel or model.config.latent_norm == "patch_bn"
-    stats = calibrate(model, images, per_channel, sample=not args.mode, seed=args.seed)
+    skipped: list[str] = []
+    if is_latent_dataset(args.data):  # the stored raw latents: no re-encoding
+        dataset = LatentDataset(args.data)
+        if not encoded_by(model, dataset.info):
+            raise CLIError(f"{args.data} was encoded by another model (its info.json records other weights): calibrate the "
+                           "model that encoded it, or calibrate on images")  # fmt: skip
+        sample = not args.mode and dataset.info["store"] == "both"
+        what = {"both": "posterior samples" if sample else "posterior mode", "mean": "posterior mode (the dataset stores the mean)",
+                "sample": "the dataset's stored posterior samples"}[dataset.info["store"]]  # fmt: skip
+        where = f"the latent dataset {args.data} ({dataset.info['resolution']} px, {dataset.info['resize_mode']})"
+
+        def measure(per: bool, normalised: bool) -> dict:
+            return latent_statistics(model, stored_latents(dataset, sample, args.seed, args.limit), per, normalised)
+    else:
+        if args.resolution % model.factor:
+            raise CLIError(f"--resolution {args.resolution} is not a multiple of the model's factor {model.factor}")
+        options = EncodeOptions(resolution=args.resolution, min_side=args.min_side, max_pixels=args.max_pixels)
+        images = [x for _, x in itertools.islice(prepared_images(args.data, options, skipped), args.limit)]
+        for line in skipped:  # encode's limits and skips: unreadable, decompression bombs, too small
+            print(f"skipped {line}", file=sys.stderr)
+        if not images:
+            raise CLIError(f"no usable images in {args.data}" + (f" ({len(skipped)} skipped)" if skipped else ""))
+        what = "posterior mode" if args.mode else "posterior samples"
+        where = f"{plural(len(images), 'image')} at {args.resolution}x{args.resolution}"
+
+        def measure(per: bool, normalised: bool) -> dict:
+            return calibrate(model, images, per, sample=not args.mode, seed=args.seed, normalised=normalised)
+    stats, now = measure(per_channel, False), measure(False, True)
     show = lambda v: ", ".join(f"{x:.4f}" for x in v) if isinstance(v, list) else f"{v:.4f}"  # noqa: E731
-    print(f"measured on {plural(len(images), 'image')} at {args.resolution}x{args.resolution} "
-          f"({'posterior mode' if args.mode else 'posterior samples'}; skipped {len(skipped)} unreadable):")  # fmt: skip
+    print(f"measured on {plural(stats['images'], 'latent')} of {where} ({what}; {len(skipped)} skipped):")
     print(f"  raw latents: mean {show(stats['mean'])}; std {show(stats['std'])}")
     new = calibrated_model(model, stats)
     print(f"  configured normalisation: {model.config.normalisation}")
     print(f"  calibrated normalisation: {new.config.normalisation}" + ("" if per_channel else
           f"  (scaling_factor {new.config.scaling_factor:.5f}, shift_factor {new.config.shift_factor:.5f})"))  # fmt: skip
-    now = calibrate(model, images, False, sample=not args.mode, seed=args.seed, normalised=True)
     print(f"  with the configured normalisation these latents have mean {now['mean']:.4f} and std {now['std']:.4f} "
           "(a diffusion model expects 0 and 1)")  # fmt: skip
     if args.write:
-        new.save(args.write, format="single-file" if args.write.endswith(".safetensors") else "diffusers")
-        print(f"wrote {args.write} (the same weights with the calibrated normalisation)")
+        new.save(args.write, format=fmt)
+        print(f"wrote {args.write} (the same weights with the calibrated normalisation; LatentDataset(..., model=...) "
+              "and `vaekit decode` take it for latents the original encoded)")  # fmt: skip
 
 
 # ---- bench ---------------------------------------------------------------------------------
@@ -452,20 +518,29 @@ def cmd_bench(args: argparse.Namespace) -> None:
     import json
 
     from .checkpoints import load
-    from .files import write_atomic
+    from .files import check_targets, write_atomic
     from .speed import bench, format_rows, has_diffusers_peer, to_dicts
 
+    if args.json:  # may replace an earlier result, never the model
+        check_targets([Path(args.json)], _files_of(args.model), overwrite=True)
+    if args.repeats < 1:
+        raise CLIError(f"--repeats {args.repeats}: give at least 1 timed run")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load(args.model, family=args.family, device=args.device, dtype=torch.float32, seed=args.seed)
     against = None if args.against == "none" else args.against
     if against and not has_diffusers_peer(model.config):
         print(f"note: diffusers has no class for {args.model}'s architecture; timing vaekit alone", file=sys.stderr)
+    if args.repeats < 3:
+        print(f"note: --repeats {args.repeats}: timings from fewer than 3 repeats are noise (one slow run sets the median); "
+              "use --repeats 5 (the default) or more to compare numbers", file=sys.stderr)  # fmt: skip
     report = lambda r: print(f"{r.op} {r.size}² x{r.batch} {r.precision}: {r.seconds:.3f} s" +  # noqa: E731
                              (f" (diffusers {r.peer_seconds:.3f} s, {r.speedup:.2f}x)" if r.peer_seconds else "") +
                              (f", compiled in {r.compile_seconds:.1f} s" if r.compile_seconds is not None else ""), file=sys.stderr)
-    rows, peaks = bench(model, args.size, args.batch, args.precision, tile=args.tile, against=against, repeats=args.repeats,
-                        compile=args.compile, winograd=args.winograd, report=report)  # fmt: skip
+    # stdout holds the table alone: whatever diffusers or torch print while the peer is built and run goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        rows, peaks = bench(model, args.size, args.batch, args.precision, tile=args.tile, against=against, repeats=args.repeats,
+                            compile=args.compile, winograd=args.winograd, report=report)  # fmt: skip
     print(format_rows(rows, peaks))
     if args.json:
         text = json.dumps({"model": args.model, "peaks": peaks, "rows": to_dicts(rows)}, indent=2) + "\n"
@@ -496,7 +571,7 @@ def _train_config(args: argparse.Namespace):
     from .losses import LossConfig
     from .train import TrainConfig
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "fn")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "fn", "argv")}
     sources = [f"--{k}" for k in ("preset", "config", "init") if k in given]
     if len(sources) > 1:
         raise CLIError(f"give one of --preset, --config and --init, not {' and '.join(sources)}")
@@ -676,8 +751,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0,
                        help="seed of the random latents and noise directions, and of preset:NAME's random weights (default 0)")
         p.add_argument("--diffusability", metavar="TRAIN_DATA", help="also score how easily a diffusion model learns each "
-                       "latent space, training vaekit's small fixed denoiser on latents of TRAIN_DATA (see `vaekit diffusability`; "
-                       "about a minute per small model on a CPU)")
+                       "latent space, training vaekit's small fixed denoiser on latents of TRAIN_DATA (see `vaekit diffusability`). "
+                       "On 2 idle CPU cores: about 1.5 minutes per small model (8x, 4 channels), about 15 minutes for pixel "
+                       "space (preset:pixel), whose latents are the image at full resolution: its denoiser learns 192 values "
+                       "per position instead of 4 at width 384 instead of 64, ~18x the time per step. A busy machine takes "
+                       "several times longer")
         p.add_argument("--diffusability-steps", type=int, default=Protocol.steps, metavar="N",
                        help=f"with --diffusability: denoiser training steps (default {Protocol.steps}; scores compare only at equal steps)")
         p.add_argument("--kid", choices=["auto", "off"], default="auto",
@@ -743,13 +821,17 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_encode,
             "Encode every image of DATA (a folder searched recursively in sorted order, an image, tar shards, or "
             "'samples') with MODEL into OUT: shard-NNNNN.safetensors of --shard-size items (raw posterior mean and "
-            "logvar, or --store mean|sample), manifest.jsonl (one line per item: source relative to DATA, shard, "
-            "index, original size, crop box, bucket), errors.jsonl (every skipped file and why: unreadable, "
-            "truncated, not an image, a decompression bomb, too small) and info.json (the model's weights hash and "
-            "every option that shapes a latent). Running the same command again continues an interrupted run (a "
-            "crash, kill -9) with the result of one clean run; any other model or option is refused. Under "
-            "`torchrun --nproc_per_node K -m vaekit.cli encode ...` the ranks share the shards. Read it with "
-            "vaekit.latents.LatentDataset; see docs/LATENTS.md.")
+            "logvar, or --store mean|sample), manifest.jsonl (one line per item: source relative to DATA, caption, "
+            "flipped, SDXL's original_size / crop_coords_top_left / target_size, shard, index, crop box, bucket), "
+            "errors.jsonl (every skipped file and why: unreadable, truncated, not an image, a decompression bomb, too "
+            "small, an unsafe name in a tar shard) and info.json (the model's weights hash and every option that shapes "
+            "a latent). Captions come from a .txt, .caption or .json file beside each image (in tar shards: members of "
+            "the same key), or a folder's metadata.jsonl. Photos are read upright (EXIF orientation). Running the same "
+            "command again continues an interrupted run (Ctrl-C, a crash, kill -9: at most --commit-seconds of work is "
+            "lost) with the result of one clean run; any other model or option is refused; --add appends images DATA "
+            "gained as new shards. Under `torchrun --nproc_per_node K -m vaekit.cli encode ...` the ranks share the "
+            "shards. Read it with vaekit.LatentDataset; see docs/LATENTS.md (also: feeding it to kohya, SimpleTuner "
+            "and diffusers' training scripts).")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("data", metavar="DATA")
     p.add_argument("out", metavar="OUT", help="the latent dataset folder (new, or one this command started)")
@@ -759,8 +841,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="center-crop: shorter side to R, centre cut (default); resize: stretch to RxR; pad: longer side "
                         "to R, centred on black")
     p.add_argument("--buckets", action="store_true",
-                   help="SDXL-style aspect-ratio buckets of about R*R pixels, sides multiples of the factor (of 64 from "
-                        "R=256): each image goes to the bucket nearest its aspect ratio, then covers it and is centre-cut")
+                   help="aspect-ratio buckets as SDXL's and kohya's: at most R*R pixels, sides multiples of 64 (of the "
+                        "factor below R=256), aspect 1:4 to 4:1, each with its mirror; each image goes to the bucket "
+                        "nearest its aspect ratio, then covers it and is centre-cut")
+    p.add_argument("--flip", action="store_true",
+                   help="also store each image's mirror image's latents (kohya's --flip_aug): two items per image, "
+                        "each with flipped true/false")
+    p.add_argument("--add", action="store_true",
+                   help="append the images DATA names that OUT does not hold yet, as new shards (the existing shards "
+                        "stay as they are); names are relative to DATA, so give the same DATA")
     p.add_argument("--store", choices=["both", "mean", "sample"], default="both",
                    help="both: posterior mean and logvar (default; LatentDataset(sample=True) draws per access); mean; "
                         "sample: one seeded draw per image")
@@ -768,12 +857,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=list(DTYPES), default="fp32", help="the model's compute dtype (default fp32)")
     p.add_argument("--shard-size", type=int, default=1000, metavar="N", help="sources per shard (default 1000)")
     p.add_argument("--batch-size", type=int, metavar="B",
-                   help="images per encoder call (default: 8 on a GPU, 1 on a CPU, where larger batches are slower per image)")
+                   help="sources per encoder call, with --flip their mirrors too (default: 8 on a GPU, 1 on a CPU, where larger batches are slower per image)")
     p.add_argument("--workers", type=int, default=2, metavar="W",
                    help="DataLoader processes that read and resize images while the model runs (default 2; 0: in the main process)")
     p.add_argument("--min-side", type=int, metavar="PX", help="skip images whose shorter side is below PX (default R/2)")
-    p.add_argument("--max-pixels", type=int, default=89_478_485, metavar="N",
-                   help="images above N pixels are refused as decompression bombs (default: PIL's limit)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                   help=f"images above N pixels are refused as decompression bombs, from their header (default {MAX_PIXELS:,}, PIL's limit)")
+    p.add_argument("--reduced-jpeg", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode large JPEGs at 1/2, 1/4 or 1/8 scale where that keeps 4x the target size: up to 2x "
+                        "faster, within 7 levels of a full decode on photos (docs/LATENTS.md); --no-reduced-jpeg "
+                        "decodes every image whole")
+    p.add_argument("--commit-seconds", type=float, default=60.0, metavar="S",
+                   help="keep an unfinished shard's encoded images on disk every S seconds (and on Ctrl-C), so an "
+                        "interruption loses at most S seconds of work (default 60)")
     p.add_argument("--tile", type=int, metavar="N", help="encode the full-resolution layers in N-pixel tiles (large images, bounded GPU memory)")
     p.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP)
     p.add_argument("--sample-seed", type=int, default=0, metavar="S", help="seed of --store sample's draws (default 0)")
@@ -783,9 +879,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("decode", "decode a latent dataset (or a file of latents) back to PNGs", cmd_decode,
             "Decode LATENTS, a folder `vaekit encode` wrote or one .safetensors / weights-only .pt file of latents "
             "(normalised, as a diffusion model makes them, unless --raw), with MODEL into OUTDIR. A dataset's items are "
-            "named after their sources (suffix .png) and decoded from the stored posterior mean; a file's tensors after "
-            "their keys (a batch: KEY_00000.png, ...). MODEL must be the one that encoded the dataset (its weights hash), "
-            "unless --force.")
+            "named after their sources (suffix .png; x.jpg and x.png become x.jpg.png and x.png; a tar shard's "
+            "shard-000.tar/ becomes shard-000/; a mirrored item x.flipped.png) and decoded from the stored posterior "
+            "mean; a file's tensors after their keys (a batch: KEY_00000.png, ...). Names that would leave OUTDIR "
+            "(absolute, '..') are skipped. MODEL must have the weights that encoded the dataset (any normalisation: "
+            "a recalibrated copy is fine), unless --force.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("latents", metavar="LATENTS")
     p.add_argument("outdir", metavar="OUTDIR")
@@ -800,17 +898,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("calibrate", "measure the latent scale/shift (or per-channel mean/std) that gives unit variance on your data",
             cmd_calibrate,
-            "Encode DATA with MODEL (centre crops of --resolution) and measure its raw latents' mean and std, globally "
-            "(SD/FLUX.1-style scaling_factor and shift_factor) or per channel (--per-channel: latents_mean/latents_std; "
-            "FLUX.2-style models always: their BatchNorm statistics). Prints them beside the configured normalisation; "
-            "--write saves the same weights with the calibrated normalisation.")
+            "Measure MODEL's raw latents' mean and std on DATA, globally (SD/FLUX.1-style scaling_factor and "
+            "shift_factor) or per channel (--per-channel: latents_mean/latents_std; FLUX.2-style models always: their "
+            "BatchNorm statistics). DATA is images (read, resized and skipped as `vaekit encode` does: centre crops of "
+            "--resolution) or a latent dataset MODEL encoded, whose stored latents are measured without re-encoding. "
+            "Prints them beside the configured normalisation; --write saves the same weights with the calibrated "
+            "normalisation (never over MODEL's files; over an existing file only with --overwrite), which "
+            "LatentDataset(OUT, model=NEWMODEL) and `vaekit decode` then use for that dataset.")
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("data", metavar="DATA")
-    p.add_argument("--resolution", type=int, default=256, metavar="R", help="centre-crop side (default 256)")
+    p.add_argument("data", metavar="DATA", help="images (any DATA), or a latent dataset folder `vaekit encode` wrote with MODEL")
+    p.add_argument("--resolution", type=int, default=256, metavar="R", help="images: centre-crop side (default 256)")
     p.add_argument("--per-channel", action="store_true", help="per-channel mean/std instead of one scale and shift")
     p.add_argument("--mode", action="store_true", help="measure the posterior mode instead of posterior samples (SD's scale was measured on samples)")
-    p.add_argument("--limit", type=int, metavar="N", help="use the first N images")
+    p.add_argument("--limit", type=int, metavar="N", help="use the first N usable images (or latents)")
+    p.add_argument("--min-side", type=int, metavar="PX", help="images: skip those whose shorter side is below PX (default R/2, as encode)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                   help=f"images: refuse those above N pixels as decompression bombs (default {MAX_PIXELS:,}, as encode)")
     p.add_argument("--write", metavar="NEWMODEL", help="save the model with the calibrated normalisation (a diffusers folder, or a .safetensors file)")
+    p.add_argument("--overwrite", action="store_true", help="replace NEWMODEL's files if they exist (never MODEL's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     _add_model_args(p)
 
@@ -825,7 +930,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", nargs="+", choices=list(DTYPES), default=["fp32"], help="compute dtypes (default fp32)")
     p.add_argument("--tile", type=int, metavar="N", help="run vaekit tiled with N-pixel tiles (diffusers untiled)")
     p.add_argument("--against", choices=["diffusers", "none"], default="diffusers", help="the peer (default diffusers)")
-    p.add_argument("--repeats", type=int, default=5, metavar="N", help="timed runs of each (default 5)")
+    p.add_argument("--repeats", type=int, default=5, metavar="N", help="timed runs of each (default 5; fewer than 3 are noise)")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="run vaekit and diffusers under torch.compile (default backend inductor: needs a C++ compiler on "
                         "a CPU, Triton on a GPU) and report each one's compile time; FLOPs are counted uncompiled")
@@ -930,7 +1035,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     # Warnings (an assumed latent normalisation, the fp16 fallback) read as one line, like errors.
     warnings.showwarning = lambda message, *_, **__: print(f"vaekit {args.command}: warning: {message}", file=sys.stderr)
     try:
