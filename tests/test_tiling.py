@@ -321,5 +321,9 @@ def test_spilling_keeps_resident_memory_near_one_tile():
         done = subprocess.run([sys.executable, "-c", SPILL_PROBE, spill], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         peaks[spill] = json.loads(done.stdout.splitlines()[-1])
-    assert peaks["0"] > 300, peaks
-    assert peaks["1"] < 0.4 * peaks["0"], peaks
+    activation = 16 * 1536 * 1536 * 4 / 2**20  # MB: one whole-image activation of the stage (144 MiB)
+    assert peaks["0"] > 2 * activation, peaks  # in RAM a stage holds its input and its output
+    # Spilled, neither stays resident: the peak is at least 1.5 activations lower. (Not all 2: pages of the
+    # spill files are written back late on a busy machine. Quiet, spilled peaks were 0.31-0.36 of the in-RAM
+    # ones; under a loaded CI run 0.41, which a bound at 0.4 of the in-RAM peak failed.)
+    assert peaks["1"] < peaks["0"] - 1.5 * activation, peaks
