@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import PATCH_BN_EPS, AutoencoderConfig, describe_channels
+from ..layouts import write
 from .architectures import ARCHITECTURES
 
 
@@ -169,10 +170,8 @@ class Autoencoder(nn.Module):
     # ---- saving ---------------------------------------------------------------------------
 
     def save(self, path: str, format: str = "diffusers", dtype: torch.dtype | None = None) -> None:
-        """Write a diffusers folder or one LDM-named single-file `.safetensors`."""
-        from ..checkpoints import save
-
-        save(self, path, format=format, dtype=dtype)
+        """`vaekit.save(self, ...)`: a diffusers folder or one single-file `.safetensors` (`vaekit.layouts.write`)."""
+        write(self.state_dict(), self.config, ARCHITECTURES[self.config.arch].layout, path, format, dtype)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
