@@ -28,9 +28,9 @@ CONFIG_KEY = "_vaekit"  # the same config inside a diffusers config.json (diffus
 
 @runtime_checkable
 class Layout(Protocol):
-    """The files of one architecture. A module is one by having these names (`typing.Protocol` is structural);
-    tests/test_architectures.py checks every registered one. Tensors are keyed by the model's own ("native") names
-    unless said otherwise; `config` is always the model's full `AutoencoderConfig`."""
+    """The files of one architecture. A module is one by having these names (`typing.Protocol` is
+    structural); tests/test_architectures.py checks every registered one. Tensors are keyed by the model's
+    own ("native") names unless said otherwise; `config` is always the model's full `AutoencoderConfig`."""
 
     ARCH: str  # the AutoencoderConfig.arch it reads and writes
     DIFFUSERS_CLASSES: tuple[str, ...]  # the diffusers classes (config.json `_class_name`) whose folders it reads
