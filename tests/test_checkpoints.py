@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 
 import vaekit
 from vaekit import AutoencoderConfig, preset
-from vaekit.checkpoints import diffusers_key_map, read_checkpoint, save
+from vaekit.checkpoints import read_checkpoint, save
 from vaekit.files import write_atomic
+from vaekit.layouts.ldm import diffusers_key_map
 from vaekit.model import Autoencoder
 
 

@@ -11,8 +11,9 @@ from safetensors.torch import load_file, save_file
 
 import vaekit
 from vaekit import preset
-from vaekit.checkpoints import diffusers_key_map, read_checkpoint
+from vaekit.checkpoints import read_checkpoint
 from vaekit.cli import main
+from vaekit.layouts.ldm import diffusers_key_map
 from vaekit.model import Autoencoder
 
 

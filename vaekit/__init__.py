@@ -1,9 +1,9 @@
 """vaekit: build, load, train and measure the image autoencoders under latent diffusion models."""
 
-from .checkpoints import load
+from ._version import __version__
+from .checkpoints import load, save
 from .config import PRESETS, AutoencoderConfig, preset
 from .latents import LatentDataset
 from .model import Autoencoder, Posterior, winograd
 
-__all__ = ["Autoencoder", "AutoencoderConfig", "LatentDataset", "Posterior", "PRESETS", "load", "preset", "winograd"]
-__version__ = "0.1.0"
+__all__ = ["Autoencoder", "AutoencoderConfig", "LatentDataset", "Posterior", "PRESETS", "load", "preset", "save", "winograd"]

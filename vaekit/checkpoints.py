@@ -13,16 +13,14 @@ a complete `AutoencoderConfig`, and a record of where each part came from. Three
 A model file that cannot be read (empty, truncated, corrupt, a config.json that is not a JSON object)
 is one `UnreadableFile` (a ValueError) that names the file and says what to do, whatever the command.
 
-The diffusers layout is one key mapping away from the native one (`diffusers_key_map`), used in
-both directions. FLUX.1's `ae.safetensors` uses the LDM names too (it just has no quant convs);
-FLUX.2's puts the quant convs inside the encoder and decoder (BFL_NAMES) and carries its latent
-BatchNorm (`bn.*`), which states the normalisation.
+Everything that differs between architectures (the names in their files, their diffusers classes and
+config.json, the config from tensor shapes) is asked of their `vaekit.layouts` module, found through the
+registry `vaekit.model.architectures`; writing (`save`) is `vaekit.layouts.write`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import re
@@ -32,28 +30,21 @@ import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from .config import PATCH_BN_EPS, PRESETS, AutoencoderConfig, describe_channels, preset, preset_name
-from .files import write_atomic
-from .layouts import LAYOUTS, by_diffusers_class
-from .model import Autoencoder
+from .config import PRESETS, AutoencoderConfig, describe_channels, preset, preset_name
+from .layouts import CONFIG_KEY, DIFFUSERS_WEIGHTS, METADATA_KEY, Layout, not_an_autoencoder, write
+from .model import ARCHITECTURES, Autoencoder
+from .model.architectures import diffusers_classes, for_diffusers_class, for_names
 
-DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
-                     "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # The files of an autoencoder in a Hub repo, in order of preference (the first file locates it).
 HUB_LAYOUTS = tuple((f"{sub}config.json", f"{sub}{w}") for sub in ("", "vae/") for w in DIFFUSERS_WEIGHTS[:2]) + (("ae.safetensors",),)
-METADATA_KEY = "vaekit_config"  # safetensors metadata entry holding AutoencoderConfig.to_json()
-CONFIG_KEY = "_vaekit"  # the same config inside a diffusers config.json (diffusers skips "_" keys silently)
 # Where the VAE sits inside a full checkpoint: SD/SDXL/SD3 use the first, ComfyUI's FLUX.1 files the second.
 VAE_PREFIXES = ("first_stage_model.", "vae.")
 # Tensors LDM training leaves in autoencoder files (LPIPS + discriminator, EMA copies): not part of the model.
@@ -69,13 +60,6 @@ FAMILY_MARKERS = (
 # sd1's 0.18215 is also the LDM and diffusers default. 16 channels: a standalone file is almost
 # always FLUX.1's ae.safetensors (SD3 ships its VAE as a diffusers folder whose config.json says).
 ASSUMED_FAMILIES = ("sd1", "flux1")
-# BFL's FLUX.2 ae.safetensors names for the native (vaekit, diffusers) quant convs: its encoder and
-# decoder own them. Single files of patch_bn models are written with these names, as BFL's code loads.
-BFL_NAMES = {"quant_conv.": "encoder.quant_conv.", "post_quant_conv.": "decoder.post_quant_conv."}
-# Written into diffusers config.json: a release that reads every key written there.
-DIFFUSERS_VERSION = "0.30.0"
-# diffusers' AutoencoderKL only uses sample_size to pick its tile size for enable_tiling().
-DIFFUSERS_SAMPLE_SIZE = 512
 
 
 @dataclass
@@ -102,16 +86,14 @@ def load(
 ) -> Autoencoder:
     """Any supported checkpoint (see `read_checkpoint`) -> an `Autoencoder` in eval mode.
 
-    Weights keep their stored dtype unless `dtype` is given (mixed storage and Hunyuan Image: fp32)."""
+    Weights keep their stored dtype unless `dtype` is given (mixed storage: fp32; or the layout's LOAD_DTYPE)."""
     ck = read_checkpoint(source, family=family, seed=seed)
     with torch.device("meta"):  # no random init: the checkpoint's tensors become the parameters
         model = Autoencoder(ck.config)
     stored = {t.dtype for t in ck.state_dict.values() if t.is_floating_point()}
     model.load_state_dict(ck.state_dict, strict=True, assign=True)
-    if dtype is None and (len(stored) > 1 or ck.config.arch == "hunyuanimage"):
-        # Mixed storage (e.g. fp16 convs, fp32 norms): compute in one dtype. Hunyuan Image: its authors
-        # run the VAE in fp32 (hyimage's load_vae keeps the fp32 it builds), whatever the file stores.
-        dtype = torch.float32
+    if dtype is None:  # mixed storage (e.g. fp16 convs, fp32 norms): compute in one dtype
+        dtype = torch.float32 if len(stored) > 1 else ARCHITECTURES[ck.config.arch].layout.LOAD_DTYPE
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -142,194 +124,30 @@ def read_checkpoint(source: str | os.PathLike, family: str | None = None, seed: 
 
 
 def save(model: Autoencoder, path: str | os.PathLike, format: str = "diffusers", dtype: torch.dtype | None = None) -> Path:
-    """Write `model` as a diffusers folder or as one LDM-named `.safetensors` file.
+    """Write `model` as a diffusers folder or as one single-file `.safetensors` in its architecture's layout
+    (LDM's names; BFL's for FLUX.2; Wan's, Tencent's for Qwen-Image, Hunyuan Image).
 
     Both carry vaekit's full config (config.json key `_vaekit`, or safetensors metadata), so family,
     scale/shift, `kind="ae"` and every vaekit-only option round-trip exactly. diffusers loads the
     folder whenever it can express the architecture (not `kind="ae"`). Files are written atomically."""
-    path = Path(path)
-    config = model.config
-    if config.arch == "pixel":
-        raise ValueError("a pixel-space model has no weights to save: use preset:pixel (or pixel-p2, pixel-p16) wherever a MODEL is asked")
-    tensors = {k: _stored(v, dtype) for k, v in model.state_dict().items()}
-    if format == "single-file":
-        if path.suffix != ".safetensors":
-            raise ValueError(f"a single-file checkpoint is a .safetensors file; got {path}")
-        if config.latent_norm == "patch_bn":  # FLUX.2: BFL's layout
-            tensors = {_renamed(k, BFL_NAMES): t for k, t in tensors.items()}
-        elif config.arch in LAYOUTS:  # the layout of the files people have for that family
-            tensors = LAYOUTS[config.arch].to_single_file(tensors)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: config.to_json()}))
-    elif format == "diffusers":
-        if path.is_file():
-            raise ValueError(f"{path} is a file; format='diffusers' writes a folder")
-        path.mkdir(parents=True, exist_ok=True)
-        layout = LAYOUTS.get(config.arch)
-        if layout is not None:  # its native names are diffusers'
-            renamed, described = tensors, {**layout.diffusers_config(config), CONFIG_KEY: config.to_dict()}
-        else:
-            names = diffusers_key_map(len(config.block_channels), config.layers_per_block)
-            renamed = {names.get(k, k): _linear_attention(k, t) for k, t in tensors.items()}
-            described = _diffusers_config(config)
-        write_atomic(path / DIFFUSERS_WEIGHTS[0], lambda tmp: save_file(renamed, tmp, metadata={"format": "pt"}))
-        text = json.dumps(described, indent=2) + "\n"
-        write_atomic(path / "config.json", lambda tmp: tmp.write_text(text))
-    else:
-        raise ValueError(f"format must be 'diffusers' or 'single-file', got {format!r}")
-    return path
-
-
-# ---- native <-> diffusers names --------------------------------------------------------------
-
-_ATTENTION_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_OLD_DIFFUSERS_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}  # diffusers < 0.14
-
-
-def _diffusers_name(key: str, levels: int) -> str:
-    """The diffusers name of one native tensor name. Decoder levels run in the opposite order."""
-    key = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", key)
-    key = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", key)
-    key = re.sub(r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.resnets.", key)
-    key = re.sub(r"^decoder\.up\.(\d+)\.upsample\.", lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.upsamplers.0.", key)
-    key = re.sub(r"\.mid\.block_(\d)\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}.", key)
-    key = re.sub(r"\.mid\.attn_1\.(\w+)\.", lambda m: f".mid_block.attentions.0.{_ATTENTION_NAMES[m[1]]}.", key)
-    key = key.replace(".nin_shortcut.", ".conv_shortcut.")
-    return re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", key)
-
-
-@lru_cache
-def diffusers_key_map(levels: int, layers_per_block: int) -> dict[str, str]:
-    """Native name -> diffusers name for every tensor a model of this depth can have.
-
-    Invert it for the other direction. Built from a model whose channels grow at every level, so
-    every optional tensor (shortcuts, quant convs, attention) is present."""
-    widest = AutoencoderConfig(block_channels=tuple(range(1, levels + 1)), layers_per_block=layers_per_block,
-                               latent_channels=1, norm_groups=1)
-    with torch.device("meta"):
-        keys = Autoencoder(widest).state_dict().keys()
-    return {k: _diffusers_name(k, levels) for k in keys}
-
-
-def _renamed(key: str, names: dict[str, str]) -> str:
-    """`key` with its leading prefix replaced by `names` (prefix -> prefix), if one matches."""
-    prefix = next((p for p in names if key.startswith(p)), None)
-    return names[prefix] + key[len(prefix):] if prefix else key
-
-
-def _linear_attention(key: str, t: Tensor) -> Tensor:
-    """diffusers stores the mid-block attention projections as Linear [C, C]; LDM as 1x1 convs."""
-    return t[:, :, 0, 0] if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) and t.ndim == 4 else t
-
-
-def _native_names(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
-    """Rename diffusers-named tensors to native names; native ones pass through (BFL's FLUX.2 quant
-    conv names included)."""
-    if any(k.startswith(("encoder.down.", "decoder.up.")) for k in tensors):
-        if any(k.startswith(tuple(BFL_NAMES.values())) for k in tensors):
-            bfl = {v: k for k, v in BFL_NAMES.items()}
-            return {_renamed(k, bfl): t for k, t in tensors.items()}, "BFL FLUX.2"
-        return tensors, "LDM"
-    if not any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in tensors):
-        sample = ", ".join(list(tensors)[:3]) or "none"
-        raise ValueError(f"no autoencoder tensors found (expected names like encoder.down.0.block.0.conv1.weight "
-                         f"or encoder.down_blocks.0.resnets.0.conv1.weight); first names: {sample}")
-    levels = 1 + max(int(m[1]) for k in tensors if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k)))
-    layers = 1 + max(int(m[1]) for k in tensors if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k)))
-    native = {v: k for k, v in diffusers_key_map(levels, layers).items()}
-    old = re.compile(r"(attentions\.0\.)(query|key|value|proj_attn)\.")
-    renamed = {}
-    for k, t in tensors.items():
-        k = old.sub(lambda m: m[1] + _OLD_DIFFUSERS_ATTENTION[m[2]] + ".", k)
-        renamed[native.get(k, k)] = t
-    return renamed, "diffusers"
+    return write(model.state_dict(), model.config, ARCHITECTURES[model.config.arch].layout, path, format, dtype)
 
 
 # ---- diffusers config.json -------------------------------------------------------------------
 
 
-def _diffusers_config(c: AutoencoderConfig) -> dict[str, Any]:
-    n = len(c.block_channels)
-    if c.latent_norm == "patch_bn":  # AutoencoderKLFlux2's own keys (it takes no scaling_factor)
-        return {
-            "_class_name": "AutoencoderKLFlux2", "_diffusers_version": "0.36.0", "act_fn": "silu",
-            "batch_norm_eps": PATCH_BN_EPS, "batch_norm_momentum": 0.1, "block_out_channels": list(c.block_channels),
-            "decoder_block_out_channels": None, "down_block_types": ["DownEncoderBlock2D"] * n,
-            "in_channels": c.in_channels, "latent_channels": c.latent_channels, "layers_per_block": c.layers_per_block,
-            "mid_block_add_attention": c.mid_attention, "norm_num_groups": c.norm_groups, "out_channels": c.out_channels,
-            "patch_size": [2, 2], "sample_size": DIFFUSERS_SAMPLE_SIZE, "up_block_types": ["UpDecoderBlock2D"] * n,
-            "use_post_quant_conv": c.use_post_quant_conv, "use_quant_conv": c.use_quant_conv, CONFIG_KEY: c.to_dict(),
-        }  # fmt: skip
-    return {
-        "_class_name": "AutoencoderKL",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "act_fn": "silu",
-        "block_out_channels": list(c.block_channels),
-        "down_block_types": ["DownEncoderBlock2D"] * n,
-        "force_upcast": True,
-        "in_channels": c.in_channels,
-        "latent_channels": c.latent_channels,
-        "latents_mean": list(c.latents_mean) if c.latent_norm == "channel" else None,
-        "latents_std": list(c.latents_std) if c.latent_norm == "channel" else None,
-        "layers_per_block": c.layers_per_block,
-        "mid_block_add_attention": c.mid_attention,
-        "norm_num_groups": c.norm_groups,
-        "out_channels": c.out_channels,
-        "sample_size": DIFFUSERS_SAMPLE_SIZE,
-        "scaling_factor": c.scaling_factor,
-        "shift_factor": c.shift_factor,
-        "up_block_types": ["UpDecoderBlock2D"] * n,
-        "use_post_quant_conv": c.use_post_quant_conv,
-        "use_quant_conv": c.use_quant_conv,
-        CONFIG_KEY: c.to_dict(),
-    }
-
-
-def _config_from_diffusers(d: dict[str, Any], where: str, notes: list[str]) -> tuple[AutoencoderConfig, bool]:
+def _config_from_diffusers(d: dict[str, Any], where: str) -> tuple[AutoencoderConfig, bool]:
     """-> (config, whether it states the normalisation)."""
     if CONFIG_KEY in d:
         return AutoencoderConfig.from_dict(d[CONFIG_KEY]), True
     cls = d.get("_class_name", "AutoencoderKL")
-    layout = by_diffusers_class(cls)
-    if layout is not None:
-        try:
-            return layout.config_from_diffusers(d), True
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-    if cls not in ("AutoencoderKL", "AutoencoderKLFlux2"):
-        known = ", ".join(["AutoencoderKL", "AutoencoderKLFlux2", *(m.DIFFUSERS_CLASS for m in LAYOUTS.values())])
-        raise ValueError(f"{where} describes a {cls}; vaekit reads {known}")
-    flux2 = cls == "AutoencoderKLFlux2"
-    channels = tuple(d.get("block_out_channels", (64,)))  # diffusers' defaults throughout
-    n = len(channels)
-    unsupported = [f"{k}={d[k]}" for k, ok in (
-        ("act_fn", d.get("act_fn", "silu") == "silu"),
-        ("down_block_types", d.get("down_block_types", ["DownEncoderBlock2D"] * n) == ["DownEncoderBlock2D"] * n),
-        ("up_block_types", d.get("up_block_types", ["UpDecoderBlock2D"] * n) == ["UpDecoderBlock2D"] * n),
-        ("decoder_block_out_channels", d.get("decoder_block_out_channels") in (None, list(channels))),
-        ("patch_size", not flux2 or list(d.get("patch_size", [2, 2])) == [2, 2]),
-        ("batch_norm_eps", not flux2 or d.get("batch_norm_eps", PATCH_BN_EPS) == PATCH_BN_EPS),
-    ) if not ok]
-    if unsupported:
-        raise ValueError(f"{where} has options vaekit does not implement: {', '.join(unsupported)}")
-    per_channel = d.get("latents_mean") is not None and d.get("latents_std") is not None
-    config = AutoencoderConfig(
-        in_channels=d.get("in_channels", 3),
-        out_channels=d.get("out_channels", 3),
-        block_channels=channels,
-        layers_per_block=d.get("layers_per_block", 1),
-        latent_channels=d.get("latent_channels", 4),
-        use_quant_conv=d.get("use_quant_conv", True),
-        use_post_quant_conv=d.get("use_post_quant_conv", True),
-        mid_attention=d.get("mid_block_add_attention", True),
-        norm_groups=d.get("norm_num_groups", 32),
-        latent_norm="patch_bn" if flux2 else "channel" if per_channel else "affine",
-        scaling_factor=float(d.get("scaling_factor", 1.0)),
-        shift_factor=float(d.get("shift_factor") or 0.0),
-        latents_mean=tuple(d["latents_mean"]) if per_channel else (),
-        latents_std=tuple(d["latents_std"]) if per_channel else (),
-    )
-    return config, flux2 or "scaling_factor" in d
+    layout = for_diffusers_class(cls)
+    if layout is None:
+        raise ValueError(f"{where} describes a {cls}; vaekit reads {', '.join(diffusers_classes())}")
+    try:
+        return layout.config_from_diffusers(d)
+    except NotImplementedError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 # ---- sources -----------------------------------------------------------------------------------
@@ -345,7 +163,7 @@ class _Found:
     normalisation: str | None = None  # where the stated config's scale/shift come from, if it states them
     hint: tuple[str, str] | None = None  # (family, what says so): a full checkpoint's other parts, a key layout
     notes: list[str] = field(default_factory=list)
-    layout: ModuleType | None = None  # vaekit.layouts module of a non-LDM family
+    layout: Layout | None = None  # the layout a file's names are in (a file without config: its shapes tell it)
 
 
 def _from_preset(name: str, seed: int) -> _Found:
@@ -381,30 +199,27 @@ def _select(keys: list[str], kind: str, get: Callable[[str], Tensor]) -> _Found:
     so a 7 GB SDXL checkpoint costs only its VAE."""
     notes = []
     prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
-    hint = None
+    hint, others = None, []
     if prefix:
         others = [k for k in keys if not k.startswith(prefix)]
         notes.append(f"ignored {len(others)} tensors outside {prefix} (UNet, text encoders, ...)")
         hint = next(((fam, f"the checkpoint's other parts (its {marker}* tensors)") for marker, fam in FAMILY_MARKERS
                      if any(k.startswith(marker) for k in others)), None)
     ours = [k for k in keys if k.startswith(prefix)]
-    names = [k[len(prefix):] for k in ours]
-    layout = next((m for m in LAYOUTS.values() if m.recognise(names)), None)
-    if layout is not None:  # a non-LDM family, recognised by its names
-        tensors = layout.to_native({k[len(prefix):]: get(k) for k in ours})
-        return _Found(tensors, f"{kind} ({layout.recognise(names)})", notes=notes, layout=layout,
-                      hint=hint or (layout.FAMILY, f"its key layout ({layout.recognise(names)})"))
     training = [k for k in ours if k[len(prefix):].startswith(TRAINING_ONLY_PREFIXES)]
     if training:
         notes.append(f"ignored {len(training)} training-only tensors (loss.* = LPIPS/discriminator, model_ema.*)")
-    tensors, naming = _native_names({k[len(prefix):]: get(k) for k in ours if k not in training})
-    if prefix:
-        kind = f"full checkpoint ({prefix} part, {naming} naming)"
-    elif naming == "LDM" and "quant_conv.weight" not in tensors:
-        kind += " (LDM naming, no quant convs: the FLUX.1 ae.safetensors layout)"
-    else:
-        kind += f" ({naming} naming)"
-    return _Found(tensors, kind, hint=hint, notes=notes)
+    ours = [k for k in ours if k not in training]
+    names = [k[len(prefix):] for k in ours]
+    found = for_names(names)
+    if found is None:
+        raise not_an_autoencoder(names)
+    layout, naming = found
+    if layout.FAMILY:  # the names say the family
+        hint = hint or (layout.FAMILY, f"its key layout ({naming})")
+    tensors = layout.to_native({k[len(prefix):]: get(k) for k in ours})
+    kind = f"full checkpoint ({prefix} part, {naming})" if others else f"{kind} ({naming})"
+    return _Found(tensors, kind, hint=hint, notes=notes, layout=layout)
 
 
 # ---- reading model files: a file that cannot be read is one error naming it ---------------------
@@ -568,11 +383,10 @@ def _from_folder(path: Path) -> _Found:
                                 f"{DIFFUSERS_WEIGHTS[0]} (or .bin), directly or under vae/")
     found = _Found({}, "diffusers folder" + (" (vae/ of a pipeline)" if folder != path else ""))
     with _settings_of(config_file, "config.json"):
-        config, stated = _config_from_diffusers(_read_json(config_file), str(config_file), found.notes)
+        config, stated = _config_from_diffusers(_read_json(config_file), str(config_file))
     found.config, found.normalisation = config, ("config.json" if stated else None)
     tensors = _load_safetensors(weights) if weights.suffix == ".safetensors" else _torch_tensors(weights)
-    layout = LAYOUTS.get(config.arch)
-    found.tensors = layout.to_native(tensors) if layout else _native_names(tensors)[0]
+    found.tensors = ARCHITECTURES[config.arch].layout.to_native(tensors)
     return found
 
 
@@ -642,52 +456,18 @@ def _settle(found: _Found, family: str | None) -> Checkpoint:
     stored = Counter(str(t.dtype).removeprefix("torch.") for t in found.tensors.values())
     dtype = next(iter(stored)) if len(stored) == 1 else "mixed: " + ", ".join(f"{d} ({n})" for d, n in stored.most_common())
     if not stored:
-        dtype = "none (pixel space has no weights)" if found.config is not None and found.config.arch == "pixel" else "none (no tensors)"
+        weightless = found.config is not None and ARCHITECTURES[found.config.arch].layout.NO_WEIGHTS
+        dtype = f"none ({weightless or 'no tensors'})"
     if found.config is not None:
         config = found.config
-    elif found.layout is not None:
-        config = found.layout.config_from_tensors(found.tensors)
-        notes.append(f"config inferred from tensor shapes ({found.layout.ARCH} layout)")
-        if preset(found.layout.FAMILY).latent_channels != config.latent_channels:
+    else:  # a file with no config: its layout reads the architecture off the tensor shapes
+        assert found.layout is not None
+        config, note = found.layout.config_from_tensors(found.tensors)
+        notes.append(note)
+        if found.layout.FAMILY and preset(found.layout.FAMILY).latent_channels != config.latent_channels:
             found.hint = None  # the layout's family, but not its published model: nothing states the normalisation
-    else:
-        config = _infer_config(found.tensors, notes)
     config, source = _normalisation(config, found, family)
     return Checkpoint(_checked(found.tensors, config), config, found.format, dtype, source, notes)
-
-
-def _infer_config(t: dict[str, Tensor], notes: list[str]) -> AutoencoderConfig:
-    """The architecture from tensor shapes alone (a file with no config)."""
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in t:
-            raise ValueError(f"cannot infer the architecture: tensor {key} is missing")
-        return tuple(t[key].shape)
-
-    levels = sorted({int(m[1]) for k in t if (m := re.match(r"encoder\.down\.(\d+)\.block\.", k))})
-    if levels != list(range(len(levels))) or not levels:
-        raise ValueError(f"cannot infer the architecture: encoder levels {levels} are not 0..n-1")
-    channels = tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in levels)
-    layers = len({m[1] for k in t if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
-    latent = shape("decoder.conv_in.weight")[1]
-    moments = shape("encoder.conv_out.weight")[0]
-    if moments not in (latent, 2 * latent):
-        raise ValueError(f"cannot infer the architecture: the encoder outputs {moments} channels for {latent} latent channels")
-    groups = 32 if all(c % 32 == 0 for c in channels) else math.gcd(32, *channels)
-    notes.append(f"config inferred from tensor shapes; norm_groups={groups} assumed (GroupNorm weights do not record it"
-                 + ("; every published LDM VAE uses 32)" if groups == 32 else "; 32 does not divide the channel counts)"))
-    return AutoencoderConfig(
-        in_channels=shape("encoder.conv_in.weight")[1],
-        out_channels=shape("decoder.conv_out.weight")[0],
-        block_channels=channels,
-        layers_per_block=layers,
-        latent_channels=latent,
-        kind="vae" if moments == 2 * latent else "ae",
-        use_quant_conv="quant_conv.weight" in t,
-        use_post_quant_conv="post_quant_conv.weight" in t,
-        mid_attention="encoder.mid.attn_1.q.weight" in t,
-        norm_groups=groups,
-        latent_norm="patch_bn" if "bn.running_mean" in t else "affine",
-    )
 
 
 def _same_architecture(a: AutoencoderConfig, b: AutoencoderConfig) -> bool:
@@ -750,15 +530,10 @@ def _checked(tensors: dict[str, Tensor], config: AutoencoderConfig) -> dict[str,
         parts = [f"{len(names)} {what} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
                  for names, what in ((missing, "missing"), (unexpected, "unexpected")) if names]
         raise ValueError(f"checkpoint tensors do not match the architecture: {'; '.join(parts)}")
-    out = {}
-    for k, t in tensors.items():
-        if t.shape != want[k] and t.numel() == want[k].numel() and ".attn_1." in k:
-            t = t.reshape(want[k])  # Linear-shaped attention weights
-        out[k] = t
-    wrong = [f"{k} {list(t.shape)} (needs {list(want[k])})" for k, t in out.items() if t.shape != want[k]]
+    wrong = [f"{k} {list(t.shape)} (needs {list(want[k])})" for k, t in tensors.items() if t.shape != want[k]]
     if wrong:
         raise ValueError(f"{len(wrong)} tensors have the wrong shape for the config: {', '.join(wrong[:4])}")
-    return out
+    return tensors
 
 
 def _warn(notes: list[str], message: str, note: bool = True) -> None:
@@ -769,8 +544,3 @@ def _warn(notes: list[str], message: str, note: bool = True) -> None:
     while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UserWarning, stacklevel=level)
-
-
-def _stored(t: Tensor, dtype: torch.dtype | None) -> Tensor:
-    t = t.detach().to("cpu")
-    return (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()

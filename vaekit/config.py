@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class AutoencoderConfig:
         object.__setattr__(self, "temporal_downsample", tuple(bool(v) for v in self.temporal_downsample))
         if self.kind not in ("vae", "ae"):
             raise ValueError(f"kind must be 'vae' or 'ae', got {self.kind!r}")
-        if self.arch not in ARCHS:
+        if self.arch not in ARCHS and ARCHS:  # none yet: the presets below, checked when they are registered
             raise ValueError(f"unknown architecture {self.arch!r}; this vaekit knows {', '.join(ARCHS)}")
         if self.latent_norm not in ("affine", "channel", "patch_bn"):
             raise ValueError(f"unknown latent_norm {self.latent_norm!r}; use 'affine', 'channel' or 'patch_bn'")
@@ -171,7 +171,9 @@ def check_fields(cls: type, d: dict[str, Any], what: str) -> None:
         raise ValueError(f"unknown {what} {unknown}; known: {sorted(names)}")
 
 
-ARCHS = ("ldm", "pixel", "qwenimage", "hunyuanimage")
+# The architectures (`arch`) this vaekit knows: the names of the registry vaekit.model.architectures, which
+# registers them on import (`import vaekit` does). It imports every architecture's modules, and they this one.
+ARCHS: tuple[str, ...] = ()
 PATCH_BN_EPS = 1e-4  # FLUX.2's BatchNorm eps (BFL's AutoEncoder.bn_eps, diffusers' batch_norm_eps)
 
 
@@ -298,3 +300,12 @@ def preset_name(name: str) -> str:
 
 def preset(name: str) -> AutoencoderConfig:
     return PRESETS[preset_name(name)].config
+
+
+def register_architectures(names: Iterable[str]) -> None:
+    """Called by the registry (vaekit.model.architectures) with its names: from then on `arch` must be one."""
+    global ARCHS
+    ARCHS = tuple(names)
+    unknown = sorted({p.config.arch for p in PRESETS.values()} - set(ARCHS))
+    if unknown:
+        raise ValueError(f"presets of unregistered architectures {unknown}; registered: {', '.join(ARCHS)}")

@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ._version import __version__
 from .config import AutoencoderConfig
 from .data import IMAGE_SUFFIXES, MAX_PIXELS, SHARD_SUFFIXES, ImageTooLarge, find_images, image_size, is_shards, read_image, sample_images, shard_urls
 from .files import mark_output_folder, safe_name, write_atomic
@@ -386,8 +387,6 @@ def sources_hash(sources: Sequence[Source]) -> str:
 
 
 def _info(model: Autoencoder, o: EncodeOptions) -> dict[str, Any]:
-    from . import __version__
-
     return {
         "format": "vaekit-latents", "vaekit_version": __version__, "model_hash": model_hash(model),
         "weights_hash": weights_hash(model), "model_config": model.config.to_dict(),

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .analysis import HIGH_FREQUENCY, Analysis, ERROR_MAP_CEILING
 from .data import write_image
 from .files import mark_output_folder

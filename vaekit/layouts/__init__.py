@@ -1,29 +1,103 @@
-"""Checkpoint key layouts of the architectures other than LDM's, as data: one module per family.
+"""Checkpoint layouts: what each architecture's files look like, as data and pure functions of tensors and
+configs. One module per architecture (`ldm`, `pixel`, `qwenimage`, `hunyuanimage`), each a `Layout`; the
+registry `vaekit.model.architectures` pairs each with its model module. `vaekit.checkpoints` keeps what is
+common to every architecture (finding the files, the Hub, the safetensors and pickle rules, metadata, strict
+keys, the normalisation rule) and asks the layout for the rest.
 
-LDM's own layouts (the native LDM names, diffusers' AutoencoderKL / AutoencoderKLFlux2, BFL's FLUX.2
-file) live in `vaekit.checkpoints`, which grew up with them. A family here provides:
-
-    ARCH                      the AutoencoderConfig.arch it reads and writes
-    DIFFUSERS_CLASS           the diffusers class whose folders it reads and writes
-    config_from_diffusers(d)  AutoencoderConfig from that class's config.json (ValueError if unsupported)
-    diffusers_config(c)       that class's config.json for an AutoencoderConfig
-    recognise(keys)           a description of the single-file layout these tensor names are, or None
-    to_native(tensors)        tensors of any of its layouts -> the model's own names (diffusers')
-    to_single_file(tensors)   the model's names -> the single-file layout people download (ComfyUI's)
-    config_from_tensors(t)    the architecture from native-named tensor shapes (a file with no config)
-    FAMILY                    the preset whose normalisation a file in this layout is assumed to have
-
-so a new family is one model file (vaekit/model/), one layout module here and one preset.
-"""
+`write` puts a state dict into files in a layout. It lives here, below the model, so `Autoencoder.save` and
+`vaekit.save` share it without the model importing `vaekit.checkpoints` (which imports the model)."""
 
 from __future__ import annotations
 
-from types import ModuleType
+import json
+from pathlib import Path
+from typing import Any, Iterable, Protocol, runtime_checkable
 
-from . import hunyuanimage, qwenimage
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
 
-LAYOUTS: dict[str, ModuleType] = {m.ARCH: m for m in (qwenimage, hunyuanimage)}
+from ..config import AutoencoderConfig
+from ..files import write_atomic
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                     "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
+METADATA_KEY = "vaekit_config"  # safetensors metadata entry holding AutoencoderConfig.to_json()
+CONFIG_KEY = "_vaekit"  # the same config inside a diffusers config.json (diffusers skips "_" keys silently)
 
 
-def by_diffusers_class(name: str) -> ModuleType | None:
-    return next((m for m in LAYOUTS.values() if m.DIFFUSERS_CLASS == name), None)
+@runtime_checkable
+class Layout(Protocol):
+    """The files of one architecture. A module is one by having these names (`typing.Protocol` is
+    structural); tests/test_architectures.py checks every registered one. Tensors are keyed by the model's
+    own ("native") names unless said otherwise; `config` is always the model's full `AutoencoderConfig`."""
+
+    ARCH: str  # the AutoencoderConfig.arch it reads and writes
+    DIFFUSERS_CLASSES: tuple[str, ...]  # the diffusers classes (config.json `_class_name`) whose folders it reads
+    # The preset whose normalisation a file recognised in this layout is taken to have (said so), or None
+    # when its names are shared by several families (then the normalisation rule decides: checkpoints.py).
+    FAMILY: str | None
+    LOAD_DTYPE: torch.dtype | None  # what `load` computes in when no dtype is asked (None: the stored dtype)
+    NO_WEIGHTS: str | None  # why models of this architecture have no weights (pixel space), or None
+
+    def recognise(self, keys: Iterable[str]) -> str | None:
+        """What naming these tensor names are ("LDM naming", "Wan 2.1 / Qwen-Image layout (ComfyUI)"), or None
+        if they are not this layout's. Layouts are asked newest first (see the registry)."""
+
+    def to_native(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Tensors in any naming it recognises (a single file's, its diffusers folder's) -> the model's names."""
+
+    def to_single_file(self, tensors: dict[str, Tensor], config: AutoencoderConfig) -> dict[str, Tensor]:
+        """The model's names -> the single-file layout people download."""
+
+    def to_diffusers(self, tensors: dict[str, Tensor], config: AutoencoderConfig) -> dict[str, Tensor]:
+        """The model's names -> its diffusers class's."""
+
+    def diffusers_config(self, config: AutoencoderConfig) -> dict[str, Any]:
+        """That class's config.json (without vaekit's own `_vaekit` entry, which `write` adds)."""
+
+    def config_from_diffusers(self, d: dict[str, Any]) -> tuple[AutoencoderConfig, bool]:
+        """(config, whether it states the latent normalisation) from a config.json of one of its classes.
+        An option vaekit does not implement is a NotImplementedError; a malformed value a ValueError."""
+
+    def config_from_tensors(self, tensors: dict[str, Tensor]) -> tuple[AutoencoderConfig, str]:
+        """(config, a note on how it was inferred) from native-named tensor shapes: a file with no config."""
+
+
+def write(tensors: dict[str, Tensor], config: AutoencoderConfig, layout: Layout, path: str | Path,
+          format: str = "diffusers", dtype: torch.dtype | None = None) -> Path:  # fmt: skip
+    """A model's state dict as a diffusers folder or one single-file `.safetensors`, in `layout`, atomically.
+
+    Both carry vaekit's full config (config.json key `_vaekit`, or safetensors metadata), so family,
+    scale/shift, `kind="ae"` and every vaekit-only option round-trip exactly."""
+    path = Path(path)
+    tensors = {k: _stored(v, dtype) for k, v in tensors.items()}
+    if format == "single-file":
+        tensors = layout.to_single_file(tensors, config)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"a single-file checkpoint is a .safetensors file; got {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: config.to_json()}))
+    elif format == "diffusers":
+        renamed, described = layout.to_diffusers(tensors, config), {**layout.diffusers_config(config), CONFIG_KEY: config.to_dict()}
+        if path.is_file():
+            raise ValueError(f"{path} is a file; format='diffusers' writes a folder")
+        path.mkdir(parents=True, exist_ok=True)
+        write_atomic(path / DIFFUSERS_WEIGHTS[0], lambda tmp: save_file(renamed, tmp, metadata={"format": "pt"}))
+        text = json.dumps(described, indent=2) + "\n"
+        write_atomic(path / "config.json", lambda tmp: tmp.write_text(text))
+    else:
+        raise ValueError(f"format must be 'diffusers' or 'single-file', got {format!r}")
+    return path
+
+
+def not_an_autoencoder(names: Iterable[str]) -> ValueError:
+    """The error for tensors no layout knows."""
+    sample = ", ".join(list(names)[:3]) or "none"
+    return ValueError(f"no autoencoder tensors found (expected names like encoder.down.0.block.0.conv1.weight "
+                      f"or encoder.down_blocks.0.resnets.0.conv1.weight); first names: {sample}")
+
+
+def _stored(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    t = t.detach().to("cpu")
+    return (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()

@@ -10,13 +10,16 @@ import math
 import re
 from typing import Any, Iterable
 
+import torch
 from torch import Tensor
 
 from ..config import AutoencoderConfig
 
 ARCH = "hunyuanimage"
-DIFFUSERS_CLASS = "AutoencoderKLHunyuanImage"
+DIFFUSERS_CLASSES = ("AutoencoderKLHunyuanImage",)
 FAMILY = "hunyuanimage"
+LOAD_DTYPE = torch.float32  # its authors run it in fp32 (hyimage's load_vae), whatever the file stores
+NO_WEIGHTS = None
 
 # (native part, flat list, Tencent's nested list, its resample) for the encoder and the decoder.
 _PARTS = (("encoder", "down_blocks", "down", "downsample"), ("decoder", "up_blocks", "up", "upsample"))
@@ -24,18 +27,19 @@ _MID = {"mid_block.resnets.0.": "mid.block_1.", "mid_block.resnets.1.": "mid.blo
 _ATTENTION = {"to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "proj.": "proj_out.", "norm.": "norm."}
 
 
-def config_from_diffusers(d: dict[str, Any]) -> AutoencoderConfig:
+def config_from_diffusers(d: dict[str, Any]) -> tuple[AutoencoderConfig, bool]:
     if not (d.get("downsample_match_channel", True) and d.get("upsample_match_channel", True)):
-        raise ValueError("downsample_match_channel/upsample_match_channel false is not implemented (no release uses it)")
+        raise NotImplementedError("downsample_match_channel/upsample_match_channel false is not implemented (no release uses it)")
     channels = tuple(d["block_out_channels"])
     levels = int(math.log2(d["spatial_compression_ratio"]))
     _check_widths(channels, levels)
-    return AutoencoderConfig(
+    config = AutoencoderConfig(
         arch=ARCH, in_channels=d.get("in_channels", 3), out_channels=d.get("out_channels", 3), block_channels=channels,
         layers_per_block=d["layers_per_block"], latent_channels=d["latent_channels"], use_quant_conv=False,
         use_post_quant_conv=False, downsample_levels=None if levels == len(channels) - 1 else levels,
         scaling_factor=float(d.get("scaling_factor") or 1.0),
     )  # fmt: skip
+    return config, True
 
 
 def _check_widths(channels: tuple[int, ...], levels: int) -> None:
@@ -43,13 +47,13 @@ def _check_widths(channels: tuple[int, ...], levels: int) -> None:
     encoder's last levels, and the decoder's, which are the encoder's first ones reversed."""
     for order, where in ((channels, "last"), (channels[::-1], "first")):
         if any(a != b for i, (a, b) in enumerate(zip(order, order[1:])) if i >= levels):
-            raise ValueError(f"block_out_channels {list(channels)}: with {levels} resamplings the {where} "
-                             f"{len(channels) - levels} levels must share one width")
+            raise NotImplementedError(f"block_out_channels {list(channels)}: with {levels} resamplings the {where} "
+                                      f"{len(channels) - levels} levels must share one width")
 
 
 def diffusers_config(c: AutoencoderConfig) -> dict[str, Any]:
     return {
-        "_class_name": DIFFUSERS_CLASS, "_diffusers_version": "0.36.0", "block_out_channels": list(c.block_channels),
+        "_class_name": DIFFUSERS_CLASSES[0], "_diffusers_version": "0.36.0", "block_out_channels": list(c.block_channels),
         "downsample_match_channel": True, "in_channels": c.in_channels, "latent_channels": c.latent_channels,
         "layers_per_block": c.layers_per_block, "out_channels": c.out_channels, "sample_size": 384,
         "scaling_factor": c.scaling_factor, "spatial_compression_ratio": c.factor, "upsample_match_channel": True,
@@ -93,9 +97,13 @@ def _tencent_name(key: str, nested: dict[str, str]) -> str:
     return key
 
 
-def to_single_file(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+def to_single_file(tensors: dict[str, Tensor], config: AutoencoderConfig) -> dict[str, Tensor]:
     nested = _nested_names(tensors)
     return {_tencent_name(k, nested): t for k, t in tensors.items()}
+
+
+def to_diffusers(tensors: dict[str, Tensor], config: AutoencoderConfig) -> dict[str, Tensor]:
+    return dict(tensors)  # the model's names are diffusers'
 
 
 def to_native(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -126,7 +134,7 @@ def to_native(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def config_from_tensors(t: dict[str, Tensor]) -> AutoencoderConfig:
+def config_from_tensors(t: dict[str, Tensor]) -> tuple[AutoencoderConfig, str]:
     """The architecture from native-named tensor shapes. The encoder's flat list is runs of ResNet
     blocks separated by resamplings: each run is a level, but the last run holds every level after the
     last resampling (they share one width), so it splits by the first run's length."""
@@ -139,9 +147,10 @@ def config_from_tensors(t: dict[str, Tensor]) -> AutoencoderConfig:
     layers = runs[0][1]
     levels = [width for width, _ in runs[:-1]] + [runs[-1][0]] * (runs[-1][1] // layers)
     latent = t["decoder.conv_in.weight"].shape[1]
-    return AutoencoderConfig(
+    config = AutoencoderConfig(
         arch=ARCH, in_channels=t["encoder.conv_in.weight"].shape[1], out_channels=t["decoder.conv_out.weight"].shape[0],
         block_channels=tuple(levels), layers_per_block=layers, latent_channels=latent, use_quant_conv=False,
         use_post_quant_conv=False, downsample_levels=None if len(runs) == len(levels) else len(runs) - 1,
         kind="vae" if t["encoder.conv_out.weight"].shape[0] == 2 * latent else "ae",
     )  # fmt: skip
+    return config, f"config inferred from tensor shapes ({ARCH} layout)"

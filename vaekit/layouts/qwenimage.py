@@ -13,8 +13,10 @@ from torch import Tensor
 from ..config import AutoencoderConfig
 
 ARCH = "qwenimage"
-DIFFUSERS_CLASS = "AutoencoderKLQwenImage"
+DIFFUSERS_CLASSES = ("AutoencoderKLQwenImage",)
 FAMILY = "qwenimage"  # Wan 2.1's VAE has the same architecture and the same latent statistics
+LOAD_DTYPE = None
+NO_WEIGHTS = None
 
 # Inside one residual block: Wan's `residual` Sequential (norm, SiLU, conv, norm, SiLU, dropout, conv).
 _RESIDUAL = {"norm1.": "residual.0.", "conv1.": "residual.2.", "norm2.": "residual.3.", "conv2.": "residual.6.",
@@ -24,25 +26,26 @@ _TOP = {"quant_conv.": "conv1.", "post_quant_conv.": "conv2.", "encoder.conv_in.
         "decoder.norm_out.": "decoder.head.0.", "decoder.conv_out.": "decoder.head.2."}  # fmt: skip
 
 
-def config_from_diffusers(d: dict[str, Any]) -> AutoencoderConfig:
+def config_from_diffusers(d: dict[str, Any]) -> tuple[AutoencoderConfig, bool]:
     mult = list(d.get("dim_mult", [1, 2, 4, 4]))
     if d.get("attn_scales"):
-        raise ValueError(f"attn_scales={d['attn_scales']}: attention inside the encoder levels is not implemented")
+        raise NotImplementedError(f"attn_scales={d['attn_scales']}: attention inside the encoder levels is not implemented")
     if mult[0] != 1:
-        raise ValueError(f"dim_mult={mult}: vaekit's Qwen-Image layout needs dim_mult[0] == 1")
+        raise NotImplementedError(f"dim_mult={mult}: vaekit's Qwen-Image layout needs dim_mult[0] == 1")
     base = d.get("base_dim", 96)
-    return AutoencoderConfig(
+    config = AutoencoderConfig(
         arch=ARCH, in_channels=d.get("input_channels", 3), out_channels=d.get("input_channels", 3),
         block_channels=tuple(base * m for m in mult), layers_per_block=d.get("num_res_blocks", 2),
         latent_channels=d.get("z_dim", 16), temporal_downsample=tuple(d.get("temperal_downsample", [False, True, True])),
         latent_norm="channel", latents_mean=tuple(d["latents_mean"]), latents_std=tuple(d["latents_std"]),
     )  # fmt: skip
+    return config, True  # its per-channel statistics
 
 
 def diffusers_config(c: AutoencoderConfig) -> dict[str, Any]:
     base = c.block_channels[0]
     return {
-        "_class_name": DIFFUSERS_CLASS, "_diffusers_version": "0.35.0", "attn_scales": [], "base_dim": base,
+        "_class_name": DIFFUSERS_CLASSES[0], "_diffusers_version": "0.35.0", "attn_scales": [], "base_dim": base,
         "dim_mult": [ch // base for ch in c.block_channels], "dropout": 0.0, "input_channels": c.in_channels,
         "latents_mean": list(c.latents_mean), "latents_std": list(c.latents_std),
         "num_res_blocks": c.layers_per_block, "temperal_downsample": list(c.temporal_downsample), "z_dim": c.latent_channels,
@@ -79,9 +82,13 @@ def _wan_name(key: str, per_level: int) -> str:
     return key
 
 
-def to_single_file(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+def to_single_file(tensors: dict[str, Tensor], config: AutoencoderConfig) -> dict[str, Tensor]:
     per_level = _layers(tensors) + 1
     return {_wan_name(k, per_level): t for k, t in tensors.items()}
+
+
+def to_diffusers(tensors: dict[str, Tensor], config: AutoencoderConfig) -> dict[str, Tensor]:
+    return dict(tensors)  # the model's names are diffusers'
 
 
 def to_native(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -113,7 +120,7 @@ def _native_name(key: str, per_level: int) -> str:
     return f"decoder.up_blocks.{level}.resnets.{within}.{rest}"
 
 
-def config_from_tensors(t: dict[str, Tensor]) -> AutoencoderConfig:
+def config_from_tensors(t: dict[str, Tensor]) -> tuple[AutoencoderConfig, str]:
     """The architecture from native-named tensor shapes: a level is its residual blocks, closed by a
     resample (with a time convolution where video downsamples time) except the last."""
     blocks = sorted({int(m[1]) for k in t if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))})
@@ -131,8 +138,9 @@ def config_from_tensors(t: dict[str, Tensor]) -> AutoencoderConfig:
             width, count = t[f"encoder.down_blocks.{i}.conv1.weight"].shape[0], count + 1
     dims.append(width)
     latent = t["decoder.conv_in.weight"].shape[1]
-    return AutoencoderConfig(
+    config = AutoencoderConfig(
         arch=ARCH, in_channels=t["encoder.conv_in.weight"].shape[1], out_channels=t["decoder.conv_out.weight"].shape[0],
         block_channels=tuple(dims), layers_per_block=counts[0] if counts else count, latent_channels=latent,
         temporal_downsample=tuple(temporal), kind="vae" if t["encoder.conv_out.weight"].shape[0] == 2 * latent else "ae",
     )  # fmt: skip
+    return config, f"config inferred from tensor shapes ({ARCH} layout)"

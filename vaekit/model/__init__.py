@@ -1,6 +1,8 @@
-"""Model code only: no file formats, no CLI."""
+"""Model code, and the registry of architectures (`architectures`), which pairs each model module with its
+checkpoint layout (`vaekit.layouts`). No CLI."""
 
-from .autoencoder import ARCHITECTURES, Autoencoder, Posterior
+from .architectures import ARCHITECTURES
+from .autoencoder import Autoencoder, Posterior
 from .ldm import Decoder, Encoder, winograd
 
 __all__ = ["ARCHITECTURES", "Autoencoder", "Decoder", "Encoder", "Posterior", "winograd"]

@@ -1,5 +1,5 @@
 """`Autoencoder`: one interface over every architecture (`config.arch` picks the encoder and decoder
-from ARCHITECTURES), the posterior, and the latent normalisation in one place.
+from the registry, `vaekit.model.architectures`), the posterior, and the latent normalisation in one place.
 
 Inputs are validated here, at the public methods, so every caller (Python API, CLI, trainer) gets
 the same clear errors.
@@ -17,12 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import PATCH_BN_EPS, AutoencoderConfig, describe_channels
-from . import hunyuanimage, ldm, pixel, qwenimage
-
-# Each architecture is a module with Encoder(config) and Decoder(config), and optionally
-# quant_convs(config) (the convs around the latent; default: LDM's 1x1 Conv2d). An encoder (decoder)
-# with `body` and `head` runs its full-resolution part in tiles on request (vaekit.model.tiling).
-ARCHITECTURES = {"ldm": ldm, "pixel": pixel, "qwenimage": qwenimage, "hunyuanimage": hunyuanimage}
+from ..layouts import write
+from .architectures import ARCHITECTURES
 
 
 class Posterior:
@@ -80,7 +76,7 @@ class Autoencoder(nn.Module):
         self.config = config
         c = config.latent_channels
         moments = 2 * c if config.kind == "vae" else c
-        arch = ARCHITECTURES[config.arch]
+        arch = ARCHITECTURES[config.arch].model
         self.encoder = arch.Encoder(config)
         self.decoder = arch.Decoder(config)
         quant, post = arch.quant_convs(config) if hasattr(arch, "quant_convs") else (nn.Conv2d(moments, moments, 1), nn.Conv2d(c, c, 1))
@@ -174,10 +170,8 @@ class Autoencoder(nn.Module):
     # ---- saving ---------------------------------------------------------------------------
 
     def save(self, path: str, format: str = "diffusers", dtype: torch.dtype | None = None) -> None:
-        """Write a diffusers folder or one LDM-named single-file `.safetensors`."""
-        from ..checkpoints import save
-
-        save(self, path, format=format, dtype=dtype)
+        """`vaekit.save(self, ...)`: a diffusers folder or one single-file `.safetensors` (`vaekit.layouts.write`)."""
+        write(self.state_dict(), self.config, ARCHITECTURES[self.config.arch].layout, path, format, dtype)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AutoencoderConfig
-from .autoencoder import Autoencoder
+from .architectures import ARCHITECTURES
 from .ldm import Decoder, Encoder
 
 # A stage's working set, in copies of its tile input and output: a ResNet block holds its input, the
@@ -330,10 +330,11 @@ def _free_memory(device: torch.device) -> int | None:
 def _stage_shapes(config: AutoencoderConfig) -> tuple[list[tuple[int, int, int, float]], ...]:
     """(halo, input channels, output channels, output/input resolution) of each tiled stage of the
     encoder and of the decoder, traced once through the architecture on the meta device (no weights)."""
+    arch = ARCHITECTURES[config.arch].model
     with torch.device("meta"):
-        model = Autoencoder(config)
+        encoder, decoder = arch.Encoder(config), arch.Decoder(config)
     shapes = []
-    for stages, channels in ((model.encoder.body_stages(), config.in_channels), (model.decoder.body_stages(), config.block_channels[-1])):
+    for stages, channels in ((encoder.body_stages(), config.in_channels), (decoder.body_stages(), config.block_channels[-1])):
         found = []
         for stage in stages:
             y = stage(torch.empty(1, channels, 16, 16, device="meta"))

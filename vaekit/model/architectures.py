@@ -1,0 +1,75 @@
+"""The one registry of architectures: each is a model module under `vaekit/model/` and a layout module
+under `vaekit/layouts/`. `Autoencoder` builds from the model module, `vaekit.checkpoints` and
+`Autoencoder.save` read and write through the layout, and `AutoencoderConfig` accepts exactly these names
+for `arch` (registered below: config.py sits under every module here, so it is told rather than importing).
+
+It lives in `vaekit.model` because `Autoencoder` reads it: a registry outside this package would import
+the model modules, which imports this package's `__init__`, hence `Autoencoder`, hence the registry.
+
+A new architecture is its model file, its layout module and a preset in `config.PRESETS`, entered here
+in one line. Layouts are asked about a file's tensor names newest first (`for_names`): LDM's names are
+the oldest and the most general (Tencent's Hunyuan Image names look like them), so LDM comes first here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol, runtime_checkable
+
+from torch import nn
+
+from ..config import AutoencoderConfig, register_architectures
+from ..layouts import Layout
+from ..layouts import hunyuanimage as hunyuanimage_layout
+from ..layouts import ldm as ldm_layout
+from ..layouts import pixel as pixel_layout
+from ..layouts import qwenimage as qwenimage_layout
+from . import hunyuanimage, ldm, pixel, qwenimage
+
+
+@runtime_checkable
+class Model(Protocol):
+    """An architecture's model module. `Autoencoder` puts the convs around the latent (LDM's 1x1 quant convs)
+    between them unless the module also has `quant_convs(config) -> (quant_conv, post_quant_conv)`. An
+    encoder (decoder) with `body_stages()`, `body` and `head` has its full-resolution part tiled on request
+    (`vaekit.model.tiling`)."""
+
+    Encoder: Callable[[AutoencoderConfig], nn.Module]
+    Decoder: Callable[[AutoencoderConfig], nn.Module]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str  # AutoencoderConfig.arch
+    model: Model
+    layout: Layout
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a
+    for a in (
+        Architecture("ldm", ldm, ldm_layout),
+        Architecture("pixel", pixel, pixel_layout),
+        Architecture("qwenimage", qwenimage, qwenimage_layout),
+        Architecture("hunyuanimage", hunyuanimage, hunyuanimage_layout),
+    )
+}
+register_architectures(ARCHITECTURES)
+
+
+def for_names(keys: Iterable[str]) -> tuple[Layout, str] | None:
+    """The layout a file's tensor names are in, and its description of them; None if no layout knows them."""
+    keys = list(keys)
+    for a in reversed(ARCHITECTURES.values()):
+        said = a.layout.recognise(keys)
+        if said:
+            return a.layout, said
+    return None
+
+
+def for_diffusers_class(name: str) -> Layout | None:
+    return next((a.layout for a in ARCHITECTURES.values() if name in a.layout.DIFFUSERS_CLASSES), None)
+
+
+def diffusers_classes() -> list[str]:
+    return [c for a in ARCHITECTURES.values() for c in a.layout.DIFFUSERS_CLASSES]
