@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .data import MAX_PIXELS
+from ..data import MAX_PIXELS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WINOGRAD_HELP = ("CPU fp32: 3x3 convolutions by NNPACK's Winograd transform, about 2x faster on AVX2 CPUs, ~1e-5 relative "
@@ -30,8 +30,8 @@ class CLIError(Exception):
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
-    from .config import PRESETS
-    from .model import Autoencoder
+    from ..config import PRESETS
+    from ..model import Autoencoder
 
     rows = [("name", "params", "factor", "latent ch", "normalisation", "description")]
     with torch.device("meta"):  # count parameters without allocating them
@@ -52,7 +52,7 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .checkpoints import read_checkpoint
+    from ..checkpoints import read_checkpoint
 
     ck = read_checkpoint(args.source, family=args.family)
     c = ck.config
@@ -74,7 +74,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .checkpoints import load
+    from ..checkpoints import load
 
     dest = Path(args.dest)
     single = dest.suffix == ".safetensors"
@@ -92,10 +92,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
-    from .checkpoints import load
-    from .data import IMAGE_SUFFIXES, find_images, read_image, to_tensor, to_uint8, write_image
-    from .files import check_output_folder, check_targets, output_folder, output_names
-    from .progress import progress
+    from ..checkpoints import load
+    from ..data import IMAGE_SUFFIXES, find_images, read_image, to_tensor, to_uint8, write_image
+    from ..files import check_output_folder, check_targets, output_folder, output_names
+    from ..progress import progress
 
     src, out = Path(args.input), Path(args.outdir)
     to_file = src.is_file() and out.suffix.lower() in IMAGE_SUFFIXES  # `reconstruct M photo.jpg recon.png`
@@ -154,11 +154,11 @@ def _tiled_recon(model, x: torch.Tensor, pad: bool, tile: int | str):
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .data import find_images
-    from .evaluate import evaluate, format_table, to_json
-    from .files import check_targets, write_atomic
-    from .metrics import METRICS
-    from .weights import MissingWeights
+    from ..data import find_images
+    from ..evaluate import evaluate, format_table, to_json
+    from ..files import check_targets, write_atomic
+    from ..metrics import METRICS
+    from ..weights import MissingWeights
 
     metrics = [m.strip().lower() for m in args.metrics.split(",") if m.strip()]
     unknown = [m for m in metrics if m not in METRICS]
@@ -185,7 +185,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def _analysis_images(args: argparse.Namespace) -> tuple[list[str], torch.Tensor, list[str]]:
     """DATA as names, a batch of resolution x resolution centre crops, and notes on skipped files."""
-    from .data import center_crop, load_images, to_tensor
+    from ..data import center_crop, load_images, to_tensor
 
     skipped: list[str] = []
     images = load_images(args.data, limit=args.limit, skipped=skipped)
@@ -199,7 +199,7 @@ def _analysis_images(args: argparse.Namespace) -> tuple[list[str], torch.Tensor,
 
 
 def _analysis_model(source: str, args: argparse.Namespace):
-    from .checkpoints import load
+    from ..checkpoints import load
 
     model = load(source, family=args.family, device=args.device, dtype=torch.float32, seed=args.seed)
     if args.resolution % model.factor:
@@ -212,8 +212,8 @@ def _analysis_lpips(args: argparse.Namespace):
     """The LPIPS metric, or None and a note saying why it is left out (offline weights, --lpips off)."""
     if args.lpips == "off":
         return None, None
-    from .metrics import LPIPS
-    from .weights import MissingWeights
+    from ..metrics import LPIPS
+    from ..weights import MissingWeights
 
     try:
         return LPIPS(args.lpips, device=args.device), None
@@ -225,7 +225,7 @@ def _analysis_lpips(args: argparse.Namespace):
 
 
 def _run_analysis(source: str, names: list[str], x: torch.Tensor, lpips, kid, args: argparse.Namespace):
-    from .analysis import analyze
+    from ..analysis import analyze
 
     model = _analysis_model(source, args)
     result = analyze(model, x, pairs=args.pairs, steps=args.steps, noise_max=args.noise, samples=args.samples,
@@ -233,8 +233,8 @@ def _run_analysis(source: str, names: list[str], x: torch.Tensor, lpips, kid, ar
     lpips_info = lpips.info["backbone"] if lpips is not None else None
     result.numbers = {"model": source, "data": args.data, "sources": names, "lpips": lpips_info, **result.numbers}
     if args.diffusability:
-        from .analysis import grid
-        from .diffusability import Protocol, score
+        from ..analysis import grid
+        from ..diffusability import Protocol, score
 
         protocol = Protocol(steps=args.diffusability_steps, seed=args.seed)
         numbers, samples = score(model, args.diffusability, protocol, kid=kid, device=args.device)
@@ -247,8 +247,8 @@ def _kid_extractor(kid: str, device: str):
     """Inception features for KID, or None (--kid off, or its weights missing: a note says so)."""
     if kid == "off":
         return None
-    from .metrics import FID
-    from .weights import MissingWeights
+    from ..metrics import FID
+    from ..weights import MissingWeights
 
     try:
         return FID(device=device)
@@ -259,11 +259,11 @@ def _kid_extractor(kid: str, device: str):
 
 
 def cmd_diffusability(args: argparse.Namespace) -> None:
-    from .analysis import grid
-    from .checkpoints import load
-    from .diffusability import Protocol, score
-    from .files import check_output_folder
-    from .report import write_diffusability_report
+    from ..analysis import grid
+    from ..checkpoints import load
+    from ..diffusability import Protocol, score
+    from ..files import check_output_folder
+    from ..report import write_diffusability_report
 
     check_output_folder(Path(args.out), "--out")
     model = load(args.model, family=args.family, device=args.device, dtype=torch.float32, seed=args.seed)
@@ -285,7 +285,7 @@ def cmd_diffusability(args: argparse.Namespace) -> None:
 
 
 def _print_summary(results: dict) -> None:
-    from .report import MEASURES, SUMMARY, fmt, lookup
+    from ..report import MEASURES, SUMMARY, fmt, lookup
 
     paths = [p for p in SUMMARY if any(lookup(r.numbers, p) is not None for r in results.values())]
     rows = [("measure", *results)]
@@ -294,8 +294,8 @@ def _print_summary(results: dict) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from .files import check_output_folder
-    from .report import write_analysis_report
+    from ..files import check_output_folder
+    from ..report import write_analysis_report
 
     check_output_folder(Path(args.report), "--report")
     names, x, notes = _analysis_images(args)
@@ -308,9 +308,9 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .analysis import crop, detail_box
-    from .files import check_output_folder
-    from .report import slug, write_analysis_report, write_comparison_report
+    from ..analysis import crop, detail_box
+    from ..files import check_output_folder
+    from ..report import slug, write_analysis_report, write_comparison_report
 
     if len(args.models) < 2:
         raise CLIError("compare needs at least 2 models (MODEL MODEL ... DATA); use `vaekit analyze` for one")
@@ -340,9 +340,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
-    from .checkpoints import load
-    from .latents import EncodeOptions, encode_dataset
-    from .model import winograd
+    from ..checkpoints import load
+    from ..latents import EncodeOptions, encode_dataset
+    from ..model import winograd
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not torch.distributed.is_initialized():
@@ -380,13 +380,13 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 def cmd_decode(args: argparse.Namespace) -> None:
-    from .checkpoints import load
-    from .data import to_uint8, write_image
-    from .files import check_output_folder, check_targets, output_folder, output_names, safe_name
-    from .latents import LatentDataset, encoded_by, is_latent_dataset, output_name, read_latent_file
-    from .model import winograd
-    from .model.autoencoder import denormalize_latents
-    from .progress import progress
+    from ..checkpoints import load
+    from ..data import to_uint8, write_image
+    from ..files import check_output_folder, check_targets, output_folder, output_names, safe_name
+    from ..latents import LatentDataset, encoded_by, is_latent_dataset, output_name, read_latent_file
+    from ..model import winograd
+    from ..model.autoencoder import denormalize_latents
+    from ..progress import progress
 
     src, out = Path(args.latents), Path(args.outdir)
     model = load(args.model, family=args.family, device=args.device, dtype=DTYPES[args.dtype], seed=args.seed)
@@ -444,8 +444,8 @@ def _check_channels(model, channels: int, what: str, raw: bool) -> None:
 
 def _check_model_dest(source: str, dest: Path, fmt: str, overwrite: bool) -> None:
     """A model file or folder vaekit writes: never over its source, never over an existing file without --overwrite."""
-    from .checkpoints import DIFFUSERS_WEIGHTS
-    from .files import check_targets
+    from ..checkpoints import DIFFUSERS_WEIGHTS
+    from ..files import check_targets
 
     if fmt == "diffusers" and dest.is_file():
         raise CLIError(f"{dest} is a file; a diffusers model is a folder: give a folder name (or a name ending in .safetensors)")
@@ -459,8 +459,8 @@ def _files_of(source: str) -> list[Path]:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from .checkpoints import load
-    from .latents import (EncodeOptions, LatentDataset, calibrate, calibrated_model, encoded_by, is_latent_dataset,
+    from ..checkpoints import load
+    from ..latents import (EncodeOptions, LatentDataset, calibrate, calibrated_model, encoded_by, is_latent_dataset,
                           latent_statistics, prepared_images, stored_latents)  # fmt: skip
 
     fmt = "single-file" if args.write and args.write.endswith(".safetensors") else "diffusers"
@@ -517,9 +517,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     import json
 
-    from .checkpoints import load
-    from .files import check_targets, write_atomic
-    from .speed import bench, format_rows, has_diffusers_peer, to_dicts
+    from ..checkpoints import load
+    from ..files import check_targets, write_atomic
+    from ..speed import bench, format_rows, has_diffusers_peer, to_dicts
 
     if args.json:  # may replace an earlier result, never the model
         check_targets([Path(args.json)], _files_of(args.model), overwrite=True)
@@ -552,13 +552,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train import train
+    from ..train import train
 
     _run_training(lambda: train(_train_config(args)), "train")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
-    from .train import quickstart
+    from ..train import quickstart
 
     _run_training(lambda: quickstart(args.out, args.seconds), "quickstart")
 
@@ -568,8 +568,8 @@ def _train_config(args: argparse.Namespace):
     import dataclasses
     import json
 
-    from .losses import LossConfig
-    from .train import TrainConfig
+    from ..losses import LossConfig
+    from ..train import TrainConfig
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "fn", "argv")}
     sources = [f"--{k}" for k in ("preset", "config", "init") if k in given]
@@ -589,8 +589,8 @@ def _train_config(args: argparse.Namespace):
 def _run_training(run: Callable, command: str) -> None:
     import json
 
-    from .config import AutoencoderConfig
-    from .weights import MissingWeights
+    from ..config import AutoencoderConfig
+    from ..weights import MissingWeights
 
     try:
         result = run()
@@ -650,7 +650,7 @@ def _add_model_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .diffusability import Protocol
+    from ..diffusability import Protocol
 
     parser = argparse.ArgumentParser(
         prog="vaekit",
@@ -953,7 +953,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     """Options default to TrainConfig's values; unset ones stay out of the namespace (see _train_config)."""
-    from .train import TrainConfig
+    from ..train import TrainConfig
 
     d = TrainConfig()
 
