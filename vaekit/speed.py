@@ -166,6 +166,9 @@ def bench(model: Autoencoder, sizes: list[int], batches: list[int], precisions: 
     `torch.compile` backend ("inductor" for speed) that both vaekit's and the peer's calls run under; FLOPs are
     still counted eagerly. `winograd` runs vaekit's calls under `vaekit.winograd()` (the peer stays direct); the
     FLOPs and GFLOP/s are then still the direct convolution's, and the precision reads "fp32 winograd"."""
+    if compile is not None and compile not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(f"unknown torch.compile backend {compile!r}; torch knows {', '.join(torch._dynamo.list_backends())} "
+                         "and, for debugging, eager and aot_eager")  # fmt: skip
     device = model.device
     peaks = machine_peaks(device)
     rows: list[Row] = []

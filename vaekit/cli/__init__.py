@@ -49,12 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `vaekit ... | head`: the reader has what it wanted; end quietly
         _detach_stdout()
         return 0
-    except EXPECTED as e:
+    except Exception as e:
+        if not _expected(e):  # a bug: what it was and where, for the report
+            _report_bug(e, args)
+            return 1
         msg = " ".join(_explain(e).split()) or type(e).__name__
         print(f"vaekit {args.command}: error: {msg}", file=sys.stderr)
-        return 1
-    except Exception as e:  # a bug: what it was and where, for the report
-        _report_bug(e, args)
         return 1
     return 0
 
@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
 # ValueError includes UnreadableFile, ImageTooLarge and reconstruct's Refused; OSError includes
 # FileNotFoundError and MissingWeights; MissingPackage is an optional extra not installed.
 EXPECTED = (CLIError, ValueError, OSError, MissingPackage, torch.cuda.OutOfMemoryError)
+
+
+def _expected(e: Exception) -> bool:
+    # Out of memory on a CPU is a plain RuntimeError from torch's allocator: too large an input, not a bug.
+    return isinstance(e, EXPECTED) or (isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
 
 
 def _report_bug(e: Exception, args: argparse.Namespace) -> None:

@@ -59,9 +59,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
                              (f" (diffusers {r.peer_seconds:.3f} s, {r.speedup:.2f}x)" if r.peer_seconds else "") +
                              (f", compiled in {r.compile_seconds:.1f} s" if r.compile_seconds is not None else ""), file=sys.stderr)
     # stdout holds the table alone: whatever diffusers or torch print while the peer is built and run goes to stderr
-    with contextlib.redirect_stdout(sys.stderr):
-        rows, peaks = bench(model, args.size, args.batch, args.precision, tile=args.tile, against=against, repeats=args.repeats,
-                            compile=args.compile, winograd=args.winograd, report=report)  # fmt: skip
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            rows, peaks = bench(model, args.size, args.batch, args.precision, tile=args.tile, against=against,
+                                repeats=args.repeats, compile=args.compile, winograd=args.winograd, report=report)  # fmt: skip
+    except RuntimeError as e:
+        from torch._dynamo.exc import BackendCompilerFailed
+
+        if args.compile and isinstance(e, BackendCompilerFailed):  # inductor without a C++ compiler or Triton: as torch says
+            raise CLIError(str(e)) from None
+        raise
     print(format_rows(rows, peaks))
     if args.json:
         text = json.dumps({"model": args.model, "peaks": peaks, "rows": to_dicts(rows)}, indent=2) + "\n"
