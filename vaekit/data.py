@@ -24,6 +24,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from .extras import MissingPackage
 from .files import OUTPUT_MARKER, write_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -228,7 +229,7 @@ def _sample_photo(name: str) -> np.ndarray:
 
             image = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
     except ImportError:
-        raise ImportError(
+        raise MissingPackage(
             "the built-in photos come from scikit-image and scikit-learn: pip install 'vaekit[train]'"
         ) from None
     image = np.asarray(image, dtype=np.uint8)
@@ -297,7 +298,7 @@ def _webdataset() -> ModuleType:
     try:
         import webdataset
     except ImportError:
-        raise ImportError("reading tar shards needs the webdataset package: pip install 'vaekit[train]'") from None
+        raise MissingPackage("reading tar shards needs the webdataset package: pip install 'vaekit[train]'") from None
     return webdataset
 
 
@@ -486,7 +487,7 @@ class CropDataset(Dataset):
                 bad.append(f"{item}: {e}")
                 continue
             return self.crops(image, seed), bad
-        raise RuntimeError("none of the training images could be read: " + "; ".join(bad[:3]))
+        raise ValueError("none of the training images could be read: " + "; ".join(bad[:3]))
 
 
 class StreamSampler(Sampler):
@@ -550,7 +551,7 @@ class ShardStream(IterableDataset):
                 yield (self.seed, epoch, stream, n), *buffer[i]
                 n += 1
             if n == 0:
-                raise RuntimeError(f"training stream {stream} of {streams} got no images from {len(self.urls)} shard(s)")
+                raise ValueError(f"training stream {stream} of {streams} got no images from {len(self.urls)} shard(s)")
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -574,7 +575,7 @@ class ShardStream(IterableDataset):
                     continue
                 crops.append(self.crops(image, seed))
             if not crops:
-                raise RuntimeError("a whole batch of shard samples was unreadable: " + "; ".join(bad[:3]))
+                raise ValueError("a whole batch of shard samples was unreadable: " + "; ".join(bad[:3]))
             yield Batch(torch.stack(crops), bad)
 
 

@@ -83,7 +83,7 @@ class EncodeOptions:
     batch_size: int | None = None
     min_side: int | None = None  # None: half the resolution; smaller images are skipped
     max_pixels: int = MAX_PIXELS  # PIL's decompression-bomb limit
-    tile: int | None = None
+    tile: int | str | None = None  # pixels, or "auto" (Autoencoder.encode)
     workers: int = 2
     seed: int = 0  # posterior samples (--store sample)
     flip: bool = False  # also encode each image mirrored (kohya's --flip_aug); items say which they are

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -274,24 +274,37 @@ class LossConfig:
     is LDM's (see the module docstring): copy `kl_weight`, `lpips_weight` (perceptual_weight),
     `gan_weight` (disc_weight) and `gan_start` (disc_start) from an LDM config as they are."""
 
-    pixel: PixelLoss = "l1"
+    # A field with a "help" in its metadata is a `vaekit train` flag (see TrainConfig).
+    pixel: PixelLoss = field(default="l1", metadata={"help": "reconstruction loss"})
     pixel_weight: float = 1.0
     charbonnier_eps: float = 1e-3
-    ssim_weight: float = 0.0
-    kl_weight: float = 1e-6  # LDM's: KL summed over latent elements vs. pixel loss summed over C*H*W
-    lpips_weight: float = 0.0
-    lpips_net: Literal["vgg", "alex"] = "vgg"
+    ssim_weight: float = field(default=0.0, metadata={"help": "weight of the 1 - SSIM loss"})
+    kl_weight: float = field(default=1e-6, metadata={"help":
+                             "LDM's kl_weight, as in published configs (SD's VAE: 1e-6): it multiplies the KL summed over "
+                             "latent elements against the pixel loss summed over an image's 3*R*R values, at any crop size; "
+                             "ignored for --kind ae"})
+    lpips_weight: float = field(default=0.0, metadata={"help":
+                                "weight of the LPIPS loss: LDM's perceptual_weight (LDM: 1.0; needs the backbone weights)"})
+    lpips_net: Literal["vgg", "alex"] = field(default="vgg", metadata={"help": "LPIPS backbone"})
     lpips_pretrained: bool = True  # False: random backbone, for tests only
-    gan_weight: float = 0.0  # LDM's disc_weight (0.5 in its kl-f8 config)
-    gan_loss: GanLoss = "hinge"
-    gan_start: int = 0  # first step with a GAN term and discriminator updates (LDM's disc_start)
+    gan_weight: float = field(default=0.0, metadata={"help":  # LDM's disc_weight (0.5 in its kl-f8 config)
+                              "PatchGAN weight (LDM: 0.5), scaled by the adaptive weight"})
+    gan_loss: GanLoss = field(default="hinge", metadata={"help": "discriminator loss"})
+    gan_start: int = field(default=0, metadata={"help":  # LDM's disc_start
+                           "first step with the GAN term and discriminator updates (LDM: 50001)"})
     adaptive_gan_weight: bool = True  # False: gan_weight is the fixed weight (LDM's scale, like the rest)
     disc_layers: int = 3
     disc_channels: int = 64
-    disc_norm: DiscNorm = "batch"
+    disc_norm: DiscNorm = field(default="batch", metadata={"help":
+                                "discriminator normalisation: LDM's batch norm, or group/none, which do not depend on the "
+                                "batch (with --grad-accum, only they make accumulation equal a larger batch)"})
     # Skorokhodov et al. 2025 ("Improving the Diffusability of Autoencoders"): decoding the latent
     # downsampled 2x or 4x must give the image downsampled alike; this weights that reconstruction loss.
-    scale_equivariance: float = 0.0
+    scale_equivariance: float = field(default=0.0, metadata={"metavar": "W", "help":
+                                      "weight W of scale equivariance (Skorokhodov et al. 2025): decoding the latent downsampled "
+                                      "2x or 4x must give the image downsampled alike (reconstruction loss x W). With --init it is "
+                                      "the paper's short fine-tune that takes high frequencies out of the latents "
+                                      "(docs/DIFFUSABILITY.md; the paper fine-tunes 10-20k steps)"})
 
     def __post_init__(self) -> None:
         for name in ("pixel_weight", "ssim_weight", "kl_weight", "lpips_weight", "gan_weight", "scale_equivariance"):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data import to_uint8
+from .extras import MissingPackage
 from .losses import check_lpips_available
 from .weights import fetch_weights
 
@@ -54,7 +55,7 @@ def _require(module: str, package: str) -> None:
     try:
         importlib.import_module(module)
     except ImportError:
-        raise RuntimeError(f"this metric needs the {package} package: pip install 'vaekit[eval]' (or pip install {package})") from None
+        raise MissingPackage(f"this metric needs the {package} package: pip install 'vaekit[eval]' (or pip install {package})") from None
 
 
 def as_uint8_images(x: Tensor | np.ndarray) -> Tensor:

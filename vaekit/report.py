@@ -22,6 +22,7 @@ from .analysis import HIGH_FREQUENCY, Analysis, ERROR_MAP_CEILING
 from .data import write_image
 from .files import mark_output_folder
 from .evaluate import to_json
+from .extras import MissingPackage
 
 
 # ---- what each number means (one source for both reports) ----------------------------------
@@ -204,7 +205,7 @@ def _figure(width: float = 5.2, height: float = 3.2):
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise ImportError("the report's plots need matplotlib: pip install 'vaekit[eval]'") from None
+        raise MissingPackage("the report's plots need matplotlib: pip install 'vaekit[eval]'") from None
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     return fig
 

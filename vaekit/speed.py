@@ -38,7 +38,7 @@ class Row:
     size: int
     batch: int
     precision: str
-    tile: int | None
+    tile: int | str | None
     seconds: float  # per call (the whole batch), median
     spread: tuple[float, float]  # min, max
     gflop_per_image: float
@@ -159,13 +159,16 @@ def quiet_diffusers(level: int = logging.ERROR) -> Iterator[None]:
         diffusers_logging.set_verbosity(before)
 
 
-def bench(model: Autoencoder, sizes: list[int], batches: list[int], precisions: list[str], tile: int | None = None,
+def bench(model: Autoencoder, sizes: list[int], batches: list[int], precisions: list[str], tile: int | str | None = None,
           against: str | None = "diffusers", repeats: int = 5, seed: int = 0, compile: str | None = None,
           winograd: bool = False, report: Callable[[Row], None] | None = None) -> tuple[list[Row], dict[str, float]]:  # fmt: skip
     """Encode and decode timings for every (size, batch, precision); see the module docstring. `compile` names a
     `torch.compile` backend ("inductor" for speed) that both vaekit's and the peer's calls run under; FLOPs are
     still counted eagerly. `winograd` runs vaekit's calls under `vaekit.winograd()` (the peer stays direct); the
     FLOPs and GFLOP/s are then still the direct convolution's, and the precision reads "fp32 winograd"."""
+    if compile is not None and compile not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(f"unknown torch.compile backend {compile!r}; torch knows {', '.join(torch._dynamo.list_backends())} "
+                         "and, for debugging, eager and aot_eager")  # fmt: skip
     device = model.device
     peaks = machine_peaks(device)
     rows: list[Row] = []
@@ -199,7 +202,7 @@ def bench(model: Autoencoder, sizes: list[int], batches: list[int], precisions: 
     return rows, peaks
 
 
-def _measure(op: str, ours: Callable, theirs: Callable | None, size: int, batch: int, precision: str, tile: int | None,
+def _measure(op: str, ours: Callable, theirs: Callable | None, size: int, batch: int, precision: str, tile: int | str | None,
              repeats: int, device: torch.device, peaks: dict[str, float], compile: str | None = None,
              winograd: bool = False) -> Row:  # fmt: skip
     with torch.inference_mode():
