@@ -9,6 +9,8 @@ the blocks hand their work to `vaekit.model.lean`: the same values in less memor
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -65,44 +67,27 @@ class AttnBlock(nn.Module):
         y = F.linear(y, self.proj_out.weight.flatten(1), self.proj_out.bias)
         return x + y.view(n, h * w, c).transpose(1, 2).view(n, c, h, w)
 
-def space_to_channel(x: Tensor, channels: int) -> Tensor:
-    """Half the resolution without parameters: each 2x2 block of pixels into channels, then the
-    means of consecutive channel groups down to `channels` (DC-AE's downsampling shortcut)."""
-    return F.pixel_unshuffle(x, 2).unflatten(1, (channels, -1)).mean(dim=2)
-
-
-def channel_to_space(x: Tensor, channels: int) -> Tensor:
-    """Twice the resolution without parameters: each channel repeated, then spread over 2x2 pixels
-    (DC-AE's upsampling shortcut). `space_to_channel` undoes it exactly."""
-    return F.pixel_shuffle(x.repeat_interleave(4 * channels // x.shape[1], dim=1), 2)
-
 
 class Downsample(nn.Module):
-    """LDM's stride-2 conv; with `shortcut`, it also changes channels and adds `space_to_channel`."""
+    """A stride-2 3x3 conv, to `out` channels (LDM: as many as it gets)."""
 
-    def __init__(self, channels: int, out: int | None = None, shortcut: bool = False):
+    def __init__(self, channels: int, out: int | None = None):
         super().__init__()
-        self.out, self.shortcut = out or channels, shortcut
-        self.conv = Conv2d(channels, self.out, 3, stride=2, padding=0)
+        self.conv = Conv2d(channels, out or channels, 3, stride=2, padding=0)
 
     def forward(self, x: Tensor) -> Tensor:
         # LDM pads right/bottom only; checkpoints depend on this exact alignment.
-        y = self.conv(F.pad(x, (0, 1, 0, 1)))
-        return y + space_to_channel(x, self.out) if self.shortcut else y
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
-    """LDM's nearest-neighbour 2x then conv; with `shortcut`, DC-AE's: a conv at the low resolution to
-    4x the output channels, put into 2x2 pixels (cheaper), plus `channel_to_space`."""
+    """Nearest-neighbour 2x, then a 3x3 conv to `out` channels (LDM: as many as it gets)."""
 
-    def __init__(self, channels: int, out: int | None = None, shortcut: bool = False):
+    def __init__(self, channels: int, out: int | None = None):
         super().__init__()
-        self.out, self.shortcut = out or channels, shortcut
-        self.conv = Conv2d(channels, self.out * (4 if shortcut else 1), 3, padding=1)
+        self.conv = Conv2d(channels, out or channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.shortcut:
-            return F.pixel_shuffle(self.conv(x), 2) + channel_to_space(x, self.out)
         if not torch.is_grad_enabled():  # inference: never the whole 2x image, a band of it at a time
             return lean.upsample_conv_banded(x, self.conv)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -140,95 +125,109 @@ class Level(nn.Module):
         return self._modules.get(self._resample_name)
 
 
-class Encoder(Staged):
+def _stages(levels: Iterable[Level]) -> list[nn.Module]:
+    """Each level's blocks, then its resampling: the body's stages."""
+    stages: list[nn.Module] = []
+    for level in levels:
+        stages += list(level.block)
+        if level.resample is not None:
+            stages.append(level.resample)
+    return stages
+
+
+class LDMEncoder(Staged):
+    """conv_in; at each level ResNet blocks, then (but at the last) a downsampling; the mid block (ResNet,
+    attention, ResNet); GroupNorm, SiLU and conv_out to the posterior's moments (or an AE's latent)."""
+
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         ch, g = cfg.block_channels, cfg.norm_groups
-        self.patch_size, self.shortcuts, self.latent_channels = cfg.patch_size, cfg.shortcuts, cfg.latent_channels
-        self.conv_in = Conv2d(cfg.in_channels * cfg.patch_size**2, ch[0], 3, padding=1)
-        self.down = nn.ModuleList()
-        cin = ch[0]
-        for i, cout in enumerate(ch):
-            blocks = [ResnetBlock(cin if j == 0 else cout, cout, g) for j in range(cfg.layers_per_block)]
-            last = i == len(ch) - 1
-            # With shortcuts the resampling itself moves to the next level's channel count.
-            nxt = ch[i + 1] if cfg.shortcuts and not last else cout
-            self.down.append(Level(blocks, None if last else Downsample(cout, nxt, cfg.shortcuts), "downsample"))
-            cin = nxt
+        self.conv_in = Conv2d(self.image_channels(cfg), ch[0], 3, padding=1)
+        self.down = nn.ModuleList(self.levels(cfg))
         self.mid = MidBlock(ch[-1], g, cfg.mid_attention)
         self.norm_out = _norm(ch[-1], g)
         moments = 2 * cfg.latent_channels if cfg.kind == "vae" else cfg.latent_channels
         self.conv_out = Conv2d(ch[-1], moments, 3, padding=1)
 
+    def image_channels(self, cfg: AutoencoderConfig) -> int:
+        """The channels conv_in reads (vaekit.model.fast's patch stem: a patch's pixels)."""
+        return cfg.in_channels
+
+    def levels(self, cfg: AutoencoderConfig) -> Iterator[Level]:
+        """The levels, built in order: each level's first block changes to its width (vaekit.model.fast's shortcuts
+        change it in the resampling)."""
+        ch, cin = cfg.block_channels, cfg.block_channels[0]
+        for i, cout in enumerate(ch):
+            blocks = [ResnetBlock(cin if j == 0 else cout, cout, cfg.norm_groups) for j in range(cfg.layers_per_block)]
+            yield Level(blocks, Downsample(cout) if i < len(ch) - 1 else None, "downsample")
+            cin = cout
+
     def body_stages(self) -> list[nn.Module]:
         """The full-resolution layers in order; `vaekit.model.tiling` runs them one at a time."""
-        # Not registered as a submodule: the checkpoint key stays `encoder.conv_in`.
-        stem = nn.Sequential(nn.PixelUnshuffle(self.patch_size), self.conv_in) if self.patch_size > 1 else self.conv_in
-        stages: list[nn.Module] = [stem]
-        for level in self.down:
-            stages += list(level.block)
-            if level.resample is not None:
-                stages.append(level.resample)
-        return stages
+        return [self.conv_in, *_stages(self.down)]
 
     def head(self, h: Tensor) -> Tensor:
         """Latent-resolution part, with global attention: always runs on the whole image."""
-        h = self.mid(h)
-        moments = self.conv_out(F.silu(self.norm_out(h)))
-        if not self.shortcuts:
-            return moments
-        # The latent (the mean of a VAE's posterior, not its log-variance) gets the channel-group
-        # means of the features: the bottleneck's shortcut.
-        c = self.latent_channels
-        return torch.cat([moments[:, :c] + h.unflatten(1, (c, -1)).mean(dim=2), moments[:, c:]], dim=1)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
 
 
-class Decoder(Staged):
+class LDMDecoder(Staged):
+    """conv_in; the mid block; from the top level down ResNet blocks, then (but at the last) an upsampling;
+    GroupNorm, SiLU and conv_out to the image."""
+
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         ch, g = cfg.block_channels, cfg.norm_groups
-        self.patch_size, self.shortcuts, self.patch_out = cfg.patch_size, cfg.shortcuts, cfg.patch_out
         self.conv_in = Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
         self.mid = MidBlock(ch[-1], g, cfg.mid_attention)
-        # Indexed like LDM: up[i] works at the resolution of encoder level i; runs from the top.
-        levels: list[Level] = []
-        cin = ch[-1]
+        # Indexed like LDM: up[i] works at the resolution of encoder level i; built and run from the top.
+        self.up = nn.ModuleList(reversed(list(self.levels(cfg))))
+        self.norm_out = _norm(ch[0], g)
+        self.conv_out = Conv2d(ch[0], self.image_channels(cfg), 3, padding=1)
+
+    def image_channels(self, cfg: AutoencoderConfig) -> int:
+        """The channels conv_out writes (vaekit.model.fast's patch output: a patch's pixels)."""
+        return cfg.out_channels
+
+    def levels(self, cfg: AutoencoderConfig) -> Iterator[Level]:
+        """The levels from the top, built in that order: each level's first block changes to its width
+        (vaekit.model.fast's shortcuts change it in the resampling)."""
+        ch, cin = cfg.block_channels, cfg.block_channels[-1]
         for i in reversed(range(len(ch))):
             cout = ch[i]
-            blocks = [ResnetBlock(cin if j == 0 else cout, cout, g) for j in range(cfg.layers_per_block + 1)]
-            nxt = ch[i - 1] if cfg.shortcuts and i > 0 else cout
-            levels.insert(0, Level(blocks, Upsample(cout, nxt, cfg.shortcuts) if i > 0 else None, "upsample"))
-            cin = nxt
-        self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(ch[0], g)
-        per_position = cfg.patch_size**2 if cfg.patch_out == "shuffle" else 1
-        self.conv_out = Conv2d(ch[0], cfg.out_channels * per_position, 3, padding=1)
+            blocks = [ResnetBlock(cin if j == 0 else cout, cout, cfg.norm_groups) for j in range(cfg.layers_per_block + 1)]
+            yield Level(blocks, Upsample(cout) if i > 0 else None, "upsample")
+            cin = cout
 
     def head(self, z: Tensor) -> Tensor:
         """Latent-resolution part, with global attention: always runs on the whole latent."""
-        h = self.conv_in(z)
-        if self.shortcuts:  # the bottleneck's shortcut: each latent channel repeated
-            h = h + z.repeat_interleave(h.shape[1] // z.shape[1], dim=1)
-        return self.mid(h, overwrite=True)  # h is the head's own
+        return self.mid(self.conv_in(z), overwrite=True)  # conv_in's output is the head's own
 
     def body_stages(self) -> list[nn.Module]:
         """The upsampling layers in order; `vaekit.model.tiling` runs them one at a time."""
-        stages: list[nn.Module] = []
-        for level in reversed(self.up):
-            stages += list(level.block)
-            if level.resample is not None:
-                stages.append(level.resample)
         # Not registered as a submodule: checkpoint keys stay `decoder.norm_out` / `decoder.conv_out`.
-        if self.patch_size == 1:
-            stages.append(NormSiluConv(self.norm_out, self.conv_out))
-        elif self.patch_out == "nearest":
-            stages.append(nn.Sequential(self.norm_out, nn.SiLU(), nn.Upsample(scale_factor=self.patch_size), self.conv_out))
-        else:
-            stages.append(nn.Sequential(NormSiluConv(self.norm_out, self.conv_out), nn.PixelShuffle(self.patch_size)))
-        return stages
+        return [*_stages(reversed(self.up)), NormSiluConv(self.norm_out, self.conv_out)]
 
     def forward(self, z: Tensor) -> Tensor:
         return self.body(self.head(z))
+
+
+# ---- the family's constructors (config.arch "ldm") ---------------------------------------------------------------
+
+
+def Encoder(cfg: AutoencoderConfig) -> LDMEncoder:
+    """LDM's encoder, or with any fast-training option set (patch_size, shortcuts, thumbnail_shortcut) the variant
+    of vaekit.model.fast."""
+    from . import fast  # built from this module's blocks
+
+    return fast.Encoder(cfg) if fast.varies(cfg) else LDMEncoder(cfg)
+
+
+def Decoder(cfg: AutoencoderConfig) -> LDMDecoder:
+    """LDM's decoder, or its vaekit.model.fast variant (as `Encoder`)."""
+    from . import fast
+
+    return fast.Decoder(cfg) if fast.varies(cfg) else LDMDecoder(cfg)
