@@ -22,7 +22,9 @@ def test_every_architecture_is_a_model_and_a_layout_module_with_a_preset():
     assert vaekit.config.ARCHS == tuple(ARCHITECTURES)  # what AutoencoderConfig accepts is the registry
     for name, a in ARCHITECTURES.items():
         assert isinstance(a.model, Model) and isinstance(a.layout, Layout), name
-        assert a.layout.ARCH == name and a.model.__name__ == f"vaekit.model.{name}" and a.layout.__name__ == f"vaekit.layouts.{name}"
+        assert a.layout.ARCH == name and a.layout.__name__ == f"vaekit.layouts.{name}"
+        # the model is its module, or (LDM) a chooser between its module's coders and their fast-training variant
+        assert (ROOT / "model" / f"{name}.py").exists() and a.model.Encoder.__module__ in (f"vaekit.model.{name}", "vaekit.model.architectures")
     assert {p.stem for p in (ROOT / "layouts").glob("*.py")} - {"__init__"} == set(ARCHITECTURES)  # none left out
     assert {p.config.arch for p in PRESETS.values()} == set(ARCHITECTURES)
 

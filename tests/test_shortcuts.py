@@ -13,7 +13,7 @@ import vaekit
 from vaekit import AutoencoderConfig
 from vaekit.config import PRESETS
 from vaekit.model import Autoencoder
-from vaekit.model.ldm import Downsample, Upsample, channel_to_space, space_to_channel
+from vaekit.model.fast import Downsample, Upsample, channel_to_space, space_to_channel
 
 
 def fast_config(latent_channels: int = 4, **changes) -> AutoencoderConfig:

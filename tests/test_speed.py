@@ -76,12 +76,12 @@ def test_every_family_is_timed_against_its_own_diffusers_class():
 def test_inference_levers_change_no_value(monkeypatch, tiny_model):
     """In-place SiLU/residual, banded norm+SiLU+conv and banded upsample+conv (no autograd only) give what the
     training-mode forward gives."""
-    from vaekit.model import ldm
+    from vaekit.model import lean, ldm
 
-    monkeypatch.setattr(ldm, "BAND_BYTES", 4096)  # many bands even at this size
+    monkeypatch.setattr(lean, "BAND_BYTES", 4096)  # many bands even at this size
     banded = []
-    plain = ldm.norm_silu_conv_banded
-    monkeypatch.setattr(ldm, "norm_silu_conv_banded", lambda x, *a, **k: banded.append(x.shape) or plain(x, *a, **k))
+    plain = lean.norm_silu_conv_banded
+    monkeypatch.setattr(lean, "norm_silu_conv_banded", lambda x, *a, **k: banded.append(x.shape) or plain(x, *a, **k))
     x = torch.rand(2, 3, 48, 40) * 2 - 1
     want_z = tiny_model.encode(x).mean.detach()
     want = tiny_model.decode(want_z).detach()  # autograd on: the plain forward
@@ -109,17 +109,17 @@ def test_inference_levers_change_no_value(monkeypatch, tiny_model):
     up = tiny_model.decoder.up[1].upsample
     h = torch.randn(1, up.conv.in_channels, 12, 10)
     with torch.no_grad():
-        torch.testing.assert_close(ldm.upsample_conv_banded(h, up.conv), up.conv(torch.nn.functional.interpolate(h, scale_factor=2.0)),
+        torch.testing.assert_close(lean.upsample_conv_banded(h, up.conv), up.conv(torch.nn.functional.interpolate(h, scale_factor=2.0)),
                                    atol=1e-6, rtol=0)  # fmt: skip
 
 
 def test_the_mid_block_writes_over_its_own_tensors_and_the_callers_only_when_told(monkeypatch):
     """Inference writes every step of the mid block over the running tensor (the decoder's head over conv_in's
     output too, by `overwrite`): the values of the autograd forward, the caller's input kept unless it says."""
-    from vaekit.model import ldm
+    from vaekit.model import lean, ldm
 
-    monkeypatch.setattr(ldm, "BAND_BYTES", 4096)  # the banded paths at this size
-    monkeypatch.setattr(ldm, "ATTENTION_QUERIES", 7)
+    monkeypatch.setattr(lean, "BAND_BYTES", 4096)  # the banded paths at this size
+    monkeypatch.setattr(lean, "ATTENTION_QUERIES", 7)
     mid = perturb(ldm.MidBlock(32, 8, attention=True), seed=3)
     x = torch.randn(2, 32, 12, 10) * 3 + 1
     want = mid(x).detach()
@@ -162,9 +162,9 @@ def test_winograd_is_opt_in_within_1e4_and_leaves_training_alone(monkeypatch, ti
     direct ones; outside it, or with autograd on, exactly the direct convolution."""
     import vaekit
     from vaekit import preset
-    from vaekit.model import Autoencoder, ldm
+    from vaekit.model import Autoencoder, lean
 
-    monkeypatch.setattr(ldm, "BAND_BYTES", 4096)  # the banded paths too
+    monkeypatch.setattr(lean, "BAND_BYTES", 4096)  # the banded paths too
     x = torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.inference_mode():
         z = tiny_model.encode(x).mean
@@ -203,10 +203,10 @@ def test_bench_winograd_row(capsys):
 
 ATTENTION_PROBE = """
 import json, sys, torch
-from vaekit.model import ldm
+from vaekit.model import lean, ldm
 from vaekit.speed import peak_memory
 torch.set_num_threads(1)
-ldm.ATTENTION_QUERIES = 128  # blocks far smaller than an activation, as at 4096² (262,144 tokens in blocks of 4096)
+lean.ATTENTION_QUERIES = 128  # blocks far smaller than an activation, as at 4096² (262,144 tokens in blocks of 4096)
 block = ldm.AttnBlock(2048, 32).eval()
 x = torch.randn(1, 2048, int(sys.argv[1]), int(sys.argv[1]))
 with torch.inference_mode(), peak_memory(torch.device("cpu")) as mem:
@@ -221,9 +221,9 @@ def test_inference_attention_in_blocks_equals_the_formula_and_holds_only_keys_an
     besides its input only k and v alive, two activations, where it used to hold four (the 4096² head in
     docs/BENCHMARKS.md). The growth between two sizes is measured, not the peak: it leaves out the fixed
     few MB of buffers and libraries; a fixed glibc mmap threshold makes freed buffers leave RSS."""
-    from vaekit.model import ldm
+    from vaekit.model import lean, ldm
 
-    monkeypatch.setattr(ldm, "ATTENTION_QUERIES", 7)  # many blocks, the last one short
+    monkeypatch.setattr(lean, "ATTENTION_QUERIES", 7)  # many blocks, the last one short
     block = perturb(ldm.AttnBlock(16, 8), seed=2)
     x = torch.randn(2, 16, 9, 11)
     n, c, h, w = x.shape

@@ -27,7 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import AutoencoderConfig
-from .model import Autoencoder, ldm
+from .model import Autoencoder, lean
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -244,7 +244,7 @@ def _measure(op: str, ours: Callable, theirs: Callable | None, size: int, batch:
 
 def _under_winograd(fn: Callable) -> Callable:
     def run() -> Any:
-        with ldm.winograd():
+        with lean.winograd():
             return fn()
 
     return run

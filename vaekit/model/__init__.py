@@ -3,6 +3,7 @@ checkpoint layout (`vaekit.layouts`). No CLI."""
 
 from .architectures import ARCHITECTURES
 from .autoencoder import Autoencoder, Posterior
-from .ldm import Decoder, Encoder, winograd
+from .ldm import Decoder, Encoder
+from .lean import winograd
 
 __all__ = ["ARCHITECTURES", "Autoencoder", "Decoder", "Encoder", "Posterior", "winograd"]

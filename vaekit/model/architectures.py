@@ -24,7 +24,7 @@ from ..layouts import hunyuanimage as hunyuanimage_layout
 from ..layouts import ldm as ldm_layout
 from ..layouts import pixel as pixel_layout
 from ..layouts import qwenimage as qwenimage_layout
-from . import hunyuanimage, ldm, pixel, qwenimage
+from . import fast, hunyuanimage, ldm, pixel, qwenimage
 
 
 @runtime_checkable
@@ -38,6 +38,19 @@ class Model(Protocol):
     Decoder: Callable[[AutoencoderConfig], nn.Module]
 
 
+class _LDM:
+    """config.arch "ldm": LDM's published coders (`ldm`), or their fast-training variants (`fast`) when a
+    config sets any of those options. One name for both keeps every saved config and checkpoint readable."""
+
+    @staticmethod
+    def Encoder(config: AutoencoderConfig) -> nn.Module:
+        return (fast if fast.varies(config) else ldm).Encoder(config)
+
+    @staticmethod
+    def Decoder(config: AutoencoderConfig) -> nn.Module:
+        return (fast if fast.varies(config) else ldm).Decoder(config)
+
+
 @dataclass(frozen=True)
 class Architecture:
     name: str  # AutoencoderConfig.arch
@@ -48,7 +61,7 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in (
-        Architecture("ldm", ldm, ldm_layout),
+        Architecture("ldm", _LDM, ldm_layout),
         Architecture("pixel", pixel, pixel_layout),
         Architecture("qwenimage", qwenimage, qwenimage_layout),
         Architecture("hunyuanimage", hunyuanimage, hunyuanimage_layout),

@@ -84,12 +84,6 @@ class Autoencoder(nn.Module):
         self.post_quant_conv = post if config.use_post_quant_conv else None
         if config.latent_norm == "patch_bn":  # FLUX.2: its running statistics are the normalisation
             self.bn = nn.BatchNorm2d(4 * c, eps=PATCH_BN_EPS, momentum=0.1, affine=False, track_running_stats=True)
-        if config.thumbnail_shortcut:  # start as the thumbnail coder: nothing but the shortcut reaches the output
-            for conv in (self.encoder.conv_out, self.decoder.conv_out):
-                nn.init.zeros_(conv.weight)
-                nn.init.zeros_(conv.bias)
-            if config.kind == "vae":  # and a nearly deterministic posterior (std e^-3), so noise does not drown the colours
-                nn.init.constant_(self.encoder.conv_out.bias[c:], -6.0)
 
     @property
     def factor(self) -> int:
@@ -189,10 +183,8 @@ class Autoencoder(nn.Module):
             h = self.encoder.body(x)
         h = self.encoder.head(h)
         moments = self.quant_conv(h) if self.quant_conv is not None else h
-        if not self.config.thumbnail_shortcut:
-            return moments
-        thumb = F.avg_pool2d(x, self.factor)  # into the first channels of the mean (not of the log-variance)
-        return torch.cat([moments[:, : thumb.shape[1]] + thumb, moments[:, thumb.shape[1] :]], dim=1)
+        # A path from the image around the encoder and its quant conv, where the architecture has one (vaekit.model.fast).
+        return self.encoder.bypass(x, moments) if hasattr(self.encoder, "bypass") else moments
 
     def _decode(self, z: Tensor, tile: int | str | None) -> Tensor:
         if not hasattr(self.decoder, "body"):
@@ -204,9 +196,7 @@ class Autoencoder(nn.Module):
             x = decode_body_tiled(self.decoder, h, tile, self.config)
         else:
             x = self.decoder.body(h)
-        if self.config.thumbnail_shortcut:
-            x = x + F.interpolate(z[:, : x.shape[1]], scale_factor=self.factor, mode="bilinear", align_corners=False)
-        return x
+        return self.decoder.bypass(z, x) if hasattr(self.decoder, "bypass") else x
 
     def _fp16_safe(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         """Run fn; if an fp16 model overflowed (the SDXL-VAE NaN problem), redo it in fp32."""

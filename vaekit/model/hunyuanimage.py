@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AutoencoderConfig
-from .ldm import Conv2d, NormSiluConv, ResnetBlock, Staged, _norm
+from .lean import Conv2d, NormSiluConv, Staged
+from .ldm import ResnetBlock, _norm
 
 
 def fold(x: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AutoencoderConfig
-from .ldm import Conv2d, Staged, conv2d
+from .lean import Conv2d, Staged, conv2d
 
 
 class CausalConv3d(nn.Conv3d):

@@ -20,7 +20,8 @@ resample, the decoder's output layers: the model's own modules, from `body_stage
 - GroupNorm uses statistics of the whole image: a stage runs over all tiles up to its first norm
   whose statistics are unknown, which adds up the tile cores (per sample and group, combined in
   float64), stops the tile, and the stage runs again with that norm known. A ResNet block therefore
-  costs about 1.5 of its plain compute.
+  costs about 1.5 of its plain compute. The norms get these statistics through
+  `vaekit.model.lean.given_statistics`, which also keeps the banded inference paths off.
 
 The latent-resolution heads (mid block with global attention) run untiled in `Autoencoder`.
 Tiling is meant for inference (`torch.no_grad()`/`inference_mode()`); docs/TILING.md has the
@@ -38,14 +39,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from ..config import AutoencoderConfig
 from .architectures import ARCHITECTURES
-from .ldm import Decoder, Encoder
+from .lean import GroupNorm, Staged, given_statistics
 
 # A stage's working set, in copies of its tile input and output: a ResNet block holds its input, the
 # normalised input, the SiLU and a conv output at once; an upsample its input, the upsampled copy and
@@ -56,7 +56,7 @@ _AUTO_SHARE = 0.8
 
 
 def encode_body_tiled(
-    encoder: Encoder,
+    encoder: Staged,
     x: Tensor,
     tile: int | str,
     config: AutoencoderConfig,
@@ -74,7 +74,7 @@ def encode_body_tiled(
 
 
 def decode_body_tiled(
-    decoder: Decoder,
+    decoder: Staged,
     h: Tensor,
     tile: int | str,
     config: AutoencoderConfig,
@@ -173,7 +173,7 @@ def _run_stage(
     height, width = src.shape[-2:]
     out: Tensor | None = None
     out_unit = unit
-    with norms.installed() if norms else contextlib.nullcontext():
+    with given_statistics(norms.normalise) if norms else contextlib.nullcontext():
         while True:
             for (r0, r1), (c0, c1) in itertools.product(rows, cols):
                 (y0, y1), (ya, yb) = _window(r0 * unit, r1 * unit, halo, height)
@@ -349,31 +349,24 @@ class _StatsPending(Exception):
 
 
 class _WholeImageNorms:
-    """While installed, the stage's GroupNorms normalise with statistics of the whole image.
+    """The stage's GroupNorms' statistics, of the whole image: `normalise` is what each of them does
+    while the stage runs within `given_statistics(normalise)`.
 
     A norm with unknown statistics adds the current tile's core (`core`, set by the caller) to its
     running moments and raises `_StatsPending`; `finish()` turns the moments into mean and 1/std.
     """
 
     def __init__(self, stage: nn.Module):
-        self.norms = [m for m in stage.modules() if isinstance(m, nn.GroupNorm)]
+        others = [type(m).__name__ for m in stage.modules() if isinstance(m, nn.GroupNorm) and not isinstance(m, GroupNorm)]
+        if others:  # they would normalise each tile by its own statistics
+            raise TypeError(f"a tiled stage's GroupNorms must be vaekit.model.lean.GroupNorm, not {others[0]}")
         self.known: dict[nn.GroupNorm, tuple[Tensor, Tensor]] = {}  # mean, rstd: float32 (N, G)
         self.gathering: nn.GroupNorm | None = None
         self.core: tuple[slice, slice] = (slice(None), slice(None))
         self._moments: tuple[int, Tensor, Tensor] | None = None  # count, mean, sum of squared deviations
         self._device: torch.device | None = None
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        for norm in self.norms:
-            norm.forward = functools.partial(self._forward, norm)  # instance attribute shadows the method
-        try:
-            yield
-        finally:
-            for norm in self.norms:
-                del norm.forward
-
-    def _forward(self, norm: nn.GroupNorm, x: Tensor) -> Tensor:
+    def normalise(self, norm: nn.GroupNorm, x: Tensor) -> Tensor:
         if norm in self.known:
             mean, rstd = self.known[norm]
             per = x.shape[1] // norm.num_groups
