@@ -1012,7 +1012,13 @@ def _tensorboard(folder: Path) -> Any:
     return SummaryWriter(str(folder))
 
 
+# The loss's "ssim" term is 1 - SSIM: logged as train/ssim_loss, not to be read as val/ssim, the metric.
+_LOGGED_AS = {"ssim": "ssim_loss"}
+
+
 def _log(writer: Any, run: Path, step: int, scalars: dict[str, float]) -> None:
+    """The step's scalars as TensorBoard's train/* and as one line of RUN/log.jsonl."""
+    scalars = {_LOGGED_AS.get(k, k): v for k, v in scalars.items()}
     for k, v in scalars.items():
         writer.add_scalar(f"train/{k}", v, step)
     with open(run / "log.jsonl", "a") as f:
