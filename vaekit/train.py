@@ -1,7 +1,10 @@
 """Train or fine-tune an autoencoder: the loop behind `vaekit train` and `vaekit quickstart`.
 
-One function, `train(cfg)`, read top to bottom (after nanoGPT's train.py): processes and devices,
-data, model/EMA/loss/optimizers, resume, then the loop. The run folder:
+`train(cfg)` reads top to bottom (after nanoGPT's train.py): processes and devices, model/EMA/loss/
+optimizers, data, resume, the run folder, then the loop, each step: learning rates, the micro-steps'
+forward and backward (`micro_steps`), clipping, one update or none, the time budget, logging,
+validation, checkpoints. The pieces are named functions of explicit inputs; what a checkpoint saves
+besides weights and optimizer states is a `RunState`. The run folder:
 
     RUN/config.json        every setting (train settings, the model config, versions)
     RUN/checkpoints/       step_XXXXXXX.pt, written atomically, the last --keep-checkpoints kept
@@ -194,14 +197,245 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS first runs
 
-    # ---- processes and devices: torchrun sets WORLD_SIZE/RANK/LOCAL_RANK ----
+    # ---- processes and devices; a checkpoint is read first, as one from before LDM's weights changes the loss ----
+    procs = start_processes(cfg)
+    run = Path(cfg.out)
+    checkpoint_path = _checkpoint_to_resume(run, cfg.resume, procs.master)
+    saved = torch.load(checkpoint_path, map_location=procs.device, weights_only=True) if checkpoint_path else None
+    if saved is not None and saved.get("loss_convention") != LOSS_CONVENTION:
+        cfg = _convert_old_weights(cfg, saved, procs.master)
+
+    # ---- model, EMA, loss, optimizers (identical on every rank: seeded the same) ----
+    _seed_everything(cfg.seed)
+    nets = build_networks(cfg, procs.device)
+
+    # ---- data (after the loss, so a missing LPIPS backbone fails before any image is read) ----
+    data, workers = _training_data(cfg, procs)
+
+    # ---- resume: weights, optimizer states, the global RNG and where the run stood; then DDP's wrappers ----
+    state = resume(saved, checkpoint_path, nets, cfg, procs) if saved is not None else RunState.fresh(cfg)
+    del saved  # its tensors are the models' and optimizers' now
+    state.unreadable.update(data.skipped)
+    start_step = state.step
+    _distribute(nets, cfg, procs)
+
+    # ---- the run folder (rank 0 writes; the others only compute) and the starting point's metrics ----
+    writer = _start_run_folder(run, cfg, nets.model, procs, workers) if procs.master else None
+    eval_seconds = 0.0  # what a validation takes, so a time budget keeps time for the final one
+    if procs.master and data.val and state.step == 0:
+        t = time.time()
+        state.initial_metrics = validate(nets.ema, data, procs.device, run / "samples" / "step_0000000.png", writer, 0)
+        eval_seconds = time.time() - t
+    budget = None  # a time budget calibrates the step count from measured speed and keeps fitting it
+    if cfg.seconds:
+        budget = TimeBudget(cfg.seconds, started, _reserve(eval_seconds), cfg.steps, cfg.warmup, cfg.min_lr_ratio,
+                            eval_seconds, cfg.sample_every if data.val else 0, procs.distributed, calibrated=checkpoint_path is not None)  # fmt: skip
+
+    # ---- the loop ----
+    batches = iter(data.loader(cfg.batch_size, cfg.seed, procs.rank, procs.world, start=state.step * cfg.grad_accum, workers=workers))
+    bar = progress_bar(desc="train", unit="step", total=state.schedule.total, initial=state.step, enabled=procs.master and progress)
+    window = LogWindow(started=time.time())
+    step_times: list[float] = []  # every step's seconds since start or resume, for the time budget
+    stopped = ""
+    with _deferred_interrupt() as interrupted, _deterministic_algorithms(cfg.deterministic):
+        while state.step < state.schedule.total:
+            t_step = time.time()
+            lr = _set_learning_rates(nets, cfg, state.schedule.factor(state.step))
+            gan = nets.crit.gan_active(state.step)
+
+            # Forward and backward over the micro-batches; the gradients add up in .grad.
+            finite, step_logs, images = micro_steps(batches, nets, cfg, procs, state.step, gan, state.unreadable)
+            window.images += images * procs.world
+
+            # Clip, then one update, or none when anything is non-finite on any rank (ranks agree on it).
+            grad_norm = nn.utils.clip_grad_norm_(nets.params, cfg.clip if cfg.clip > 0 else math.inf)
+            d_norm = nn.utils.clip_grad_norm_(nets.disc.parameters(), math.inf) if gan else grad_norm  # LDM: not clipped
+            out_of_time = budget is not None and budget.out_of_time()
+            flags = [not (finite and torch.isfinite(grad_norm) and torch.isfinite(d_norm)), interrupted(), out_of_time]
+            bad, stop_now, late = _agree(flags, procs.distributed)
+            if bad:
+                state.skipped_steps, state.bad_in_a_row = state.skipped_steps + 1, state.bad_in_a_row + 1
+            else:
+                _update(nets, cfg, state.step, gan)
+                state.bad_in_a_row = 0
+                window.add(step_logs)
+            nets.zero_grad()
+            state.step += 1
+            bar.update(1)
+            step_times.append(time.time() - t_step)
+
+            # A time budget refits the step count to the speed measured so far.
+            if budget is not None:
+                fitted = budget.fit(state.step, step_times, state.schedule)
+                if fitted is not state.schedule:
+                    state.schedule, bar.total = fitted, fitted.total
+
+            # Log, validate, checkpoint; stop if diverged, interrupted or out of time.
+            if state.step % cfg.log_every == 0 or state.step == state.schedule.total:
+                scalars = window.close(time.time(), lr=lr, grad_norm=float(grad_norm), skipped_steps=state.skipped_steps)
+                if procs.master:
+                    _log(writer, run, state.step, scalars)
+                    bar.set_postfix(loss=f"{scalars.get('loss', math.nan):.4f}", img_s=f"{scalars['images_per_s']:.1f}", refresh=False)
+            if state.bad_in_a_row > cfg.max_bad_steps:
+                stopped = "diverged"
+                break
+            mid_run = state.step < state.schedule.total  # the last step's validation and checkpoint come after the loop
+            if procs.master and data.val and cfg.sample_every and state.step % cfg.sample_every == 0 and mid_run:
+                validate(nets.ema, data, procs.device, run / "samples" / f"step_{state.step:07d}.png", writer, state.step)
+            if cfg.save_every and state.step % cfg.save_every == 0 and mid_run:
+                checkpoint(run, state, nets, cfg, procs)
+            if stop_now or late:
+                stopped = "interrupted" if stop_now else "out of time"
+                break
+    bar.close()
+
+    # ---- the end: a checkpoint, then the final model and its metrics ----
+    path = checkpoint(run, state, nets, cfg, procs)
+    if stopped == "diverged":
+        raise TrainingDiverged(
+            f"loss or gradients were non-finite for {state.bad_in_a_row} steps in a row (step {state.step}); the weights are "
+            f"the last finite ones, saved in {path}: lower --lr or --gan-weight, raise --warmup, or use --precision fp32"
+        )
+    if stopped == "interrupted":
+        raise KeyboardInterrupt(f"saved {path}; continue with --resume")
+    metrics: dict[str, Any] = {"initial": state.initial_metrics} if state.initial_metrics else {}
+    if procs.master:
+        metrics.update(_final_model(nets.ema, data, cfg, procs.device, run, writer, state.step))
+        metrics.update(step=state.step, start_step=start_step, steps=state.schedule.total, init=cfg.init,
+                       skipped_steps=state.skipped_steps, stopped=stopped or "done", seconds=round(time.time() - started, 1),
+                       val_resolution=cfg.val_resolution, unreadable=sorted(state.unreadable), data=data.description)  # fmt: skip
+        _write_json(run / "metrics.json", metrics)
+        writer.close()
+    procs.finish()
+    return TrainResult(run, run / "model", metrics, procs.rank)
+
+
+def quickstart(out: str = QUICKSTART.out, seconds: float | None = None, progress: bool = True, **changes: Any) -> TrainResult:
+    """Train the QUICKSTART recipe on the built-in photos within `seconds` (default: the recipe's), then
+    score the model against the bicubic thumbnail on both held-out sets (metrics.json's "against_thumbnail")."""
+    cfg = dataclasses.replace(QUICKSTART, **{"out": out, "seconds": seconds or QUICKSTART.seconds, **changes})
+    result = train(cfg, progress=progress)
+    if result.rank == 0 and cfg.data == "samples" and "final" in result.metrics:
+        result.metrics["against_thumbnail"] = held_out_against_thumbnail(load(result.model), cfg.val_resolution)
+        _write_json(result.run / "metrics.json", result.metrics)
+    return result
+
+
+def held_out_against_thumbnail(model: Autoencoder, resolution: int = 256) -> dict[str, Any]:
+    """`vaekit.evaluate.against_thumbnail` on each of `vaekit.data.held_out_sets`, colour error on the synthetic one."""
+    sets = held_out_sets(resolution)
+    saturated = [name for name, _ in sets["synthetic"]]
+    return {name: against_thumbnail(model, images, saturated) for name, images in sets.items()}
+
+
+# ---- what a run holds ------------------------------------------------------------------------
+
+
+@dataclass
+class Processes:
+    """This process's place in the run: torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain run is one process."""
+
+    world: int
+    rank: int
+    device: torch.device
+    precision: str  # "fp32" or "bf16"
+    autocast: torch.autocast  # bf16 autocast of the forward passes, or off
+    own_group: bool  # this run started the process group, so it ends it
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def master(self) -> bool:  # rank 0 writes the run folder; the others only compute
+        return self.rank == 0
+
+    def finish(self) -> None:
+        """Wait for every rank (for rank 0's last writes), then end the process group if this run started it."""
+        if self.distributed:
+            dist.barrier()
+        if self.own_group:
+            dist.destroy_process_group()
+
+
+@dataclass
+class Networks:
+    """What trains: the model, its EMA, the loss with its discriminator, and their optimizers."""
+
+    model: Autoencoder
+    ema: Autoencoder
+    crit: AutoencoderLoss  # under DDP its .discriminator is DDP's wrapper of `disc`
+    disc: nn.Module | None  # the discriminator itself: what is clipped and checkpointed
+    params: list[nn.Parameter]  # the model's trained parameters (--decoder-only leaves the encoder out)
+    opt: torch.optim.Optimizer
+    disc_opt: torch.optim.Optimizer | None
+    disc_lr: float  # the discriminator's peak learning rate
+    forward: nn.Module | None = None  # the training forward, DDP's wrapper under torchrun (see _distribute)
+    se_factors: list[int] = field(default_factory=list)  # scale equivariance's downsampling factors, if it is on
+
+    @property
+    def last_layer(self) -> nn.Parameter:
+        """The decoder's last weight, where the adaptive GAN weight compares the two losses' gradients."""
+        return self.model.decoder.conv_out.weight
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        if self.disc_opt:
+            self.disc_opt.zero_grad(set_to_none=True)
+
+
+@dataclass
+class RunState:
+    """Where a run stands, beyond its weights and optimizer states: what a checkpoint saves with them
+    (see checkpoint_state) and `resume` restores, and the unreadable images met (not saved: a resumed
+    run lists those it meets)."""
+
+    step: int
+    schedule: Schedule
+    skipped_steps: int = 0  # non-finite steps, skipped, in the whole run
+    bad_in_a_row: int = 0  # ... and in a row, up to now
+    initial_metrics: dict[str, Any] | None = None  # the validation before the first step
+    unreadable: set[str] = field(default_factory=set)
+
+    @classmethod
+    def fresh(cls, cfg: TrainConfig) -> "RunState":
+        return cls(step=0, schedule=Schedule.of(cfg.steps, cfg.warmup, cfg.min_lr_ratio))
+
+
+@dataclass
+class LogWindow:
+    """The steps since the last log line: the logged terms summed over those that updated (a skipped step's
+    are not finite), and the images all of them trained on, for images/s."""
+
+    started: float
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    images: int = 0
+
+    def add(self, logs: dict[str, float]) -> None:
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+
+    def close(self, now: float, lr: float, grad_norm: float, skipped_steps: int) -> dict[str, float]:
+        """The log line's scalars: the window's means, the last step's lr and gradient norm; a new window starts `now`."""
+        scalars = {k: v / self.steps for k, v in self.sums.items()} if self.steps else {}
+        scalars.update(lr=lr, grad_norm=grad_norm, skipped_steps=skipped_steps,
+                       images_per_s=self.images / max(now - self.started, 1e-9))  # fmt: skip
+        self.started, self.sums, self.steps, self.images = now, {}, 0, 0
+        return scalars
+
+
+# ---- setting up ------------------------------------------------------------------------------
+
+
+def start_processes(cfg: TrainConfig) -> Processes:
+    """Join torchrun's processes (starting their group unless the caller did) and take this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    distributed = world > 1
-    own_group = distributed and not dist.is_initialized()
+    own_group = world > 1 and not dist.is_initialized()
     if own_group:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if distributed else 0
-    master = rank == 0
+    rank = dist.get_rank() if world > 1 else 0
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -209,28 +443,31 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         device = torch.device("cpu")
     precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    return Processes(world, rank, device, precision, autocast, own_group)
 
-    run = Path(cfg.out)
+
+def _checkpoint_to_resume(run: Path, resume: bool, master: bool) -> Path | None:
+    """The run's latest checkpoint, which only --resume may continue; `run` must be new, empty or vaekit's."""
     if not ((run / "config.json").is_file() or (run / "checkpoints").is_dir()):  # unless a run: new, empty or vaekit's
         check_output_folder(run, "--out")
-    checkpoint_path = latest_checkpoint(run / "checkpoints")
-    if checkpoint_path and not cfg.resume:
+    path = latest_checkpoint(run / "checkpoints")
+    if path and not resume:
         raise ValueError(f"{run} already holds checkpoints: pass --resume to continue it, or choose another --out")
-    if cfg.resume and not checkpoint_path:
+    if resume and not path:
         _note(master, f"no checkpoint in {run} to resume: starting a new run")
-    state = torch.load(checkpoint_path, map_location=device, weights_only=True) if checkpoint_path else None
-    if state is not None and state.get("loss_convention") != LOSS_CONVENTION:
-        cfg = _convert_old_weights(cfg, state, master)
+    return path
 
-    # ---- model, EMA, loss, optimizers (identical on every rank: seeded the same) ----
-    _seed_everything(cfg.seed)
+
+def build_networks(cfg: TrainConfig, device: torch.device) -> Networks:
+    """The model (see build_model), its EMA, the loss and the optimizers: identical on every rank when the
+    global RNG is seeded alike. The crop sides are checked against the model before anything is written."""
     model = build_model(cfg).to(device).train()
-    for name in ("resolution", "val_resolution"):  # before anything is written
-        side, f = getattr(cfg, name), model.factor
-        if side % f:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} {side} is not a multiple of the model's factor {f}: use {flag} "
-                             + " or ".join(str(s) for s in dict.fromkeys([max(f, side - side % f), side - side % f + f])))  # fmt: skip
+    for name in ("resolution", "val_resolution"):
+        side, model_factor = getattr(cfg, name), model.factor
+        if side % model_factor:
+            flag, below = "--" + name.replace("_", "-"), side - side % model_factor
+            raise ValueError(f"{flag} {side} is not a multiple of the model's factor {model_factor}: use {flag} "
+                             + " or ".join(str(s) for s in dict.fromkeys([max(model_factor, below), below + model_factor])))  # fmt: skip
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     if cfg.decoder_only:
         for part in (model.encoder, model.quant_conv):
@@ -242,259 +479,196 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     disc_lr = cfg.disc_lr or cfg.lr
     disc_opt = torch.optim.Adam(disc.parameters(), lr=disc_lr, betas=cfg.disc_betas) if disc is not None else None  # LDM's
+    return Networks(model, ema, crit, disc, params, opt, disc_opt, disc_lr)
 
-    # ---- data (after the loss, so a missing LPIPS backbone fails before any image is read) ----
+
+def _training_data(cfg: TrainConfig, procs: Processes) -> tuple[TrainingData, int]:
+    """The training and validation images (see vaekit.data.training_data) and the loader's worker count."""
     data = training_data(
         cfg.data, cfg.resolution, val=cfg.val, val_fraction=cfg.val_fraction, val_images=cfg.val_images,
         val_resolution=cfg.val_resolution, min_scale=cfg.min_scale, flip=cfg.flip,
         permute_colors=cfg.permute_colors,
     )  # fmt: skip
-    workers = cfg.workers if cfg.workers is not None else _default_workers(data, world)
+    workers = cfg.workers if cfg.workers is not None else _default_workers(data, procs.world)
     for s in data.skipped:
-        _note(master, f"skipped unreadable validation image {s}")
+        _note(procs.master, f"skipped unreadable validation image {s}")
     if not data.val:
-        _note(master, "no validation images: the model is not measured during or after training; pass --val DATA")
+        _note(procs.master, "no validation images: the model is not measured during or after training; pass --val DATA")
+    return data, workers
 
-    # ---- resume ----
-    step, skipped_steps, bad_in_a_row = 0, 0, 0
-    seen_unreadable = set(data.skipped)  # listed in metrics.json
+
+def resume(saved: dict[str, Any], path: Path, nets: Networks, cfg: TrainConfig, procs: Processes) -> RunState:
+    """Continue from a checkpoint (`saved`, read from `path`): its weights and optimizer states into `nets`,
+    the global RNG states restored, and the run's state as it was saved."""
+    if AutoencoderConfig.from_dict(saved["model_config"]) != nets.model.config:
+        raise ValueError(f"{path} holds a different architecture than this run's settings")
+    nets.model.load_state_dict(saved["model"])
+    nets.ema.load_state_dict(saved["ema"])
+    nets.opt.load_state_dict(saved["optimizer"])
+    if nets.disc is not None:
+        if saved.get("discriminator") is None:
+            raise ValueError(f"{path} has no discriminator, but this run has --gan-weight > 0")
+        nets.disc.load_state_dict(saved["discriminator"])
+        nets.disc_opt.load_state_dict(saved["disc_optimizer"])
     schedule = Schedule.of(cfg.steps, cfg.warmup, cfg.min_lr_ratio)
-    metrics: dict[str, Any] = {}
-    if state is not None:
-        if AutoencoderConfig.from_dict(state["model_config"]) != model.config:
-            raise ValueError(f"{checkpoint_path} holds a different architecture than this run's settings")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        if disc is not None:
-            if state.get("discriminator") is None:
-                raise ValueError(f"{checkpoint_path} has no discriminator, but this run has --gan-weight > 0")
-            disc.load_state_dict(state["discriminator"])
-            disc_opt.load_state_dict(state["disc_optimizer"])
-        step = state["step"]
-        if cfg.seconds:  # a time budget keeps its calibrated schedule; otherwise --steps sets it, as in a fresh run
-            schedule = Schedule(**state["schedule"]) if "schedule" in state else Schedule.of(state["steps"], cfg.warmup, cfg.min_lr_ratio)
-        skipped_steps, bad_in_a_row = state["skipped_steps"], state["bad_in_a_row"]
-        if state["initial_metrics"]:
-            metrics["initial"] = state["initial_metrics"]
-        _set_rng_state(state["rng"])
-        if state["world_size"] != world:
-            _note(master, f"resuming a {state['world_size']}-process run with {world}: the data order changes")
-        del state
-    start_step = step
+    if cfg.seconds:  # a time budget keeps its calibrated schedule; otherwise --steps sets it, as in a fresh run
+        schedule = Schedule(**saved["schedule"]) if "schedule" in saved else Schedule.of(saved["steps"], cfg.warmup, cfg.min_lr_ratio)
+    _set_rng_state(saved["rng"])
+    if saved["world_size"] != procs.world:
+        _note(procs.master, f"resuming a {saved['world_size']}-process run with {procs.world}: the data order changes")
+    return RunState(saved["step"], schedule, saved["skipped_steps"], saved["bad_in_a_row"], saved["initial_metrics"] or None)
 
-    # Scale equivariance decodes a second, downsampled latent: one module runs both decodes, so DDP syncs both.
-    se_factors = scale_factors(cfg.resolution // model.factor) if cfg.loss.scale_equivariance > 0 else []
-    ddp_model: nn.Module = _ScaleEquivariantForward(model) if se_factors else model
-    if distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        ddp_model = nn.parallel.DistributedDataParallel(ddp_model, device_ids=ids)
-        if disc is not None:
-            crit.discriminator = nn.parallel.DistributedDataParallel(disc, device_ids=ids)
 
-    # ---- the run folder (rank 0 writes; the others only compute) ----
-    writer = None
-    if master:
-        mark_output_folder(run, "vaekit train")
-        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-        settings = {"train": cfg.to_dict(), "model": model.config.to_dict(), "loss_convention": LOSS_CONVENTION,
-                    "world_size": world, "precision": precision, "workers": workers, "versions": _versions()}  # fmt: skip
-        write_atomic(run / "config.json", lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
-        writer = _tensorboard(run / "logs")
-    if master and data.val and step == 0:
-        t = time.time()
-        metrics["initial"] = validate(ema, data, device, run / "samples" / "step_0000000.png", writer, 0)
-        eval_seconds = time.time() - t
-    else:
-        eval_seconds = 0.0
+def _distribute(nets: Networks, cfg: TrainConfig, procs: Processes) -> None:
+    """Set `nets.forward`, the training forward, and under torchrun wrap it and the discriminator in DDP.
+    Scale equivariance decodes a second, downsampled latent: one module runs both decodes, so DDP syncs both."""
+    nets.se_factors = scale_factors(cfg.resolution // nets.model.factor) if cfg.loss.scale_equivariance > 0 else []
+    nets.forward = _ScaleEquivariantForward(nets.model) if nets.se_factors else nets.model
+    if procs.distributed:
+        ids = [procs.device.index] if procs.device.type == "cuda" else None
+        nets.forward = nn.parallel.DistributedDataParallel(nets.forward, device_ids=ids)
+        if nets.disc is not None:
+            nets.crit.discriminator = nn.parallel.DistributedDataParallel(nets.disc, device_ids=ids)
 
-    # A time budget calibrates the step count from measured speed and keeps fitting it (see TimeBudget).
-    budget = None
-    if cfg.seconds:
-        budget = TimeBudget(cfg.seconds, started, _reserve(eval_seconds), cfg.steps, cfg.warmup, cfg.min_lr_ratio,
-                            eval_seconds, cfg.sample_every if data.val else 0, distributed, calibrated=checkpoint_path is not None)  # fmt: skip
 
-    # With gradient accumulation the adaptive GAN weight is decided once per optimizer step, from the
-    # whole step's gradients, so accumulation equals a larger batch (see _add_deferred_gan_term).
-    defer_gan = cfg.grad_accum > 1 and disc is not None and cfg.loss.adaptive_gan_weight
-    last_layer = model.decoder.conv_out.weight
+def _start_run_folder(run: Path, cfg: TrainConfig, model: Autoencoder, procs: Processes, workers: int) -> Any:
+    """Mark the folder as vaekit's, write config.json (every setting of the run) and open TensorBoard's writer."""
+    mark_output_folder(run, "vaekit train")
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    _write_json(run / "config.json", {"train": cfg.to_dict(), "model": model.config.to_dict(), "loss_convention": LOSS_CONVENTION,
+                                      "world_size": procs.world, "precision": procs.precision, "workers": workers,
+                                      "versions": _versions()})  # fmt: skip
+    return _tensorboard(run / "logs")
 
-    def save() -> Path:
-        """A checkpoint of everything needed to continue (rank 0 writes it, all ranks wait)."""
-        path = run / "checkpoints" / f"step_{step:07d}.pt"
-        if master:
-            state = {
-                "step": step, "steps": schedule.total, "schedule": dataclasses.asdict(schedule),
-                "loss_convention": LOSS_CONVENTION, "model": model.state_dict(), "ema": ema.state_dict(),
-                "optimizer": opt.state_dict(), "discriminator": disc.state_dict() if disc is not None else None,
-                "disc_optimizer": disc_opt.state_dict() if disc_opt is not None else None,
-                "rng": _rng_state(), "skipped_steps": skipped_steps, "bad_in_a_row": bad_in_a_row,
-                "initial_metrics": metrics.get("initial"), "model_config": model.config.to_dict(),
-                "train": cfg.to_dict(), "world_size": world,
-            }  # fmt: skip
-            save_checkpoint(run / "checkpoints", step, state, cfg.keep_checkpoints)
-        if distributed:
-            dist.barrier()
-        return path
 
-    # ---- the loop ----
-    batches = iter(data.loader(cfg.batch_size, cfg.seed, rank, world, start=step * cfg.grad_accum, workers=workers))
-    bar = progress_bar(desc="train", unit="step", total=schedule.total, initial=step, enabled=master and progress)
-    sums: dict[str, float] = {}  # logged terms, summed over the finite steps since the last log line
-    logged = 0
-    t_log, images_since_log = time.time(), 0
-    step_times: list[float] = []
-    stop_reason = ""
-    with _deferred_interrupt() as interrupted, _deterministic_algorithms(cfg.deterministic):
-        while step < schedule.total:
-            t_step = time.time()
-            factor = schedule.factor(step)
-            lr = cfg.lr * factor
-            for group in opt.param_groups:
-                group["lr"] = lr
-            for group in disc_opt.param_groups if disc_opt else []:
-                group["lr"] = disc_lr * factor
-            gan = crit.gan_active(step)
-            defer = gan and defer_gan
-            g_grads: list[torch.Tensor | None] = []  # the generator loss's gradients, summed over micro-steps
-            finite = True
-            step_logs: dict[str, float] = {}
-            for micro in range(cfg.grad_accum):
-                batch = next(batches)
-                for s in batch.skipped:
-                    if s not in seen_unreadable:
-                        seen_unreadable.add(s)
-                        _note(True, f"skipped unreadable image {s}")
-                x = batch.images.to(device, non_blocking=True).float() / 127.5 - 1.0
-                last_micro = micro == cfg.grad_accum - 1
-                # Posterior noise keyed by the sample's place in the step: accumulation = a larger batch.
-                noise = [_generator(cfg.seed, rank, step, micro * cfg.batch_size + i, device) for i in range(len(x))]
-                with _maybe_no_sync(ddp_model, not last_micro):
-                    with autocast:
-                        if se_factors:  # 2x and 4x in turn, by step: a resumed run continues the same sequence
-                            recon, posterior, se = ddp_model(x, noise, se_factors[step % len(se_factors)])
-                        else:
-                            (recon, posterior), se = ddp_model(x, sample_posterior=True, generator=noise), None
-                    if defer:
-                        loss, g_loss, logs = crit.without_gan(x, recon.float(), posterior, step, se)
-                        grads = torch.autograd.grad(g_loss / cfg.grad_accum, params, retain_graph=True, allow_unused=True)
-                        g_grads = [_sum(a, b) for a, b in zip(g_grads, grads)] if g_grads else list(grads)
-                    else:
-                        loss, logs = crit(x, recon.float(), posterior, step, last_layer=last_layer, se=se)
-                    (loss / cfg.grad_accum).backward()
-                if gan:
-                    with _maybe_no_sync(crit.discriminator, not last_micro):
-                        with autocast:
-                            d_loss, d_logs = crit.discriminator_loss(x, recon)
-                        (d_loss / cfg.grad_accum).backward()
-                    logs.update(d_logs)
-                finite &= bool(torch.isfinite(loss)) and (not gan or bool(torch.isfinite(d_loss)))
-                for k, v in logs.items():
-                    step_logs[k] = step_logs.get(k, 0.0) + float(v) / cfg.grad_accum
-                images_since_log += len(x) * world
+# ---- a step ----------------------------------------------------------------------------------
+
+
+def _set_learning_rates(nets: Networks, cfg: TrainConfig, lr_scale: float) -> float:
+    """Both optimizers at `lr_scale` times their peak (the schedule's value at this step); returns the model's lr."""
+    lr = cfg.lr * lr_scale
+    for group in nets.opt.param_groups:
+        group["lr"] = lr
+    for group in nets.disc_opt.param_groups if nets.disc_opt else []:
+        group["lr"] = nets.disc_lr * lr_scale
+    return lr
+
+
+def micro_steps(batches: Iterator, nets: Networks, cfg: TrainConfig, procs: Processes, step: int, gan: bool,
+                unreadable: set[str]) -> tuple[bool, dict[str, float], int]:  # fmt: skip
+    """Forward and backward over one step's `cfg.grad_accum` micro-batches, their gradients adding up in
+    .grad (the discriminator's too, once `gan`). Returns whether every loss was finite, the logged terms
+    (means over the micro-batches) and how many images this rank trained on. An unreadable image is noted
+    the first time it is met, and added to `unreadable`.
+
+    With accumulation the adaptive GAN weight is decided once, from the whole step's gradients, so that
+    accumulation equals a larger batch: the generator loss's gradients are kept apart until then."""
+    crit, last = nets.crit, cfg.grad_accum - 1
+    defer = gan and cfg.grad_accum > 1 and cfg.loss.adaptive_gan_weight
+    g_grads: list[torch.Tensor | None] = []  # the generator loss's gradients, summed over micro-steps
+    finite, step_logs, images = True, {}, 0
+    for micro in range(cfg.grad_accum):
+        batch = next(batches)
+        for s in batch.skipped:
+            if s not in unreadable:
+                unreadable.add(s)
+                _note(True, f"skipped unreadable image {s}")
+        x = batch.images.to(procs.device, non_blocking=True).float() / 127.5 - 1.0
+        # Posterior noise keyed by the sample's place in the step: accumulation = a larger batch.
+        noise = [_generator(cfg.seed, procs.rank, step, micro * cfg.batch_size + i, procs.device) for i in range(len(x))]
+        with _maybe_no_sync(nets.forward, micro != last):
+            with procs.autocast:
+                if nets.se_factors:  # 2x and 4x in turn, by step: a resumed run continues the same sequence
+                    recon, posterior, se = nets.forward(x, noise, nets.se_factors[step % len(nets.se_factors)])
+                else:
+                    (recon, posterior), se = nets.forward(x, sample_posterior=True, generator=noise), None
             if defer:
-                _add_deferred_gan_term(params, g_grads, last_layer, cfg.loss.gan_weight, x[0].numel(), step_logs, distributed)
-
-            # One update per step, or none when anything is non-finite (ranks agree on it).
-            grad_norm = nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf)
-            d_norm = nn.utils.clip_grad_norm_(disc.parameters(), math.inf) if gan else grad_norm  # LDM: not clipped
-            out_of_time = budget is not None and budget.out_of_time()
-            flags = _agree([not (finite and torch.isfinite(grad_norm) and torch.isfinite(d_norm)), interrupted(), out_of_time], distributed)
-            bad, stop_now, late = flags
-            if not bad:
-                opt.step()
-                if gan:
-                    disc_opt.step()
-                ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-                bad_in_a_row = 0
-                for k, v in step_logs.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                logged += 1
+                loss, g_loss, logs = crit.without_gan(x, recon.float(), posterior, step, se)
+                grads = torch.autograd.grad(g_loss / cfg.grad_accum, nets.params, retain_graph=True, allow_unused=True)
+                g_grads = [_sum(a, b) for a, b in zip(g_grads, grads)] if g_grads else list(grads)
             else:
-                skipped_steps, bad_in_a_row = skipped_steps + 1, bad_in_a_row + 1
-            opt.zero_grad(set_to_none=True)
-            if disc_opt:
-                disc_opt.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            step_times.append(time.time() - t_step)
+                loss, logs = crit(x, recon.float(), posterior, step, last_layer=nets.last_layer, se=se)
+            (loss / cfg.grad_accum).backward()
+        if gan:
+            with _maybe_no_sync(crit.discriminator, micro != last):
+                with procs.autocast:
+                    d_loss, d_logs = crit.discriminator_loss(x, recon)
+                (d_loss / cfg.grad_accum).backward()
+            logs.update(d_logs)
+        finite &= bool(torch.isfinite(loss)) and (not gan or bool(torch.isfinite(d_loss)))
+        for k, v in logs.items():
+            step_logs[k] = step_logs.get(k, 0.0) + float(v) / cfg.grad_accum
+        images += len(x)
+    if defer:
+        _add_deferred_gan_term(nets.params, g_grads, nets.last_layer, cfg.loss.gan_weight, x[0].numel(), step_logs, procs.distributed)
+    return finite, step_logs, images
 
-            if budget is not None:
-                fitted = budget.fit(step, step_times, schedule)
-                if fitted is not schedule:
-                    schedule, bar.total = fitted, fitted.total
 
-            if step % cfg.log_every == 0 or step == schedule.total:
-                now = time.time()
-                scalars = {k: v / logged for k, v in sums.items()} if logged else {}
-                scalars.update(lr=lr, grad_norm=float(grad_norm), skipped_steps=skipped_steps,
-                               images_per_s=images_since_log / max(now - t_log, 1e-9))  # fmt: skip
-                if master:
-                    _log(writer, run, step, scalars)
-                    bar.set_postfix(loss=f"{scalars.get('loss', math.nan):.4f}", img_s=f"{scalars['images_per_s']:.1f}", refresh=False)
-                sums, logged, t_log, images_since_log = {}, 0, now, 0
-            if bad_in_a_row > cfg.max_bad_steps:
-                stop_reason = "diverged"
-                break
-            if master and data.val and cfg.sample_every and step % cfg.sample_every == 0 and step < schedule.total:
-                validate(ema, data, device, run / "samples" / f"step_{step:07d}.png", writer, step)
-            if cfg.save_every and step % cfg.save_every == 0 and step < schedule.total:
-                save()
-            if stop_now:
-                stop_reason = "interrupted"
-                break
-            if late:
-                stop_reason = "out of time"
-                break
-    bar.close()
+def _update(nets: Networks, cfg: TrainConfig, step: int, gan: bool) -> None:
+    """The optimizers' step (the discriminator's once `gan`), then the EMA's, its decay warmed up as (1+t)/(10+t)."""
+    nets.opt.step()
+    if gan:
+        nets.disc_opt.step()
+    ema_update(nets.ema, nets.model, min(cfg.ema_decay, (1 + step) / (10 + step)))
 
-    # ---- the end: checkpoint, final model, metrics ----
-    path = save()
-    if stop_reason == "diverged":
-        raise TrainingDiverged(
-            f"loss or gradients were non-finite for {bad_in_a_row} steps in a row (step {step}); the weights are the "
-            f"last finite ones, saved in {path}: lower --lr or --gan-weight, raise --warmup, or use --precision fp32"
-        )
-    if stop_reason == "interrupted":
-        raise KeyboardInterrupt(f"saved {path}; continue with --resume")
-    if master:
-        if ema.config.latent_norm == "patch_bn" and not cfg.decoder_only:  # FLUX.2's layout: its normalisation is data
-            metrics["latent_bn"] = fit_latent_bn(ema, data, cfg.batch_size, cfg.seed, device)
-        ema.save(str(run / "model"))
-        if data.val:
-            metrics["final"] = validate(ema, data, device, run / "samples" / f"step_{step:07d}.png", writer, step)
-        metrics.update(step=step, start_step=start_step, steps=schedule.total, init=cfg.init, skipped_steps=skipped_steps, stopped=stop_reason or "done",
-                       seconds=round(time.time() - started, 1), val_resolution=cfg.val_resolution,
-                       unreadable=sorted(seen_unreadable), data=data.description)  # fmt: skip
-        write_atomic(run / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
-        writer.close()
-    if distributed:
+
+# ---- checkpoints and the end -----------------------------------------------------------------
+
+
+def checkpoint_state(state: RunState, nets: Networks, cfg: TrainConfig, world: int) -> dict[str, Any]:
+    """What a checkpoint holds: everything `resume` needs to continue bit for bit, and what the run was."""
+    return {
+        "step": state.step, "steps": state.schedule.total, "schedule": dataclasses.asdict(state.schedule),
+        "loss_convention": LOSS_CONVENTION, "model": nets.model.state_dict(), "ema": nets.ema.state_dict(),
+        "optimizer": nets.opt.state_dict(), "discriminator": nets.disc.state_dict() if nets.disc is not None else None,
+        "disc_optimizer": nets.disc_opt.state_dict() if nets.disc_opt is not None else None,
+        "rng": _rng_state(), "skipped_steps": state.skipped_steps, "bad_in_a_row": state.bad_in_a_row,
+        "initial_metrics": state.initial_metrics, "model_config": nets.model.config.to_dict(),
+        "train": cfg.to_dict(), "world_size": world,
+    }  # fmt: skip
+
+
+def checkpoint(run: Path, state: RunState, nets: Networks, cfg: TrainConfig, procs: Processes) -> Path:
+    """RUN/checkpoints/step_XXXXXXX.pt of this step: rank 0 writes it, all ranks wait for it."""
+    if procs.master:
+        save_checkpoint(run / "checkpoints", state.step, checkpoint_state(state, nets, cfg, procs.world), cfg.keep_checkpoints)
+    if procs.distributed:
         dist.barrier()
-    if own_group:
-        dist.destroy_process_group()
-    return TrainResult(run, run / "model", metrics, rank)
+    return run / "checkpoints" / f"step_{state.step:07d}.pt"
 
 
-def quickstart(out: str = QUICKSTART.out, seconds: float | None = None, progress: bool = True, **changes: Any) -> TrainResult:
-    """Train the QUICKSTART recipe on the built-in photos within `seconds` (default: the recipe's), then
-    score the model against the bicubic thumbnail on both held-out sets (metrics.json's "against_thumbnail")."""
-    cfg = dataclasses.replace(QUICKSTART, **{"out": out, "seconds": seconds or QUICKSTART.seconds, **changes})
-    result = train(cfg, progress=progress)
-    if result.rank == 0 and cfg.data == "samples" and "final" in result.metrics:
-        result.metrics["against_thumbnail"] = held_out_against_thumbnail(load(result.model), cfg.val_resolution)
-        text = json.dumps(result.metrics, indent=2) + "\n"
-        write_atomic(result.run / "metrics.json", lambda tmp: tmp.write_text(text))
-    return result
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted(folder.glob("step_*.pt"))
+    return found[-1] if found else None
 
 
-def held_out_against_thumbnail(model: Autoencoder, resolution: int = 256) -> dict[str, Any]:
-    """`vaekit.evaluate.against_thumbnail` on each of `vaekit.data.held_out_sets`, colour error on the synthetic one."""
-    sets = held_out_sets(resolution)
-    saturated = [name for name, _ in sets["synthetic"]]
-    return {name: against_thumbnail(model, images, saturated) for name, images in sets.items()}
+def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write step_XXXXXXX.pt atomically (temp file + rename), then delete all but the last `keep`."""
+    path = folder / f"step_{step:07d}.pt"
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
+    for old in sorted(folder.glob("step_*.pt"))[:-keep]:
+        old.unlink()
+    return path
 
 
-# ---- pieces of the loop ------------------------------------------------------------------------
+def _final_model(ema: Autoencoder, data: TrainingData, cfg: TrainConfig, device: torch.device, run: Path, writer: Any,
+                 step: int) -> dict[str, Any]:  # fmt: skip
+    """Save RUN/model, the EMA weights, and return their metrics (metrics.json's "latent_bn" and "final")."""
+    metrics = {}
+    if ema.config.latent_norm == "patch_bn" and not cfg.decoder_only:  # FLUX.2's layout: its normalisation is data
+        metrics["latent_bn"] = fit_latent_bn(ema, data, cfg.batch_size, cfg.seed, device)
+    ema.save(str(run / "model"))
+    if data.val:
+        metrics["final"] = validate(ema, data, device, run / "samples" / f"step_{step:07d}.png", writer, step)
+    return metrics
+
+
+def _write_json(path: Path, value: Any) -> None:
+    text = json.dumps(value, indent=2) + "\n"
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+# ---- the model, the schedule, validation, and small helpers ---------------------------------
 
 
 def build_model(cfg: TrainConfig) -> Autoencoder:
@@ -670,33 +844,19 @@ def validate(model: Autoencoder, data: TrainingData, device: torch.device, grid:
     return result
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    found = sorted(folder.glob("step_*.pt"))
-    return found[-1] if found else None
-
-
-def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write step_XXXXXXX.pt atomically (temp file + rename), then delete all but the last `keep`."""
-    path = folder / f"step_{step:07d}.pt"
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
-    for old in sorted(folder.glob("step_*.pt"))[:-keep]:
-        old.unlink()
-    return path
-
-
 class _ScaleEquivariantForward(nn.Module):
     """The autoencoder's training forward (posterior sample, decode) plus scale equivariance's pair:
-    the same latent downsampled by `factor` and decoded, and the image downsampled alike."""
+    the same latent downsampled by `downscale` and decoded, and the image downsampled alike."""
 
     def __init__(self, model: Autoencoder):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, generator: list[torch.Generator], factor: int):
+    def forward(self, x: torch.Tensor, generator: list[torch.Generator], downscale: int):
         posterior = self.model.encode(x)
         z = posterior.sample(generator)
         recon = self.model.decode(z, size=posterior.image_size)
-        return recon, posterior, (self.model.decode(downsample(z, factor)), downsample(x, factor))
+        return recon, posterior, (self.model.decode(downsample(z, downscale)), downsample(x, downscale))
 
 
 def _generator(seed: int, rank: int, step: int, sample: int, device: torch.device) -> torch.Generator:
@@ -882,7 +1042,13 @@ def _tensorboard(folder: Path) -> Any:
     return SummaryWriter(str(folder))
 
 
+# The loss's "ssim" term is 1 - SSIM: logged as train/ssim_loss, not to be read as val/ssim, the metric.
+_LOGGED_AS = {"ssim": "ssim_loss"}
+
+
 def _log(writer: Any, run: Path, step: int, scalars: dict[str, float]) -> None:
+    """The step's scalars as TensorBoard's train/* and as one line of RUN/log.jsonl."""
+    scalars = {_LOGGED_AS.get(k, k): v for k, v in scalars.items()}
     for k, v in scalars.items():
         writer.add_scalar(f"train/{k}", v, step)
     with open(run / "log.jsonl", "a") as f:
