@@ -19,10 +19,10 @@ from vaekit.losses import (
     adaptive_gan_weight,
     check_lpips_available,
     discriminator_loss,
+    gaussian_ssim as ssim,
     generator_loss,
     kl_loss,
     reconstruction_loss,
-    ssim,
     ssim_loss,
 )
 from vaekit.model import Autoencoder, Posterior

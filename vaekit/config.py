@@ -122,6 +122,11 @@ class AutoencoderConfig:
         return self.patch_size * 2**levels
 
     @property
+    def moment_channels(self) -> int:
+        """Channels of the encoder's output: a VAE's mean and log-variance, an AE's latent alone."""
+        return 2 * self.latent_channels if self.kind == "vae" else self.latent_channels
+
+    @property
     def normalised_shape(self) -> tuple[int, int]:
         """(channels, factor) of the normalised latents `to_latent` returns (FLUX.2: 4x the channels at 2x the factor)."""
         if self.latent_norm == "patch_bn":

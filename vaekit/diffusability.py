@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .advice import option
 from .analysis import high_frequency_fraction, image_statistics, spectrum_slope, statistics_distance
 from .model import Autoencoder
 from .progress import progress as progress_bar
@@ -209,7 +210,7 @@ def crops(data: str, protocol: Protocol, val: str | None = None) -> tuple[Tensor
     p = protocol
     split = training_data(data, p.resolution, val=val, val_images=64, val_resolution=4 * p.resolution, min_scale=p.min_scale)
     if not split.val:
-        raise ValueError(f"{data} left no held-out images: pass --val with other images")
+        raise ValueError(f"{data} left no held-out images: pass {option('val', 'DATA')} naming other images")
     loader = iter(split.loader(p.batch, seed=p.seed))
     train = []
     while sum(len(b) for b in train) < p.train_crops:
@@ -237,7 +238,7 @@ def score(model: Autoencoder, data: str, protocol: Protocol | None = None, val: 
     model = model.eval().float().to(device)
     if p.resolution % model.factor:
         r, f = p.resolution, model.factor
-        raise ValueError(f"--resolution {r} is not a multiple of the model's factor {f}: use --resolution {r - r % f + f}")
+        raise ValueError(f"{option('resolution', r)} is not a multiple of the model's factor {f}: use {option('resolution', r - r % f + f)}")
     x_train, x_val, description = crops(data, p, val)
     z_train, z_val = _batched(model.to_latent, x_train, device), _batched(model.to_latent, x_val, device)
     if transform is not None:

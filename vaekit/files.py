@@ -12,6 +12,8 @@ from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator
 
+from .advice import option
+
 # In every folder vaekit writes images into (reconstructions, run folders, reports). Searching for
 # images skips folders below the searched one that hold it, so outputs never come back as inputs.
 OUTPUT_MARKER = ".vaekit-output"
@@ -79,7 +81,7 @@ def check_targets(targets: Iterable[Path], inputs: Iterable[Path], overwrite: bo
         ([t for t in targets if not t.resolve().is_relative_to(root)] if root else [], f"is outside the output folder {inside}: refused"),
         ([t for t in targets if t.resolve() in given], "is one of the inputs: choose an output that is not among them"),
         ([t for t in targets if t.is_dir()], "is a folder where a file would be written: choose another output"),
-        ([t for t in targets if t.exists()] if not overwrite else [], "already exists: pass --overwrite to replace it, or choose another output"),
+        ([t for t in targets if t.exists()] if not overwrite else [], f"already exists: pass {option('overwrite')} to replace it, or choose another output"),
     ):  # fmt: skip
         if bad:
             more = f" (and {len(bad) - 1} more of the {len(targets)} files to write)" if len(bad) > 1 else ""

@@ -4,7 +4,7 @@ them back (`LatentDataset`), decode them to images, and calibrate a model's late
     OUT/info.json                  what made the dataset (model hash and config, resolution, resize mode,
                                    buckets, store, dtype, shard size, flips, vaekit version) and its parts:
                                    each `vaekit encode` that added sources (their count and hash, first shard)
-    OUT/normalization.safetensors  FLUX.2 only: the BatchNorm statistics its normalisation needs
+    OUT/normalisation.safetensors  FLUX.2 only: the BatchNorm statistics its normalisation needs
     OUT/shard-00000.safetensors    a part's sources [0, S) in sorted order: per item `mean.J` and `logvar.J`
                                    (or `latent.J`), raw as `encode` returns them; its metadata holds the
                                    items' manifest lines and the errors of its range
@@ -48,6 +48,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ._version import __version__
+from .advice import option
 from .config import AutoencoderConfig
 from .data import IMAGE_SUFFIXES, MAX_PIXELS, SHARD_SUFFIXES, ImageTooLarge, find_images, image_size, is_shards, read_image, sample_images, shard_urls
 from .files import mark_output_folder, safe_name, write_atomic
@@ -359,6 +360,7 @@ def model_hash(model: Autoencoder) -> str:
 
 
 # What a calibration changes: the normalisation (and FLUX.2's BatchNorm statistics, which are its normalisation).
+BN_STATS_FILE = "normalisation.safetensors"  # FLUX.2-style models: the BatchNorm statistics
 NORMALISATION_FIELDS = ("latent_norm", "scaling_factor", "shift_factor", "latents_mean", "latents_std", "family")
 
 
@@ -476,7 +478,7 @@ def _add_part(out: Path, info: dict[str, Any], sources: Sequence[Source], add: b
     if not add:
         shown = ", ".join(s.name for s in new[:3]) + (", ..." if len(new) > 3 else "")
         raise ValueError(f"DATA names {len(new)} image(s) that {out} does not hold ({shown}; sources: {len(known)} there): "
-                         "pass --add to append them as new shards (the existing ones stay as they are), or encode into a new OUT")  # fmt: skip
+                         f"pass {option('add')} to append them as new shards (the existing ones stay as they are), or encode into a new OUT")  # fmt: skip
     part = {"sources": len(new), "sources_hash": sources_hash(new), "first_shard": _shards(last, info["shard_size"]).stop,
             "command": command}  # fmt: skip
     info = {**info, "parts": [*parts(info), part], "sources": info["sources"] + len(new), "complete": False}
@@ -518,7 +520,7 @@ def encode_dataset(model: Autoencoder, data: str, out: str | Path, options: Enco
             bn = model.bn_stats()
             if bn is not None:
                 stats = {"running_mean": bn[0].detach().float().cpu(), "running_var": bn[1].detach().float().cpu()}
-                write_atomic(out / "normalization.safetensors", lambda tmp: save_file(stats, str(tmp)))
+                write_atomic(out / BN_STATS_FILE, lambda tmp: save_file(stats, str(tmp)))
         for leftover in out.glob(".*.tmp"):  # a file being written when a crash (kill -9) stopped the run
             leftover.unlink()
         for partial in out.glob("partial-*.safetensors"):  # kept items of a shard that was finished after all
@@ -777,8 +779,8 @@ class LatentDataset(Dataset):
             raise ValueError(f"{self.root} is an unfinished latent dataset (its encode was interrupted): rerun {rerun} to finish it")
         self.config = AutoencoderConfig.from_dict(self.info["model_config"])
         self.items = [json.loads(line) for line in (self.root / "manifest.jsonl").read_text().splitlines() if line.strip()]
-        stats = self.root / "normalization.safetensors"
-        bn = load_file(str(stats)) if stats.is_file() else None
+        stats = [self.root / name for name in (BN_STATS_FILE, "normalization.safetensors") if (self.root / name).is_file()]
+        bn = load_file(str(stats[0])) if stats else None  # the old name, in datasets written before the spelling was one
         self.bn_stats = (bn["running_mean"], bn["running_var"]) if bn else None
         if model is not None:
             if not isinstance(model, Autoencoder):
@@ -792,7 +794,8 @@ class LatentDataset(Dataset):
             self.config = model.config
             self.bn_stats = (bn_stats[0].detach().float().cpu(), bn_stats[1].detach().float().cpu()) if bn_stats else None
         if sample and self.info["store"] != "both":
-            raise ValueError(f"sample=True needs the posterior (--store both); this dataset stores {self.info['store']!r}")
+            raise ValueError(f"sample=True needs the posterior; this dataset stores {self.info['store']!r}: encode it with "
+                             f"{option('store', 'both')}")
         self.sample, self.seed = sample, seed
         self._epoch = torch.zeros((), dtype=torch.long).share_memory_()  # shared with DataLoader workers, persistent ones too
         self._open: dict[int, Any] = {}
@@ -974,7 +977,7 @@ def calibrated_model(model: Autoencoder, stats: dict[str, Any]) -> Autoencoder:
     cfg = model.config
     if cfg.latent_norm == "patch_bn":  # FLUX.2: the statistics are its BatchNorm's running mean and variance
         if not stats["per_channel"]:
-            raise ValueError("a FLUX.2-style model normalises per channel (its BatchNorm): calibrate with --per-channel")
+            raise ValueError(f"a FLUX.2-style model normalises per channel (its BatchNorm): calibrate with {option('per_channel')}")
         new = Autoencoder(cfg)
         new.load_state_dict(model.state_dict())
         new.bn.running_mean.copy_(torch.tensor(stats["mean"]))

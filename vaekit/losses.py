@@ -50,8 +50,9 @@ def reconstruction_loss(x: Tensor, y: Tensor, kind: PixelLoss = "l1", eps: float
     raise ValueError(f"unknown reconstruction loss {kind!r}; use 'l1', 'l2' or 'charbonnier'")
 
 
-def ssim(x: Tensor, y: Tensor) -> Tensor:
-    """Per-image SSIM (Wang et al. 2004) of images in [-1, 1], differentiable.
+def gaussian_ssim(x: Tensor, y: Tensor) -> Tensor:
+    """Per-image SSIM (Wang et al. 2004) of images in [-1, 1], differentiable, for the loss. (The metric
+    `vaekit.metrics.ssim` is skimage's default, a 7-px uniform window on uint8 images: another number.)
 
     The standard metric: computed on the [0, 1] images (SSIM is not shift invariant, so this is
     what uint8 tools report), Gaussian window 11 / sigma 1.5, population (co)variances,
@@ -82,7 +83,7 @@ def ssim(x: Tensor, y: Tensor) -> Tensor:
 
 def ssim_loss(x: Tensor, y: Tensor) -> Tensor:
     """1 - mean SSIM over the batch (images in [-1, 1])."""
-    return 1.0 - ssim(x, y).mean()
+    return 1.0 - gaussian_ssim(x, y).mean()
 
 
 def kl_loss(posterior: Posterior) -> Tensor:

@@ -15,6 +15,7 @@ import warnings
 
 import torch
 
+from ..advice import FLAGS
 from ..extras import MissingPackage
 from . import analysis, checkpoints, images, latents, speed, training
 from .common import CLIError, command_line
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     # Warnings (an assumed latent normalisation, the fp16 fallback) read as one line, like errors.
     warnings.showwarning = lambda message, *_, **__: print(f"vaekit {args.command}: warning: {message}", file=sys.stderr)
+    advice_in_flags = FLAGS.set(True)  # the library's errors name flags, not Python arguments
     try:
         args.fn(args)
     except KeyboardInterrupt:
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(_explain(e).split()) or type(e).__name__
         print(f"vaekit {args.command}: error: {msg}", file=sys.stderr)
         return 1
+    finally:
+        FLAGS.reset(advice_in_flags)
     return 0
 
 

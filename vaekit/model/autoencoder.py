@@ -74,8 +74,7 @@ class Autoencoder(nn.Module):
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
         self.config = config
-        c = config.latent_channels
-        moments = 2 * c if config.kind == "vae" else c
+        c, moments = config.latent_channels, config.moment_channels
         arch = ARCHITECTURES[config.arch].model
         self.encoder = arch.Encoder(config)
         self.decoder = arch.Decoder(config)

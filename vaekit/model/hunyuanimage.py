@@ -95,7 +95,7 @@ class Encoder(Staged):
         self.down_blocks = nn.ModuleList(layers)
         self.mid_block = MidBlock(ch[-1])
         self.norm_out = _norm(ch[-1], 32)
-        moments = 2 * cfg.latent_channels if cfg.kind == "vae" else cfg.latent_channels
+        moments = cfg.moment_channels
         self.conv_out = Conv2d(ch[-1], moments, 3, padding=1)
         self.group = ch[-1] // moments
 

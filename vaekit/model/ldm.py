@@ -148,7 +148,7 @@ class Encoder(Staged):
         self.down = nn.ModuleList(self.levels(cfg))
         self.mid = MidBlock(ch[-1], g, cfg.mid_attention)
         self.norm_out = _norm(ch[-1], g)
-        moments = 2 * cfg.latent_channels if cfg.kind == "vae" else cfg.latent_channels
+        moments = cfg.moment_channels
         self.conv_out = Conv2d(ch[-1], moments, 3, padding=1)
 
     def image_channels(self, cfg: AutoencoderConfig) -> int:

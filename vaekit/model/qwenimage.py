@@ -134,7 +134,7 @@ class Encoder(Staged):
         self.down_blocks = nn.ModuleList(layers)
         self.mid_block = MidBlock(dims[-1])
         self.norm_out = RMSNorm(dims[-1])
-        self.conv_out = CausalConv3d(dims[-1], 2 * cfg.latent_channels if cfg.kind == "vae" else cfg.latent_channels, 3, padding=1)
+        self.conv_out = CausalConv3d(dims[-1], cfg.moment_channels, 3, padding=1)
 
     def body_stages(self) -> list[nn.Module]:
         """The full-resolution layers in order (all local: they tile exactly)."""
@@ -193,5 +193,5 @@ class _Out(nn.Module):
 
 def quant_convs(cfg: AutoencoderConfig) -> tuple[nn.Module, nn.Module]:
     """The 1x1x1 video convolutions around the latent (diffusers' `quant_conv` / `post_quant_conv`)."""
-    moments = 2 * cfg.latent_channels if cfg.kind == "vae" else cfg.latent_channels
+    moments = cfg.moment_channels
     return CausalConv3d(moments, moments, 1), CausalConv3d(cfg.latent_channels, cfg.latent_channels, 1)
