@@ -98,3 +98,15 @@ def test_console_script_errors_are_one_line(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode != 0
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("vaekit inspect: error:")
+
+
+def test_advice_names_the_python_argument_from_python_and_the_flag_from_the_cli(photo_tree, model_dir, tmp_path, capsys):
+    from vaekit.reconstruct import reconstruct
+
+    out = tmp_path / "out"
+    assert main(["reconstruct", str(model_dir), str(photo_tree / "a.png"), str(out / "a.png")]) == 0
+    assert main(["reconstruct", str(model_dir), str(photo_tree / "a.png"), str(out / "a.png")]) == 1
+    assert "already exists: pass --overwrite to replace it" in capsys.readouterr().err
+    # From Python, after the command line has run in this process: the argument's name.
+    with pytest.raises(ValueError, match=r"already exists: pass overwrite=True to replace it"):
+        reconstruct(load(str(model_dir)), photo_tree / "a.png", out / "a.png")
