@@ -336,6 +336,26 @@ def test_decode_a_dataset_and_a_file_of_latents(tmp_path, images, capsys):
         assert np.array_equal(np.asarray(Image.open(tmp_path / "dec3" / f"samples_{i:05d}.png")), want[i])
 
 
+def test_decode_latents_from_python_equals_from_latent_and_names_python_arguments(tmp_path):
+    from vaekit.latents import decode_latents
+
+    model = vaekit.load(save_model(tmp_path / "m"))
+    z = torch.randn(2, 4, 5, 6)
+    save_file({"samples": z, "../up": z[0].clone()}, str(tmp_path / "z.safetensors"))
+    skipped: list[str] = []
+    written = decode_latents(model, tmp_path / "z.safetensors", tmp_path / "dec", progress=False, skipped=skipped)
+    assert [p.name for p in written] == ["samples_00000.png", "samples_00001.png"] and skipped[0].startswith("skipped '../up'")
+    with torch.no_grad():
+        want = to_uint8(model.from_latent(z))
+    assert all(np.array_equal(np.asarray(Image.open(p)), want[i]) for i, p in enumerate(written))
+    with pytest.raises(ValueError, match=r"already exists: pass overwrite=True"):
+        decode_latents(model, tmp_path / "z.safetensors", tmp_path / "dec", progress=False)
+    save_file({"z": torch.randn(7, 4, 4)}, str(tmp_path / "z7.safetensors"))
+    with pytest.raises(ValueError, match=r"7-channel latents.*pass raw=True if they are raw"):
+        decode_latents(model, tmp_path / "z7.safetensors", tmp_path / "dec7", progress=False)
+    assert not (tmp_path / "dec7").exists()
+
+
 def test_calibrate_measures_and_writes_unit_variance(tmp_path, images, capsys):
     model_dir = save_model(tmp_path / "m")
     for extra, norm in (([], "affine"), (["--per-channel"], "channel")):

@@ -904,6 +904,71 @@ def output_name(source: str, flipped: bool = False) -> PurePosixPath:
     return name.with_name(f"{name.stem}.flipped{name.suffix}") if flipped else name
 
 
+def decode_latents(model: Autoencoder, latents: str | Path, out: str | Path, raw: bool = False, force: bool = False,
+                   overwrite: bool = False, tile: int | str | None = None, progress: bool = True,
+                   skipped: list[str] | None = None) -> list[Path]:  # fmt: skip
+    """Decode `latents`, a folder `vaekit encode` wrote or one .safetensors / weights-only .pt file of latents
+    (normalised, as a diffusion model makes them, unless `raw`), into PNGs in `out`; returns the files written.
+
+    A dataset's items are named after their sources (`output_name`, then `files.output_names`: x.jpg and x.png
+    become x.jpg.png and x.png) and decoded from the stored posterior mean, with no round trip through the
+    normalisation; `model` must have the weights that encoded it (any normalisation), unless `force`. A file's
+    tensors are named after their keys. Names that would leave `out` are skipped and described in `skipped`.
+    Everything is checked before `out` is made or any file written (the files.py rules)."""
+    from .data import to_uint8, write_image
+    from .files import check_output_folder, check_targets, output_folder, output_names
+
+    src, out = Path(latents), Path(out)
+    check_output_folder(out, "the output folder")
+    skipped = [] if skipped is None else skipped
+    if is_latent_dataset(src):
+        dataset = LatentDataset(src)
+        if not force and not encoded_by(model, dataset.info):
+            raise ValueError(f"the model is not the one that encoded {src} (its info.json records other weights): decode with "
+                             f"that model (or a recalibrated copy of it), or pass {option('force')} to decode anyway")  # fmt: skip
+        _check_channels(model, dataset.config.latent_channels, f"{src} holds", raw=True)
+        kept = []
+        for i, item in enumerate(dataset.items):
+            try:
+                kept.append((i, output_name(item["source"], item.get("flipped", False))))
+            except ValueError as e:
+                skipped.append(f"skipped {item['source']}: {e}")
+        names = [name for _, name in kept]
+        found = (dataset.raw_latent(i) for i, _ in kept)
+    elif src.is_dir():
+        raise ValueError(f"{src} is a folder without info.json: give a latent dataset `vaekit encode` wrote, or a .safetensors or .pt file of latents")
+    else:
+        pairs = []
+        for key, t in read_latent_file(src):
+            _check_channels(model, t.shape[0], f"{src}: {key!r} has", raw=raw)
+            try:
+                pairs.append((safe_name(key), t))
+            except ValueError as e:
+                skipped.append(f"skipped {key!r}: {e}")
+        names = [name for name, _ in pairs]
+        bn = model.bn_stats()
+        found = (t.float() if raw else denormalize_latents(t.float()[None], model.config, bn)[0] for _, t in pairs)
+    if not names:
+        raise ValueError(f"nothing to decode in {src}" + (f" ({skipped[0]})" if skipped else ""))
+    targets = [out / name for name in output_names(names)]
+    check_targets(targets, [], overwrite, inside=out)
+    with output_folder(out, "vaekit decode"):
+        for target, z in progress_bar(zip(targets, found), "decode", "img", total=len(targets), enabled=progress):
+            with torch.inference_mode():
+                x = model.decode(z[None].to(model.device), tile=tile)
+            write_image(target, to_uint8(x)[0])
+    return targets
+
+
+def _check_channels(model: Autoencoder, channels: int, what: str, raw: bool) -> None:
+    """Latents the model cannot decode are refused before any folder is made."""
+    want = model.config.latent_channels if raw else model.config.normalised_shape[0]
+    if channels != want:
+        kind = "raw" if raw else "normalised"
+        raise ValueError(f"{what} {channels}-channel latents; the model's {kind} latents have {want}: decode with the model "
+                         f"that made them" + ("" if raw else f" (or pass {option('raw')} if they are raw, as `encode` returns them)"))  # fmt: skip
+
+
 def read_latent_file(path: str | Path) -> list[tuple[str, Tensor]]:
     """A .safetensors or weights-only .pt file of latents -> (name, CHW tensor) pairs: each tensor named by its key,
     a batch (4D) split into `key_00000`, ... ."""

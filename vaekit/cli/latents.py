@@ -140,67 +140,22 @@ def cmd_decode(args: argparse.Namespace) -> None:
     becomes shard-000/; a mirrored item x.flipped.png) and decoded from the stored posterior mean; a file's tensors
     after their keys (a batch: KEY_00000.png, ...). Names that would leave OUTDIR (absolute, '..') are skipped.
     MODEL must have the weights that encoded the dataset (any normalisation: a recalibrated copy is fine), unless
-    --force."""
+    --force. Python: vaekit.latents.decode_latents."""
     from ..checkpoints import load
-    from ..data import to_uint8, write_image
-    from ..files import check_output_folder, check_targets, output_folder, output_names, safe_name
-    from ..latents import LatentDataset, encoded_by, is_latent_dataset, output_name, read_latent_file
+    from ..files import check_output_folder
+    from ..latents import decode_latents
     from ..model import winograd
-    from ..model.autoencoder import denormalize_latents
-    from ..progress import progress
 
-    src, out = Path(args.latents), Path(args.outdir)
+    out = Path(args.outdir)
     model = load(args.model, family=args.family, device=args.device, dtype=DTYPES[args.dtype], seed=args.seed)
     check_output_folder(out, "OUTDIR")
     skipped: list[str] = []
-    if is_latent_dataset(src):
-        dataset = LatentDataset(src)
-        if not args.force and not encoded_by(model, dataset.info):
-            raise CLIError(f"{args.model} is not the model that encoded {src} (its info.json records other weights): "
-                           "decode with that model (or a recalibrated copy of it), or pass --force to decode anyway")  # fmt: skip
-        _check_channels(model, dataset.config.latent_channels, f"{src} holds", raw=True)
-        kept = []
-        for i, item in enumerate(dataset.items):
-            try:
-                kept.append((i, output_name(item["source"], item.get("flipped", False))))
-            except ValueError as e:
-                skipped.append(f"skipped {item['source']}: {e}")
-        names = [name for _, name in kept]
-        latents = (dataset.raw_latent(i) for i, _ in kept)  # raw: no round trip through the normalisation
-    elif src.is_dir():
-        raise CLIError(f"LATENTS {src} is a folder without info.json: give a latent dataset `vaekit encode` wrote, or a .safetensors or .pt file of latents")
-    else:
-        pairs = []
-        for key, t in read_latent_file(src):
-            _check_channels(model, t.shape[0], f"{src}: {key!r} has", raw=args.raw)
-            try:
-                pairs.append((safe_name(key), t))
-            except ValueError as e:
-                skipped.append(f"skipped {key!r}: {e}")
-        names = [name for name, _ in pairs]
-        bn = model.bn_stats()
-        latents = (t.float() if args.raw else denormalize_latents(t.float()[None], model.config, bn)[0] for _, t in pairs)
-    if not names:
-        raise CLIError(f"nothing to decode in {src}" + (f" ({skipped[0]})" if skipped else ""))
-    targets = [out / name for name in output_names(names)]
-    check_targets(targets, [], args.overwrite, inside=out)
+    with winograd(args.winograd):
+        written = decode_latents(model, args.latents, out, raw=args.raw, force=args.force, overwrite=args.overwrite,
+                                 tile=args.tile, skipped=skipped)  # fmt: skip
     for line in skipped:
         print(line, file=sys.stderr)
-    with output_folder(out, "vaekit decode"):
-        for target, z in progress(zip(targets, latents), "decode", "img", total=len(targets)):
-            with torch.inference_mode(), winograd(args.winograd):
-                x = model.decode(z[None].to(model.device), tile=args.tile)
-            write_image(target, to_uint8(x)[0])
-    print(f"wrote {plural(len(targets), 'image')} to {out}" + (f" ({len(skipped)} skipped)" if skipped else ""))
-
-
-def _check_channels(model, channels: int, what: str, raw: bool) -> None:
-    """Latents the model cannot decode are refused before any folder is made."""
-    want = model.config.latent_channels if raw else model.config.normalised_shape[0]
-    if channels != want:
-        kind = "raw" if raw else "normalised"
-        raise CLIError(f"{what} {channels}-channel latents; the model's {kind} latents have {want}: decode with the model "
-                       "that made them" + ("" if raw else " (or pass --raw if they are raw, as `encode` returns them)"))  # fmt: skip
+    print(f"wrote {plural(len(written), 'image')} to {out}" + (f" ({len(skipped)} skipped)" if skipped else ""))
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
