@@ -147,7 +147,8 @@ class AutoencoderConfig:
 
     @property
     def diffusers_compatible(self) -> bool:
-        """Whether a diffusers class has this architecture, so it can load vaekit's diffusers folder."""
+        """LDM: whether diffusers' AutoencoderKL (AutoencoderKLFlux2) expresses this config, so it loads vaekit's
+        diffusers folder. Every architecture's answer: its layout's `diffusers_can_load`."""
         return self.arch == "ldm" and self.kind == "vae" and not (self.shortcuts or self.thumbnail_shortcut) and self.patch_size == 1
 
     def replace(self, **changes: Any) -> "AutoencoderConfig":

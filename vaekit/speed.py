@@ -27,7 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import AutoencoderConfig
-from .model import Autoencoder, lean
+from .model import ARCHITECTURES, Autoencoder, lean
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -124,8 +124,8 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
 
 
 def has_diffusers_peer(config: AutoencoderConfig) -> bool:
-    """Whether diffusers has a class for this architecture (pixel space and vaekit's own shortcuts have none)."""
-    return config.arch in ("qwenimage", "hunyuanimage") or config.diffusers_compatible
+    """Whether diffusers has a class for this config (pixel space, AEs and the fast-training options have none)."""
+    return ARCHITECTURES[config.arch].layout.diffusers_can_load(config)
 
 
 def diffusers_peer(model: Autoencoder, dtype: torch.dtype) -> Any | None:
@@ -185,8 +185,8 @@ def bench(model: Autoencoder, sizes: list[int], batches: list[int], precisions: 
                     x = (torch.rand(batch, model.config.in_channels, size, size, generator=g) * 2 - 1).to(device, dtype)
                     with torch.inference_mode():
                         z = model.encode(x, tile=tile).mean
-                    # Qwen-Image's diffusers class takes videos: an image is one frame.
-                    video = model.config.arch == "qwenimage"
+                    # A video VAE's diffusers class (Qwen-Image's) takes videos: an image is one frame.
+                    video = ARCHITECTURES[model.config.arch].layout.DIFFUSERS_FRAMES
                     frame, unframe = (lambda t: t[:, :, None], lambda t: t[:, :, 0]) if video else (lambda t: t, lambda t: t)
                     ops = {
                         "encode": (lambda: model.encode(x, tile=tile).mean,

@@ -103,6 +103,7 @@ def _run_training(run: Callable, command: str) -> None:
 def _report(result) -> None:
     """Where the run, the model, the samples and the metrics are, and the held-out scores."""
     from ..config import AutoencoderConfig
+    from ..model import ARCHITECTURES
 
     m = result.metrics
     done = m["step"] - m["start_step"]
@@ -112,7 +113,8 @@ def _report(result) -> None:
         span = f", steps {m['start_step']}-{m['step']} of {m['steps']}" if m["start_step"] else ""
         print(f"trained {plural(done, 'step')} in {m['seconds']:.0f} s ({m['stopped']}{span}); run folder: {result.run}")
     config = AutoencoderConfig.from_dict(json.loads((result.run / "config.json").read_text())["model"])
-    loaders = "vaekit.load, or diffusers AutoencoderKL.from_pretrained" if config.diffusers_compatible else "vaekit.load"
+    layout = ARCHITECTURES[config.arch].layout
+    loaders = f"vaekit.load, or diffusers {layout.diffusers_config(config)['_class_name']}.from_pretrained" if layout.diffusers_can_load(config) else "vaekit.load"
     print(f"model:   {result.model}  ({loaders})")
     if "final" in m:
         grid = sorted((result.run / "samples").glob("step_*.png"))[-1]

@@ -39,6 +39,11 @@ class Layout(Protocol):
     FAMILY: str | None
     LOAD_DTYPE: torch.dtype | None  # what `load` computes in when no dtype is asked (None: the stored dtype)
     NO_WEIGHTS: str | None  # why models of this architecture have no weights (pixel space), or None
+    DIFFUSERS_FRAMES: bool  # its diffusers class takes videos (N, C, T, H, W): an image is one frame
+
+    def diffusers_can_load(self, config: AutoencoderConfig) -> bool:
+        """Whether its diffusers class expresses this config, so diffusers loads the folder `write` makes (and
+        `vaekit bench` has a peer to time against)."""
 
     def recognise(self, keys: Iterable[str]) -> str | None:
         """What naming these tensor names are ("LDM naming", "Wan 2.1 / Qwen-Image layout (ComfyUI)"), or None

@@ -20,6 +20,7 @@ DIFFUSERS_CLASSES = ("AutoencoderKLHunyuanImage",)
 FAMILY = "hunyuanimage"
 LOAD_DTYPE = torch.float32  # its authors run it in fp32 (hyimage's load_vae), whatever the file stores
 NO_WEIGHTS = None
+DIFFUSERS_FRAMES = False
 
 # (native part, flat list, Tencent's nested list, its resample) for the encoder and the decoder.
 _PARTS = (("encoder", "down_blocks", "down", "downsample"), ("decoder", "up_blocks", "up", "upsample"))
@@ -58,6 +59,10 @@ def diffusers_config(c: AutoencoderConfig) -> dict[str, Any]:
         "layers_per_block": c.layers_per_block, "out_channels": c.out_channels, "sample_size": 384,
         "scaling_factor": c.scaling_factor, "spatial_compression_ratio": c.factor, "upsample_match_channel": True,
     }  # fmt: skip
+
+
+def diffusers_can_load(config: AutoencoderConfig) -> bool:
+    return config.kind == "vae"  # the class has a Gaussian posterior; vaekit's AE variant has none
 
 
 def recognise(keys: Iterable[str]) -> str | None:

@@ -21,6 +21,7 @@ DIFFUSERS_CLASSES = ("AutoencoderKL", "AutoencoderKLFlux2")
 FAMILY = None  # SD1 and SDXL share the architecture, so do SD3 and FLUX.1: the names do not tell the family
 LOAD_DTYPE = None
 NO_WEIGHTS = None
+DIFFUSERS_FRAMES = False
 
 # BFL's FLUX.2 ae.safetensors names for the native (vaekit, diffusers) quant convs: its encoder and
 # decoder own them. Single files of patch_bn models are written with these names, as BFL's code loads.
@@ -37,6 +38,10 @@ _ATTENTION_PROJECTION = re.compile(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
 
 
 # ---- which names a file has, and the native names ---------------------------------------------------
+
+
+def diffusers_can_load(config: AutoencoderConfig) -> bool:
+    return config.diffusers_compatible  # AutoencoderKL / AutoencoderKLFlux2: no AE, no fast-training options
 
 
 def recognise(keys: Iterable[str]) -> str | None:

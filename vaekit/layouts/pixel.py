@@ -14,8 +14,13 @@ DIFFUSERS_CLASSES: tuple[str, ...] = ()
 FAMILY = None
 LOAD_DTYPE = None
 NO_WEIGHTS = "pixel space has no weights"
+DIFFUSERS_FRAMES = False
 
 _NOTHING_TO_SAVE = "a pixel-space model has no weights to save: use preset:pixel (or pixel-p2, pixel-p16) wherever a MODEL is asked"
+
+
+def diffusers_can_load(config: AutoencoderConfig) -> bool:
+    return False
 
 
 def recognise(keys: Iterable[str]) -> None:

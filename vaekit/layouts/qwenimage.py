@@ -17,6 +17,7 @@ DIFFUSERS_CLASSES = ("AutoencoderKLQwenImage",)
 FAMILY = "qwenimage"  # Wan 2.1's VAE has the same architecture and the same latent statistics
 LOAD_DTYPE = None
 NO_WEIGHTS = None
+DIFFUSERS_FRAMES = True  # AutoencoderKLQwenImage is a video VAE
 
 # Inside one residual block: Wan's `residual` Sequential (norm, SiLU, conv, norm, SiLU, dropout, conv).
 _RESIDUAL = {"norm1.": "residual.0.", "conv1.": "residual.2.", "norm2.": "residual.3.", "conv2.": "residual.6.",
@@ -50,6 +51,10 @@ def diffusers_config(c: AutoencoderConfig) -> dict[str, Any]:
         "latents_mean": list(c.latents_mean), "latents_std": list(c.latents_std),
         "num_res_blocks": c.layers_per_block, "temperal_downsample": list(c.temporal_downsample), "z_dim": c.latent_channels,
     }  # fmt: skip
+
+
+def diffusers_can_load(config: AutoencoderConfig) -> bool:
+    return config.kind == "vae"  # the class has a Gaussian posterior; vaekit's AE variant has none
 
 
 def recognise(keys: Iterable[str]) -> str | None:
