@@ -20,6 +20,11 @@ class AutoencoderConfig:
     out_channels: int = 3
     # One entry per resolution level; n levels downsample by 2**(n-1).
     block_channels: tuple[int, ...] = (128, 256, 512, 512)
+    # The decoder's own widths, one per level like block_channels (FLUX.2's small decoder: a narrower decoder behind
+    # FLUX.2's encoder; diffusers' AutoencoderKLFlux2 `decoder_block_out_channels`). None: the encoder's, which is every
+    # other model; a tuple equal to block_channels is stored as None, so both spell one config. `decoder_channels`
+    # is the widths the decoder has either way.
+    decoder_block_channels: tuple[int, ...] | None = None
     layers_per_block: int = 2
     latent_channels: int = 4
     kind: Literal["vae", "ae"] = "vae"  # Gaussian posterior, or a deterministic latent
@@ -72,6 +77,9 @@ class AutoencoderConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_channels", tuple(int(c) for c in self.block_channels))
+        if self.decoder_block_channels is not None:
+            widths = tuple(int(c) for c in self.decoder_block_channels)
+            object.__setattr__(self, "decoder_block_channels", None if widths == self.block_channels else widths)
         for name in ("latents_mean", "latents_std"):
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         object.__setattr__(self, "temporal_downsample", tuple(bool(v) for v in self.temporal_downsample))
@@ -93,6 +101,15 @@ class AutoencoderConfig:
         bad = [c for c in self.block_channels if c % self.norm_groups] if self.arch in ("ldm", "hunyuanimage") else []
         if bad:
             raise ValueError(f"norm_groups={self.norm_groups} must divide every block channel count; {bad} do not")
+        if self.decoder_block_channels is not None:
+            if self.arch != "ldm" or self.shortcuts:
+                raise ValueError("decoder_block_channels is an option of the ldm architecture (without shortcuts)")
+            if len(self.decoder_block_channels) != len(self.block_channels):
+                raise ValueError(f"decoder_block_channels needs one width per level, as block_channels "
+                                 f"({len(self.block_channels)}), got {len(self.decoder_block_channels)}")  # fmt: skip
+            bad = [c for c in self.decoder_block_channels if c <= 0 or c % self.norm_groups]
+            if bad:
+                raise ValueError(f"norm_groups={self.norm_groups} must divide every decoder block channel count; {bad} do not")
         if self.arch != "ldm" and self.shortcuts:
             raise ValueError("shortcuts are an option of the ldm architecture")
         if self.thumbnail_shortcut and (self.arch != "ldm" or not self.in_channels == self.out_channels <= self.latent_channels):
@@ -122,6 +139,11 @@ class AutoencoderConfig:
         return self.patch_size * 2**levels
 
     @property
+    def decoder_channels(self) -> tuple[int, ...]:
+        """The decoder's widths per level (from the image side, as block_channels): its own, or the encoder's."""
+        return self.decoder_block_channels if self.decoder_block_channels is not None else self.block_channels
+
+    @property
     def moment_channels(self) -> int:
         """Channels of the encoder's output: a VAE's mean and log-variance, an AE's latent alone."""
         return 2 * self.latent_channels if self.kind == "vae" else self.latent_channels
@@ -148,8 +170,11 @@ class AutoencoderConfig:
     @property
     def diffusers_compatible(self) -> bool:
         """LDM: whether diffusers' AutoencoderKL (AutoencoderKLFlux2) expresses this config, so it loads vaekit's
-        diffusers folder. Every architecture's answer: its layout's `diffusers_can_load`."""
-        return self.arch == "ldm" and self.kind == "vae" and not (self.shortcuts or self.thumbnail_shortcut) and self.patch_size == 1
+        diffusers folder. Every architecture's answer: its layout's `diffusers_can_load`. A decoder of its own widths:
+        only AutoencoderKLFlux2 (FLUX.2's patch_bn latents) has `decoder_block_out_channels`."""
+        own_decoder = self.decoder_block_channels is not None and self.latent_norm != "patch_bn"
+        return (self.arch == "ldm" and self.kind == "vae" and not (self.shortcuts or self.thumbnail_shortcut or own_decoder)
+                and self.patch_size == 1)  # fmt: skip
 
     def replace(self, **changes: Any) -> "AutoencoderConfig":
         return dataclasses.replace(self, **changes)
@@ -158,6 +183,8 @@ class AutoencoderConfig:
         d = dataclasses.asdict(self)
         for name in ("block_channels", "latents_mean", "latents_std", "temporal_downsample"):
             d[name] = list(d[name])
+        if d["decoder_block_channels"] is not None:
+            d["decoder_block_channels"] = list(d["decoder_block_channels"])
         return d
 
     @classmethod
@@ -219,6 +246,13 @@ PRESETS: dict[str, Preset] = {
     "flux2": Preset(
         _SD.replace(latent_channels=32, latent_norm="patch_bn", family="flux2"),
         "FLUX.2 VAE (32 channels; its transformer sees 2x2 patches, 128 channels at 16x, BatchNorm-normalised)",
+    ),
+    # The widths of black-forest-labs/FLUX.2-small-decoder (diffusers PR #13428 added decoder_block_out_channels for
+    # it), as its config.json states them according to third-party ports (VincentGourbin/flux-2-swift-mlx PR #76): not
+    # read from the Hub here. Its encoder is FLUX.2's, so are the latents: FLUX.2's BatchNorm states them.
+    "flux2-small-decoder": Preset(
+        _SD.replace(latent_channels=32, latent_norm="patch_bn", decoder_block_channels=(96, 192, 384, 384), family="flux2-small-decoder"),
+        "FLUX.2 VAE with BFL's distilled small decoder (widths 96-384 instead of 128-512; FLUX.2's encoder and latents)",
     ),
     "qwenimage": Preset(
         AutoencoderConfig(
@@ -289,7 +323,7 @@ def describe_channels(n: int, noun: str) -> str:
 ALIASES = {
     "flux": "flux1", "flux.1": "flux1", "flux-1": "flux1", "sd15": "sd1", "sd1.5": "sd1", "sd14": "sd1", "sd1.4": "sd1",
     "sd2": "sd1", "sd21": "sd1", "sd2.1": "sd1", "sd35": "sd3", "sd3.5": "sd3", "lumina": "lumina2", "pixart-alpha": "pixart",
-    "flux.2": "flux2", "flux-2": "flux2", "qwen": "qwenimage", "qwen-image": "qwenimage",
+    "flux.2": "flux2", "flux-2": "flux2", "flux.2-small-decoder": "flux2-small-decoder", "qwen": "qwenimage", "qwen-image": "qwenimage",
     "hunyuan": "hunyuanimage", "hunyuan-image": "hunyuanimage", "hunyuanimage2.1": "hunyuanimage",
 }  # fmt: skip
 

@@ -150,7 +150,8 @@ def diffusers_config(c: AutoencoderConfig) -> dict[str, Any]:
         return {
             "_class_name": "AutoencoderKLFlux2", "_diffusers_version": "0.36.0", "act_fn": "silu",
             "batch_norm_eps": PATCH_BN_EPS, "batch_norm_momentum": 0.1, "block_out_channels": list(c.block_channels),
-            "decoder_block_out_channels": None, "down_block_types": ["DownEncoderBlock2D"] * n,
+            "decoder_block_out_channels": None if c.decoder_block_channels is None else list(c.decoder_block_channels),
+            "down_block_types": ["DownEncoderBlock2D"] * n,
             "in_channels": c.in_channels, "latent_channels": c.latent_channels, "layers_per_block": c.layers_per_block,
             "mid_block_add_attention": c.mid_attention, "norm_num_groups": c.norm_groups, "out_channels": c.out_channels,
             "patch_size": [2, 2], "sample_size": DIFFUSERS_SAMPLE_SIZE, "up_block_types": ["UpDecoderBlock2D"] * n,
@@ -188,7 +189,8 @@ def config_from_diffusers(d: dict[str, Any]) -> tuple[AutoencoderConfig, bool]:
         ("act_fn", d.get("act_fn", "silu") == "silu"),
         ("down_block_types", d.get("down_block_types", ["DownEncoderBlock2D"] * n) == ["DownEncoderBlock2D"] * n),
         ("up_block_types", d.get("up_block_types", ["UpDecoderBlock2D"] * n) == ["UpDecoderBlock2D"] * n),
-        ("decoder_block_out_channels", d.get("decoder_block_out_channels") in (None, list(channels))),
+        # AutoencoderKLFlux2's decoder widths (FLUX.2's small decoder); AutoencoderKL has no such option
+        ("decoder_block_out_channels", flux2 or d.get("decoder_block_out_channels") in (None, list(channels))),
         ("patch_size", not flux2 or list(d.get("patch_size", [2, 2])) == [2, 2]),
         ("batch_norm_eps", not flux2 or d.get("batch_norm_eps", PATCH_BN_EPS) == PATCH_BN_EPS),
     ) if not ok]
@@ -199,6 +201,7 @@ def config_from_diffusers(d: dict[str, Any]) -> tuple[AutoencoderConfig, bool]:
         in_channels=d.get("in_channels", 3),
         out_channels=d.get("out_channels", 3),
         block_channels=channels,
+        decoder_block_channels=tuple(d["decoder_block_out_channels"]) if flux2 and d.get("decoder_block_out_channels") else None,
         layers_per_block=d.get("layers_per_block", 1),
         latent_channels=d.get("latent_channels", 4),
         use_quant_conv=d.get("use_quant_conv", True),
@@ -227,18 +230,25 @@ def config_from_tensors(t: dict[str, Tensor]) -> tuple[AutoencoderConfig, str]:
     if levels != list(range(len(levels))) or not levels:
         raise ValueError(f"cannot infer the architecture: encoder levels {levels} are not 0..n-1")
     channels = tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in levels)
+    # The decoder's widths from its own tensors (FLUX.2's small decoder is narrower than its encoder): up.i works at
+    # encoder level i's resolution, and its first block's conv1 makes that level's width.
+    up = sorted({int(m[1]) for k in t if (m := re.match(r"decoder\.up\.(\d+)\.block\.", k))})
+    if up != levels:
+        raise ValueError(f"cannot infer the architecture: decoder levels {up} do not match the encoder's {levels}")
+    decoder = tuple(shape(f"decoder.up.{i}.block.0.conv1.weight")[0] for i in up)
     layers = len({m[1] for k in t if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
     latent = shape("decoder.conv_in.weight")[1]
     moments = shape("encoder.conv_out.weight")[0]
     if moments not in (latent, 2 * latent):
         raise ValueError(f"cannot infer the architecture: the encoder outputs {moments} channels for {latent} latent channels")
-    groups = 32 if all(c % 32 == 0 for c in channels) else math.gcd(32, *channels)
+    groups = 32 if all(c % 32 == 0 for c in channels + decoder) else math.gcd(32, *channels, *decoder)
     note = (f"config inferred from tensor shapes; norm_groups={groups} assumed (GroupNorm weights do not record it"
             + ("; every published LDM VAE uses 32)" if groups == 32 else "; 32 does not divide the channel counts)"))
     config = AutoencoderConfig(
         in_channels=shape("encoder.conv_in.weight")[1],
         out_channels=shape("decoder.conv_out.weight")[0],
         block_channels=channels,
+        decoder_block_channels=decoder,  # None when it is the encoder's
         layers_per_block=layers,
         latent_channels=latent,
         kind="vae" if moments == 2 * latent else "ae",

@@ -182,7 +182,7 @@ class Decoder(Staged):
 
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
-        ch, g = cfg.block_channels, cfg.norm_groups
+        ch, g = cfg.decoder_channels, cfg.norm_groups  # its own widths (FLUX.2's small decoder), else the encoder's
         self.conv_in = Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
         self.mid = MidBlock(ch[-1], g, cfg.mid_attention)
         # Indexed like LDM: up[i] works at the resolution of encoder level i; built and run from the top.
@@ -197,7 +197,8 @@ class Decoder(Staged):
     def levels(self, cfg: AutoencoderConfig) -> Iterator[Level]:
         """The levels from the top, built in that order: each level's first block changes to its width
         (vaekit.model.fast's shortcuts change it in the resampling)."""
-        ch, cin = cfg.block_channels, cfg.block_channels[-1]
+        ch = cfg.decoder_channels
+        cin = ch[-1]
         for i in reversed(range(len(ch))):
             cout = ch[i]
             blocks = [ResnetBlock(cin if j == 0 else cout, cout, cfg.norm_groups) for j in range(cfg.layers_per_block + 1)]
