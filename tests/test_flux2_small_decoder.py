@@ -28,13 +28,14 @@ SMALL = AutoencoderConfig(block_channels=ENCODER, decoder_block_channels=DECODER
                           norm_groups=8, latent_norm="patch_bn")  # fmt: skip
 
 
-def reference(decoder: tuple[int, ...] | None = DECODER) -> AutoencoderKLFlux2:
-    """diffusers' AutoencoderKLFlux2 with a narrow decoder, perturbed weights and non-trivial BatchNorm statistics."""
+def reference(decoder: tuple[int, ...] | None = DECODER, release: bool = False) -> AutoencoderKLFlux2:
+    """diffusers' AutoencoderKLFlux2 with a narrow decoder, perturbed weights and non-trivial BatchNorm statistics;
+    `release`: at the published widths (diffusers' defaults, 2 layers per block, 32 groups) with `decoder`'s."""
     torch.manual_seed(0)
     n = len(ENCODER)
-    ref = AutoencoderKLFlux2(block_out_channels=ENCODER, decoder_block_out_channels=decoder, layers_per_block=1,
-                             down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                             latent_channels=32, norm_num_groups=8)  # fmt: skip
+    small = dict(block_out_channels=ENCODER, layers_per_block=1, norm_num_groups=8,
+                 down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n)  # fmt: skip
+    ref = AutoencoderKLFlux2(decoder_block_out_channels=decoder, latent_channels=32, **({} if release else small))
     perturb(ref, 0.02)
     with torch.no_grad():
         ref.bn.running_mean.normal_(0, 0.5)
@@ -112,6 +113,17 @@ def test_single_file_is_recognised_from_its_decoder_tensors(naming: str, tmp_pat
     assert read_checkpoint(tmp_path / "full_encoder_small_decoder.safetensors").config.decoder_block_channels is None
 
 
+def test_published_widths_match_diffusers(tmp_path: Path) -> None:
+    """At the release's widths: diffusers' folder of AutoencoderKLFlux2(decoder_block_out_channels=(96, 192, 384,
+    384)) is the preset, named as its family."""
+    ref = reference(decoder=(96, 192, 384, 384), release=True)
+    ref.save_pretrained(tmp_path / "d")
+    ours = vaekit.load(tmp_path / "d")
+    assert ours.config == preset("flux2-small-decoder") and ours.config.family == "flux2-small-decoder"
+    diffs = flux2_differences(ours, ref, size=(32, 32))
+    assert max(diffs.values()) <= TOLERANCE, diffs
+
+
 def test_mismatched_decoder_levels_are_an_error() -> None:
     with torch.device("meta"):
         tensors = Autoencoder(SMALL).state_dict()
@@ -134,6 +146,10 @@ def test_published_preset_has_the_diffusers_shapes() -> None:
         full = Autoencoder(preset("flux2"))
     mapped = {k: tuple(v.shape) for k, v in ldm_layout.to_diffusers(ours.state_dict(), config).items()}
     assert mapped == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    # BFL's full_encoder_small_decoder.safetensors names: read back as the preset from the shapes alone.
+    bfl = ldm_layout.to_single_file(ours.state_dict(), config)
+    assert "decoder.post_quant_conv.weight" in bfl and ldm_layout.recognise(bfl) == "BFL FLUX.2 naming"
+    assert ldm_layout.config_from_tensors(ldm_layout.to_native(bfl))[0] == config.replace(family="")
     ratio = sum(p.numel() for p in ours.decoder.parameters()) / sum(p.numel() for p in full.decoder.parameters())
     assert 0.55 < ratio < 0.58, ratio  # "~44% fewer decoder params" (the port that states the widths)
     assert sum(p.numel() for p in ours.encoder.parameters()) == sum(p.numel() for p in full.encoder.parameters())
@@ -168,3 +184,37 @@ def test_bench_times_it_against_autoencoderklflux2() -> None:
         assert r.peer_seconds > 0 and r.max_abs_diff < TOLERANCE, (r.op, r.max_abs_diff)
     # An affine-latent model with a decoder of its own widths has no diffusers class to be timed against.
     assert diffusers_peer(Autoencoder(SMALL.replace(latent_norm="affine")), torch.float32) is None
+
+
+def parity_table() -> None:
+    """Print the rows of docs/CHECKPOINTS.md's parity table for this model (1 thread, fp32): python tests/test_flux2_small_decoder.py"""
+    import tempfile
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        ref = reference()
+        ref.save_pretrained(t / "d")
+        ours = vaekit.load(t / "d")
+        save(ours, t / "v", format="diffusers")
+        save(ours, t / "ae.safetensors", format="single-file")
+        bare = {k: v for k, v in load_file(t / "ae.safetensors").items() if k != "bn.num_batches_tracked"}
+        save_file(bare, t / "bfl.safetensors")  # no metadata: the config from the shapes
+        native = {v: k for k, v in ldm_layout.BFL_NAMES.items()}
+        save_file({ldm_layout._renamed(k, native): v for k, v in bare.items()}, t / "ldm.safetensors")
+        full = reference(decoder=(96, 192, 384, 384), release=True)
+        full.save_pretrained(t / "full")
+        routes = {
+            "diffusers folder -> vaekit": (ours, ref, (32, 48)),
+            "vaekit folder -> diffusers": (ours, AutoencoderKLFlux2.from_pretrained(t / "v").eval(), (32, 48)),
+            "bare BFL-layout file (config from shapes) -> vaekit": (vaekit.load(t / "bfl.safetensors"), ref, (32, 48)),
+            "bare LDM-named file (config from shapes) -> vaekit": (vaekit.load(t / "ldm.safetensors"), ref, (32, 48)),
+            "release widths, diffusers folder -> vaekit": (vaekit.load(t / "full"), full, (32, 32)),
+        }
+        for route, (a, b, size) in routes.items():
+            d = flux2_differences(a, b, size=size)
+            print(f"| FLUX.2 small decoder | {route} | " + " | ".join(f"{d[k]:.1e}" for k in ("mean", "logvar", "decode", "to_latent", "from_latent")) + " |")
+
+
+if __name__ == "__main__":
+    parity_table()
