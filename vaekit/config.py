@@ -22,8 +22,8 @@ class AutoencoderConfig:
     block_channels: tuple[int, ...] = (128, 256, 512, 512)
     # The decoder's own widths, one per level like block_channels (FLUX.2's small decoder: a narrower decoder behind
     # FLUX.2's encoder; diffusers' AutoencoderKLFlux2 `decoder_block_out_channels`). None: the encoder's, which is every
-    # other model; a tuple equal to block_channels is stored as None, so both spell one config. `decoder_channels`
-    # is the widths the decoder has either way.
+    # other model; a tuple equal to block_channels is stored as None, so both spell one config, and to_dict leaves
+    # None out. `decoder_channels` is the widths the decoder has either way.
     decoder_block_channels: tuple[int, ...] | None = None
     layers_per_block: int = 2
     latent_channels: int = 4
@@ -183,7 +183,11 @@ class AutoencoderConfig:
         d = dataclasses.asdict(self)
         for name in ("block_channels", "latents_mean", "latents_std", "temporal_downsample"):
             d[name] = list(d[name])
-        if d["decoder_block_channels"] is not None:
+        # Written only when set: every other model's dict (its saved config, its latent datasets' model hash) stays
+        # as it was before the option existed.
+        if d["decoder_block_channels"] is None:
+            del d["decoder_block_channels"]
+        else:
             d["decoder_block_channels"] = list(d["decoder_block_channels"])
         return d
 
