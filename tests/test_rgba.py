@@ -127,3 +127,9 @@ def test_eval_scores_colour_and_alpha_apart(tmp_path, rgba_model):
     assert row["alpha_mae"] == pytest.approx(np.abs(rec[..., 3] - im[..., 3]).mean(), rel=1e-9)
     assert row["psnr"] == pytest.approx(10 * np.log10(255**2 / colour_mse), rel=1e-9)  # R, G, B only
     assert set(result["mean"]) == {"psnr", "alpha_psnr", "alpha_mae"}
+
+
+def test_an_rgb_batch_for_an_rgba_model_says_how_to_read_alpha(rgba_model):
+    model = vaekit.load(rgba_model)
+    with pytest.raises(ValueError, match=r"3 channels, the model expects 4: the model takes RGBA; read images with vaekit.data.read_image\(alpha=True\)"):
+        model.encode(torch.zeros(1, 3, 16, 16))
