@@ -144,6 +144,11 @@ class AutoencoderConfig:
         return self.decoder_block_channels if self.decoder_block_channels is not None else self.block_channels
 
     @property
+    def rgba(self) -> bool:
+        """Whether images are RGBA (4 channels, e.g. Qwen-Image 2.1): read with their alpha kept, written as RGBA PNGs."""
+        return self.in_channels == 4
+
+    @property
     def moment_channels(self) -> int:
         """Channels of the encoder's output: a VAE's mean and log-variance, an AE's latent alone."""
         return 2 * self.latent_channels if self.kind == "vae" else self.latent_channels

@@ -112,10 +112,13 @@ def image_size(file: str | Path | io.BytesIO, max_pixels: int | None = MAX_PIXEL
 
 
 def read_image(
-    path: str | Path | io.BytesIO, reduce_to: tuple[int, int] | None = None, max_pixels: int | None = MAX_PIXELS
+    path: str | Path | io.BytesIO, reduce_to: tuple[int, int] | None = None, max_pixels: int | None = MAX_PIXELS,
+    alpha: bool = False,
 ) -> np.ndarray:
     """Any PIL-readable image as HxWx3 uint8 RGB (grayscale, palette, RGBA and 16-bit converted), upright:
     its EXIF orientation applied, as phone cameras store portrait photos sideways (ImageOps.exif_transpose).
+    Transparent pixels are composited on white, unless `alpha`: then HxWx4 RGBA with the alpha kept as stored
+    (colours unpremultiplied, as PNG holds them; an image without alpha is opaque), for models with 4 channels.
 
     reduce_to=(w, h), the upright size the caller will resize to: a JPEG may be decoded at 1/2, 1/4 or 1/8
     of its size (DCT scaling: several times faster than decoding it whole), keeping at least REDUCE_MARGIN x
@@ -133,33 +136,38 @@ def read_image(
             a = np.asarray(im, dtype=np.float64)
             a = np.clip(a / (65535.0 if a.max() > 255 else 255.0) * 255.0 + 0.5, 0, 255).astype(np.uint8)
             im = Image.fromarray(a, mode="L")
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        if alpha:
+            im = im.convert("RGBA")
+        elif im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             # Composite on white: transparent regions of logos and renders are usually meant as paper.
             rgba = im.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             im = Image.alpha_composite(background, rgba)
-        rgb = im.convert("RGB")
-        return np.asarray(rgb.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else rgb, dtype=np.uint8).copy()
+        im = im if alpha else im.convert("RGB")
+        return np.asarray(im.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else im, dtype=np.uint8).copy()
 
 
 def write_image(path: str | Path, image: np.ndarray) -> None:
-    """Write HxWx3 uint8 in the format the suffix names (atomically: a crash leaves no half file)."""
+    """Write HxWx3 (RGB) or HxWx4 (RGBA) uint8 in the format the suffix names (atomically: a crash leaves no
+    half file)."""
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"cannot tell an image format from the name {path.name}: end it in .png (or .jpg, .webp, ...)")
+    if image.ndim == 3 and image.shape[2] == 4 and fmt in ("JPEG", "BMP", "PPM"):
+        raise ValueError(f"{path.name}: {fmt} cannot hold the alpha channel of an RGBA image: end the name in .png (or .webp, .tif)")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda tmp: Image.fromarray(image).save(tmp, format=fmt))
 
 
 def to_tensor(image: np.ndarray) -> Tensor:
-    """HxWx3 uint8 -> 1x3xHxW float in [-1, 1]."""
+    """HxWxC uint8 (RGB or RGBA) -> 1xCxHxW float in [-1, 1]."""
     # np.array copies: torch warns on (and must not alias) read-only arrays such as skimage.data's.
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
 
 
 def to_uint8(x: Tensor) -> np.ndarray:
-    """NCHW (or CHW) float in [-1, 1] -> NxHxWx3 (or HxWx3) uint8, rounded as the metrics expect."""
+    """NCHW (or CHW) float in [-1, 1] -> NxHxWxC (or HxWxC) uint8, rounded as the metrics expect."""
     x = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     return x.movedim(-3, -1).cpu().numpy()
 
@@ -322,8 +330,8 @@ def iter_shard_samples(urls: list[str], skipped: list[str] | None = None) -> Ite
             yield sample["__key__"], sample[ext]
 
 
-def iter_images(data: str, skipped: list[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Every image a DATA string names, as (name, HxWx3 uint8).
+def iter_images(data: str, skipped: list[str] | None = None, alpha: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """Every image a DATA string names, as (name, HxWx3 uint8), or HxWx4 RGBA with `alpha` (`read_image`).
 
     Unreadable files are skipped, never fatal: each is appended to `skipped` ("name: reason"), or,
     when no list is given, reported in one warning at the end.
@@ -332,18 +340,19 @@ def iter_images(data: str, skipped: list[str] | None = None) -> Iterator[tuple[s
     skipped = [] if own else skipped
     data = str(data)
     if data == "samples" or data.startswith("samples:"):
-        yield from sample_images(data.partition(":")[2] or "all")
+        for name, image in sample_images(data.partition(":")[2] or "all"):
+            yield name, with_alpha(image) if alpha else image
     elif is_shards(data):
         for key, raw in iter_shard_samples(shard_urls(data), skipped):
             try:
-                yield key, read_image(io.BytesIO(raw))
+                yield key, read_image(io.BytesIO(raw), alpha=alpha)
             except Exception as e:
                 skipped.append(f"{key}: {e}")
     else:
         root = Path(data)
         for path in find_images(root):
             try:
-                image = read_image(path)
+                image = read_image(path, alpha=alpha)
             except Exception as e:
                 skipped.append(f"{path}: {e}")
                 continue
@@ -367,9 +376,17 @@ def sources(data: str) -> set[str]:
     return {str(Path(p).resolve()) for p in paths}
 
 
-def load_images(data: str, limit: int | None = None, skipped: list[str] | None = None) -> list[tuple[str, np.ndarray]]:
+def load_images(data: str, limit: int | None = None, skipped: list[str] | None = None,
+                alpha: bool = False) -> list[tuple[str, np.ndarray]]:  # fmt: skip
     """`iter_images` as a list (the first `limit` images when given)."""
-    return list(itertools.islice(iter_images(data, skipped), limit))
+    return list(itertools.islice(iter_images(data, skipped, alpha), limit))
+
+
+def with_alpha(image: np.ndarray) -> np.ndarray:
+    """HxWx3 RGB -> HxWx4 RGBA, opaque (an HxWx4 image as it is)."""
+    if image.shape[2] == 4:
+        return image
+    return np.concatenate([image, np.full(image.shape[:2] + (1,), 255, np.uint8)], axis=2)
 
 
 # ---- crops ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .data import center_crop, find_images, iter_images, to_tensor
+from .data import center_crop, find_images, iter_images, to_tensor, to_uint8
 from .config import AutoencoderConfig
 from .metrics import (DEFAULT_METRICS, FID, LPIPS, PerImageMetric, as_uint8_images, bicubic_thumbnail, build_metric,
                       colour_error, package_version, periodic_energy, psnr, ssim)  # fmt: skip
@@ -80,7 +80,8 @@ def evaluate(
 
     skipped: list[str] = []
     smallest = max(scorers, key=lambda m: m.min_side)
-    images = _images(data, resolution, skipped, smallest)
+    rgba = model.config.rgba  # colour scored by the metrics, alpha by ALPHA_METRICS
+    images = _images(data, resolution, skipped, smallest, rgba)
     total = len(find_images(data)) if Path(data).exists() else None
     per_image: dict[int, dict[str, Any]] = {}
     was_training = model.training
@@ -93,9 +94,10 @@ def evaluate(
                 x = torch.cat([to_tensor(im) for im in stack]).to(device)
                 with torch.inference_mode():
                     recon, _ = model(x, pad=True)  # posterior mode
-                fake = as_uint8_images(recon)
-                for i, source, _ in batch:
-                    per_image[i] = {"source": source}
+                fake = torch.from_numpy(to_uint8(recon)).movedim(-1, -3).to(device)  # the PNGs' rounding
+                for (i, source, _), alpha in zip(batch, alpha_scores(real, fake) if rgba else [{}] * len(batch)):
+                    per_image[i] = {"source": source, **alpha}
+                real, fake = real[:, :3], fake[:, :3]
                 for m in scorers:
                     if not m.per_image:
                         m.update(real, fake)
@@ -115,6 +117,8 @@ def evaluate(
     mean: dict[str, float] = {}
     for m in scorers:
         mean[m.name] = float(np.mean([r[m.name] for r in rows])) if m.per_image else m.compute()  # FID warns on few images
+    for name in ALPHA_METRICS if rgba else ():
+        mean[name] = float(np.mean([r[name] for r in rows]))
     protocol = _protocol(model, scorers, resolution, batch_size, device, skipped)
     return {
         "model": name,
@@ -128,9 +132,10 @@ def evaluate(
     }
 
 
-def _images(data: str | Path, resolution: int | None, skipped: list[str], smallest: Metric) -> Iterator[tuple[str, np.ndarray]]:
-    """The images as scored; those below the metrics' smallest size are skipped (named in `skipped`)."""
-    for source, image in iter_images(str(data), skipped):
+def _images(data: str | Path, resolution: int | None, skipped: list[str], smallest: Metric,
+            alpha: bool = False) -> Iterator[tuple[str, np.ndarray]]:  # fmt: skip
+    """The images as scored (RGBA with `alpha`); those below the metrics' smallest size are skipped (named in `skipped`)."""
+    for source, image in iter_images(str(data), skipped, alpha):
         image = center_crop(image, resolution) if resolution else image
         h, w = image.shape[:2]
         if min(h, w) < smallest.min_side:
@@ -138,6 +143,18 @@ def _images(data: str | Path, resolution: int | None, skipped: list[str], smalle
                            f"(score at a larger --resolution, or leave {smallest.name} out)")
             continue
         yield source, image
+
+
+ALPHA_METRICS = ("alpha_psnr", "alpha_mae")
+
+
+def alpha_scores(real: torch.Tensor, fake: torch.Tensor) -> list[dict[str, float]]:
+    """Per image of uint8 NCHW RGBA batches, the alpha channel's PSNR (dB; PSNR_CAP when exact, as opaque images'
+    alpha often is) and mean absolute error (levels of 255). The metrics score the colour channels as stored."""
+    d = real[:, 3].double() - fake[:, 3].double()
+    mse, mae = d.pow(2).mean(dim=(1, 2)), d.abs().mean(dim=(1, 2))
+    return [{"alpha_psnr": min(PSNR_CAP, 10 * math.log10(255.0**2 / e)) if e > 0 else PSNR_CAP, "alpha_mae": float(a)}
+            for e, a in zip(mse.tolist(), mae.tolist())]
 
 
 def _same_size_batches(
@@ -178,7 +195,10 @@ def _protocol(
         },
         "images": {
             "view": view,
-            "originals": "the files' RGB as uint8 (vaekit.data.read_image: alpha on white, 16-bit scaled)",
+            "originals": ("the files' RGBA as uint8 (vaekit.data.read_image(alpha=True): alpha as stored, colours "
+                          "unpremultiplied; no alpha: opaque); the metrics score R, G, B, alpha_psnr and alpha_mae "
+                          "the alpha channel" if model.config.rgba else
+                          "the files' RGB as uint8 (vaekit.data.read_image: alpha on white, 16-bit scaled)"),  # fmt: skip
             "quantisation": "reconstruction clamped to [-1, 1], (x + 1) * 127.5, torch.round (half to even), "
             "uint8: vaekit.data.to_uint8, the pixels of vaekit reconstruct's PNGs",
             "skipped": skipped,

@@ -50,7 +50,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ._version import __version__
 from .advice import option
 from .config import AutoencoderConfig
-from .data import IMAGE_SUFFIXES, MAX_PIXELS, SHARD_SUFFIXES, ImageTooLarge, find_images, image_size, is_shards, read_image, sample_images, shard_urls
+from .data import (IMAGE_SUFFIXES, MAX_PIXELS, SHARD_SUFFIXES, ImageTooLarge, find_images, image_size, is_shards, read_image,
+                   sample_images, shard_urls, with_alpha)  # fmt: skip
 from .files import mark_output_folder, safe_name, write_atomic
 from .model import Autoencoder
 from .model.autoencoder import denormalize_latents, normalize_latents
@@ -193,20 +194,21 @@ def _read_bytes(path: str, span: tuple[int, int] | None) -> bytes:
         return f.read(span[1])
 
 
-def _read(source: Source, o: EncodeOptions, target: Callable[[tuple[int, int]], tuple[int, int]]) -> tuple[np.ndarray, tuple[int, int]]:
-    """The source as upright HxWx3 uint8 RGB and its upright (height, width) in the file. A JPEG may be
+def _read(source: Source, o: EncodeOptions, target: Callable[[tuple[int, int]], tuple[int, int]],
+          alpha: bool = False) -> tuple[np.ndarray, tuple[int, int]]:  # fmt: skip
+    """The source as upright HxWx3 uint8 RGB (HxWx4 RGBA with `alpha`) and its upright (height, width) in the file. A JPEG may be
     decoded at a reduced DCT scale that still covers the resize target well (data.read_image); more than
     max_pixels is refused from the header, before decoding."""
     if source.path.startswith("samples"):
         split, _, name = source.path.partition("/")
         image = dict(sample_images(split.partition(":")[2] or "all"))[name]
-        return image, image.shape[:2]
+        return (with_alpha(image) if alpha else image), image.shape[:2]
     file: str | io.BytesIO = source.path if source.span is None else io.BytesIO(_read_bytes(source.path, source.span))
     h, w = image_size(file, max_pixels=o.max_pixels)
     if isinstance(file, io.BytesIO):
         file.seek(0)
     th, tw = target((h, w))
-    return read_image(file, reduce_to=(tw, th) if o.reduced_jpeg else None, max_pixels=o.max_pixels), (h, w)
+    return read_image(file, reduce_to=(tw, th) if o.reduced_jpeg else None, max_pixels=o.max_pixels, alpha=alpha), (h, w)
 
 
 # ---- resizing --------------------------------------------------------------------------------
@@ -268,7 +270,7 @@ def fit(image: np.ndarray, target: tuple[int, int], mode: str) -> tuple[np.ndarr
     im = Image.fromarray(image)
     if mode == "pad":
         x0, y0, x1, y1 = p.canvas
-        canvas = np.zeros((th, tw, 3), np.uint8)
+        canvas = np.zeros((th, tw, image.shape[2]), np.uint8)  # RGBA: the padding is transparent
         canvas[y0:y1, x0:x1] = np.asarray(im.resize((x1 - x0, y1 - y0), Image.LANCZOS))
         return canvas, list(p.box)
     return np.asarray(im.resize((tw, th), Image.LANCZOS, box=p.box)), list(p.box)
@@ -293,8 +295,9 @@ class _Prepared(Dataset):
     the image and, with flips, its mirror; or why it was skipped)."""
 
     def __init__(self, sources: Sequence[Source], positions: Sequence[int], options: EncodeOptions,
-                 buckets: Sequence[tuple[int, int]]):  # fmt: skip
+                 buckets: Sequence[tuple[int, int]], alpha: bool = False):  # fmt: skip
         self.sources, self.positions, self.o, self.buckets = sources, list(positions), options, list(buckets)
+        self.alpha = alpha  # RGBA models: images keep their alpha
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -316,7 +319,7 @@ class _Prepared(Dataset):
         if source.problem:
             return p, source.problem
         try:
-            image, (h, w) = _read(source, self.o, self._decoded_size)
+            image, (h, w) = _read(source, self.o, self._decoded_size, self.alpha)
         except ImageTooLarge as e:
             return p, f"decompression bomb: {e} (--max-pixels)"
         except Exception as e:  # noqa: BLE001 — any unreadable file is listed, never fatal
@@ -338,11 +341,11 @@ class _Prepared(Dataset):
                     for a, flipped in variants]  # fmt: skip
 
 
-def prepared_images(data: str, options: EncodeOptions, skipped: list[str]) -> Iterator[tuple[str, Tensor]]:
+def prepared_images(data: str, options: EncodeOptions, skipped: list[str], alpha: bool = False) -> Iterator[tuple[str, Tensor]]:
     """DATA's images as `vaekit encode` reads and resizes them, (name, 1xCxHxW): the same limits, the same
-    skips (each appended to `skipped` as "name: reason")."""
+    skips (each appended to `skipped` as "name: reason"); RGBA with `alpha`."""
     sources = list_sources(data)
-    prepared = _Prepared(sources, range(len(sources)), options, [])
+    prepared = _Prepared(sources, range(len(sources)), options, [], alpha)
     for i in range(len(prepared)):
         p, got = prepared[i]
         if isinstance(got, str):
@@ -575,7 +578,7 @@ def _encode_shards(model: Autoencoder, out: Path, sources: Sequence[Source], fir
     for shard in shards.values():
         if shard.kept == shard.positions.stop:  # every item was in partial files: a crash came before the shard's write
             shard.write(out)
-    loader = DataLoader(_Prepared(sources, positions, o, buckets), batch_size=None, num_workers=o.workers,
+    loader = DataLoader(_Prepared(sources, positions, o, buckets, model.config.rgba), batch_size=None, num_workers=o.workers,
                         prefetch_factor=4 if o.workers else None)  # fmt: skip
     encoder = _Encoder(model, o, offset)
     shard = None

@@ -124,7 +124,7 @@ def _reconstruct_file(model: Autoencoder, path: Path, target: Path, pad: bool, t
     """Write `path`'s reconstruction to `target`; or why it is skipped: unreadable, or (pad=False) not a
     multiple of the model's factor, which is refused outright when it is the `single` image asked for."""
     try:
-        image = read_image(path)
+        image = read_image(path, alpha=model.config.rgba)
     except Exception as e:  # an unreadable file is skipped and listed, not a failure of the rest
         return Refused("unreadable {path}: {error}", path=path, error=e)
     h, w = image.shape[:2]

@@ -210,7 +210,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         if args.resolution % model.factor:
             raise CLIError(f"--resolution {args.resolution} is not a multiple of the model's factor {model.factor}")
         options = EncodeOptions(resolution=args.resolution, min_side=args.min_side, max_pixels=args.max_pixels)
-        images = [x for _, x in itertools.islice(prepared_images(args.data, options, skipped), args.limit)]
+        images = [x for _, x in itertools.islice(prepared_images(args.data, options, skipped, model.config.rgba), args.limit)]
         for line in skipped:  # encode's limits and skips: unreadable, decompression bombs, too small
             print(f"skipped {line}", file=sys.stderr)
         if not images:

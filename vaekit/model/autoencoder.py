@@ -244,6 +244,9 @@ class Autoencoder(nn.Module):
                 hint = ": this looks like NHWC; x.permute(0, 3, 1, 2) makes it NCHW"
             elif x.shape[1] == 1 and c == 3:
                 hint = ": for grey images repeat the channel, x.expand(-1, 3, -1, -1)"
+            elif x.shape[1] == 3 and c == 4:
+                hint = (": the model takes RGBA; read images with vaekit.data.read_image(alpha=True) (reconstruct, encode, "
+                        "decode, calibrate and eval do; analyze, compare, diffusability and train read RGB only so far)")
             else:
                 hint = " (images are NCHW)"
             raise ValueError(f"images have {x.shape[1]} channel{'s' if x.shape[1] != 1 else ''}, the model expects {c}{hint}")
