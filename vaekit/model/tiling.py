@@ -334,7 +334,7 @@ def _stage_shapes(config: AutoencoderConfig) -> tuple[list[tuple[int, int, int, 
     with torch.device("meta"):
         encoder, decoder = arch.Encoder(config), arch.Decoder(config)
     shapes = []
-    for stages, channels in ((encoder.body_stages(), config.in_channels), (decoder.body_stages(), config.block_channels[-1])):
+    for stages, channels in ((encoder.body_stages(), config.in_channels), (decoder.body_stages(), (config.decoder_block_channels or config.block_channels)[-1])):
         found = []
         for stage in stages:
             y = stage(torch.empty(1, channels, 16, 16, device="meta"))
