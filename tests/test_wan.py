@@ -316,7 +316,7 @@ def parity_table() -> None:
             routes = {"diffusers folder -> vaekit": (ours, ref),
                       "vaekit folder -> diffusers": (ours, AutoencoderKLWan.from_pretrained(t / "v").eval()),
                       "vaekit Wan-layout file -> vaekit": (vaekit.load(t / "file.safetensors"), ref),
-                      "vaekit Wan-layout file -> diffusers' converter": (ours, converted)}  # fmt: skip
+                      "vaekit Wan-layout file -> " + ("diffusers' convert_wan_vae_to_diffusers" if family == "Wan 2.1" else "convert_vae_22's renaming (transcribed)"): (ours, converted)}  # fmt: skip
             if family == "Wan 2.2":
                 wide = wan22_reference(base=40, decoder=64, layers=1)
                 full = Autoencoder(WAN22.replace(block_channels=(40, 80, 160, 160), decoder_block_channels=(64, 128, 256, 256),
