@@ -284,6 +284,18 @@ def test_wan22_tiles_like_it_does_untiled(tmp_path: Path, capsys) -> None:
     assert "family         wan2.2" in out and "normalisation  (z - mean[c]) * 1 / std[c]" in out
 
 
+def test_wan22_trains(tmp_path: Path) -> None:
+    from vaekit.train import TrainConfig, train
+
+    small = WAN22.replace(block_channels=(8, 16, 16), decoder_block_channels=(8, 16, 32), temporal_downsample=(False, True),
+                          layers_per_block=1)  # 3 levels: 8x with the 2x2 patches  # fmt: skip
+    result = train(TrainConfig(data="samples", out=str(tmp_path / "run"), config=small.to_dict(), steps=8, batch_size=2,
+                               resolution=32, val_resolution=32, lr=3e-4, warmup=1, sample_every=0), progress=False)  # fmt: skip
+    assert result.metrics["final"]["psnr"] > result.metrics["initial"]["psnr"]  # 10.35 -> 11.07 dB as measured
+    back = vaekit.load(result.model)
+    assert back.config.arch == "wan22" and back.factor == 8 and back.config.decoder_block_channels == (8, 16, 32)
+
+
 def test_presets_lists_the_wan_families(capsys) -> None:
     assert main(["presets"]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}

@@ -249,7 +249,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "wan2.1": Preset(
         _QWEN.replace(family="wan2.1"),
-        "Wan 2.1 VAE (diffusers AutoencoderKLWan; Qwen-Image's architecture and latent statistics) on one frame",
+        "Wan 2.1 VAE, also Wan 2.2 A14B's (diffusers AutoencoderKLWan; Qwen-Image's architecture and statistics) on one frame",
     ),
     "wan2.2": Preset(
         AutoencoderConfig(
