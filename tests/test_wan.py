@@ -173,6 +173,8 @@ def test_wan21_published_config_is_the_preset() -> None:
         ours = Autoencoder(WAN21)
     config, stated = wan22_layout.config_from_diffusers({**ref.config, "_class_name": "AutoencoderKLWan"})  # as config.json has it
     assert stated and config == WAN21
+    bare = {k: v for k, v in ref.config.items() if not k.startswith("latents_")}  # diffusers' defaults are Wan 2.1's
+    assert wan22_layout.config_from_diffusers({**bare, "_class_name": "AutoencoderKLWan"}) == (WAN21, True)
     assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
 
 

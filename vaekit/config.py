@@ -30,7 +30,7 @@ class AutoencoderConfig:
     # Latent normalisation, what a diffusion model sees (applied by Autoencoder.normalize only):
     # "affine": (z - shift_factor) * scaling_factor (SD, SDXL, SD3, FLUX.1);
     # "channel": (z - latents_mean[c]) * scaling_factor / latents_std[c] per latent channel (Qwen-Image,
-    #   with scale 1; Playground v2.5's AutoencoderKL config);
+    #   Wan 2.1 and Wan 2.2 with scale 1; Playground v2.5's AutoencoderKL config);
     # "patch_bn": 2x2 latent patches (4x the channels at half the side) normalised by the model's
     #   BatchNorm running statistics, eps PATCH_BN_EPS (FLUX.2); the statistics are weights (`bn.*`).
     latent_norm: Literal["affine", "channel", "patch_bn"] = "affine"

@@ -51,13 +51,15 @@ def config_from_diffusers(d: dict[str, Any]) -> tuple[AutoencoderConfig, bool]:
         raise NotImplementedError(f"dim_mult={mult}: vaekit's Qwen-Image layout needs dim_mult[0] == 1")
     base = d.get("base_dim", 96)
     channels = (d.get("in_channels", 3), d.get("out_channels", 3)) if wan else (d.get("input_channels", 3),) * 2
+    published = PRESETS[WAN21].config
+    if wan:  # AutoencoderKLWan's defaults are Wan 2.1's statistics: a config.json without them means those
+        d = {"latents_mean": published.latents_mean, "latents_std": published.latents_std, **d}
     config = AutoencoderConfig(
         arch=ARCH, in_channels=channels[0], out_channels=channels[1],
         block_channels=tuple(base * m for m in mult), layers_per_block=d.get("num_res_blocks", 2),
         latent_channels=d.get("z_dim", 16), temporal_downsample=tuple(d.get("temperal_downsample", [False, True, True])),
         latent_norm="channel", latents_mean=tuple(d["latents_mean"]), latents_std=tuple(d["latents_std"]),
     )  # fmt: skip
-    published = PRESETS[WAN21].config
     if wan and (config.latents_mean, config.latents_std) == (published.latents_mean, published.latents_std):
         config = config.replace(family=WAN21)  # Wan 2.1's latent space (a smaller network keeps its name, as presets do)
     return config, True  # its per-channel statistics
