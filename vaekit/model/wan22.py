@@ -17,6 +17,7 @@ Every level is local (RMS norms, convolutions, 2x2 shortcuts), so the body tiles
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AutoencoderConfig
@@ -161,7 +162,7 @@ class Encoder(Staged):
         return [_Patches(self.patch_size), self.conv_in, *self.down_blocks]
 
     def head(self, h: Tensor) -> Tensor:
-        return self.conv_out(torch.nn.functional.silu(self.norm_out(self.mid_block(h))))
+        return self.conv_out(F.silu(self.norm_out(self.mid_block(h))))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
