@@ -125,7 +125,7 @@ def read_checkpoint(source: str | os.PathLike, family: str | None = None, seed: 
 
 def save(model: Autoencoder, path: str | os.PathLike, format: str = "diffusers", dtype: torch.dtype | None = None) -> Path:
     """Write `model` as a diffusers folder or as one single-file `.safetensors` in its architecture's layout
-    (LDM's names; BFL's for FLUX.2; Wan's, Tencent's for Qwen-Image, Hunyuan Image).
+    (LDM's names; BFL's for FLUX.2; Wan's, Tencent's for Qwen-Image and Wan 2.1, Hunyuan Image; Wan 2.2's for Wan 2.2).
 
     Both carry vaekit's full config (config.json key `_vaekit`, or safetensors metadata), so family,
     scale/shift, `kind="ae"` and every vaekit-only option round-trip exactly. diffusers loads the

@@ -21,7 +21,8 @@ class AutoencoderConfig:
     # One entry per resolution level; n levels downsample by 2**(n-1).
     block_channels: tuple[int, ...] = (128, 256, 512, 512)
     # The decoder's own widths, one per level like block_channels (FLUX.2's small decoder: a narrower decoder behind
-    # FLUX.2's encoder; diffusers' AutoencoderKLFlux2 `decoder_block_out_channels`). None: the encoder's, which is every
+    # FLUX.2's encoder, diffusers' AutoencoderKLFlux2 `decoder_block_out_channels`; Wan 2.2's wider one, 256 base
+    # channels against 160). None: the encoder's, which is every
     # other model; a tuple equal to block_channels is stored as None, so both spell one config, and to_dict leaves
     # None out. `decoder_channels` is the widths the decoder has either way.
     decoder_block_channels: tuple[int, ...] | None = None
@@ -35,7 +36,7 @@ class AutoencoderConfig:
     # Latent normalisation, what a diffusion model sees (applied by Autoencoder.normalize only):
     # "affine": (z - shift_factor) * scaling_factor (SD, SDXL, SD3, FLUX.1);
     # "channel": (z - latents_mean[c]) * scaling_factor / latents_std[c] per latent channel (Qwen-Image,
-    #   with scale 1; Playground v2.5's AutoencoderKL config);
+    #   Wan 2.1 and Wan 2.2 with scale 1; Playground v2.5's AutoencoderKL config);
     # "patch_bn": 2x2 latent patches (4x the channels at half the side) normalised by the model's
     #   BatchNorm running statistics, eps PATCH_BN_EPS (FLUX.2); the statistics are weights (`bn.*`).
     latent_norm: Literal["affine", "channel", "patch_bn"] = "affine"
@@ -46,8 +47,9 @@ class AutoencoderConfig:
     # Architecture: "ldm" is the SD/SDXL/SD3/FLUX.1/FLUX.2 encoder-decoder (vaekit.model.ldm); "pixel"
     # no network at all, pixels folded into channels by patch_size (vaekit.model.pixel); "qwenimage"
     # Qwen-Image's (Wan 2.1's) causal video VAE run on one frame (vaekit.model.qwenimage); "hunyuanimage"
-    # Hunyuan Image 2.1's DC-AE-style VAE (vaekit.model.hunyuanimage).
-    arch: Literal["ldm", "pixel", "qwenimage", "hunyuanimage"] = "ldm"
+    # Hunyuan Image 2.1's DC-AE-style VAE (vaekit.model.hunyuanimage); "wan22" Wan 2.2's residual video VAE
+    # (2x2 patches, avg shortcuts) run on one frame (vaekit.model.wan22).
+    arch: Literal["ldm", "pixel", "qwenimage", "hunyuanimage", "wan22"] = "ldm"
     # How many of the first levels halve the resolution; None: every level but the last (Hunyuan Image's
     # releases differ only in this: 5 of 6 levels for 32x, 4 for 16x).
     downsample_levels: int | None = None
@@ -102,12 +104,12 @@ class AutoencoderConfig:
         if bad:
             raise ValueError(f"norm_groups={self.norm_groups} must divide every block channel count; {bad} do not")
         if self.decoder_block_channels is not None:
-            if self.arch != "ldm" or self.shortcuts:
-                raise ValueError("decoder_block_channels is an option of the ldm architecture (without shortcuts)")
+            if self.arch not in ("ldm", "wan22") or self.shortcuts:
+                raise ValueError("decoder_block_channels is an option of the ldm architecture (without shortcuts) and of wan22")
             if len(self.decoder_block_channels) != len(self.block_channels):
                 raise ValueError(f"decoder_block_channels needs one width per level, as block_channels "
                                  f"({len(self.block_channels)}), got {len(self.decoder_block_channels)}")  # fmt: skip
-            bad = [c for c in self.decoder_block_channels if c <= 0 or c % self.norm_groups]
+            bad = [c for c in self.decoder_block_channels if c <= 0 or (self.arch == "ldm" and c % self.norm_groups)]
             if bad:
                 raise ValueError(f"norm_groups={self.norm_groups} must divide every decoder block channel count; {bad} do not")
         if self.arch != "ldm" and self.shortcuts:
@@ -116,8 +118,8 @@ class AutoencoderConfig:
             raise ValueError("thumbnail_shortcut is an option of the ldm architecture with out_channels = in_channels <= latent_channels")
         if self.patch_out not in ("shuffle", "nearest"):
             raise ValueError(f"patch_out must be 'shuffle' or 'nearest', got {self.patch_out!r}")
-        if self.patch_size not in (1, 2) or (self.patch_size != 1 and self.arch != "ldm"):
-            raise ValueError(f"patch_size must be 1 (or 2 for the ldm architecture), got {self.patch_size}")
+        if self.patch_size not in (1, 2) or (self.patch_size != 1 and self.arch not in ("ldm", "wan22")):
+            raise ValueError(f"patch_size must be 1 (or 2 for the ldm and wan22 architectures), got {self.patch_size}")
         if self.downsample_levels is not None and not 0 <= self.downsample_levels < len(self.block_channels):
             raise ValueError(f"downsample_levels must be in 0..{len(self.block_channels) - 1}, got {self.downsample_levels}")
         if self.temporal_downsample and len(self.temporal_downsample) != len(self.block_channels) - 1:
@@ -242,6 +244,23 @@ _QWEN_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.550
 _QWEN_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
              3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)  # fmt: skip
 
+# Wan 2.2's (TI2V-5B) per-channel latent statistics: diffusers' scripts/convert_wan_to_diffusers.py
+# (vae22_diffusers_config, the config of Wan-AI/Wan2.2-TI2V-5B-Diffusers' vae/), the same numbers as Wan 2.2's own
+# wan/modules/vae2_2.py (Wan2_2_VAE). Wan 2.1's are Qwen-Image's above: AutoencoderKLWan's defaults, which the same
+# script's convert_vae() keeps for every Wan 2.1 model, as Wan 2.1's wan/modules/vae.py (WanVAE) has them.
+_WAN22_MEAN = (-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+               0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+               -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
+               -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667)  # fmt: skip
+_WAN22_STD = (0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+              0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+              0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+              0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744)  # fmt: skip
+_QWEN = AutoencoderConfig(
+    arch="qwenimage", block_channels=(96, 192, 384, 384), layers_per_block=2, latent_channels=16,
+    temporal_downsample=(False, True, True), latent_norm="channel", latents_mean=_QWEN_MEAN, latents_std=_QWEN_STD,
+)  # fmt: skip
+
 PRESETS: dict[str, Preset] = {
     "sd1": Preset(_SD.replace(scaling_factor=0.18215, family="sd1"), "Stable Diffusion 1.x/2.x VAE (kl-f8)"),
     "sdxl": Preset(_SD.replace(scaling_factor=0.13025, family="sdxl"), "SDXL VAE (same architecture, retrained)"),
@@ -264,12 +283,19 @@ PRESETS: dict[str, Preset] = {
         "FLUX.2 VAE with BFL's distilled small decoder (widths 96-384 instead of 128-512; FLUX.2's encoder and latents)",
     ),
     "qwenimage": Preset(
+        _QWEN.replace(family="qwenimage"), "Qwen-Image VAE (Wan 2.1's causal video VAE on one frame; per-channel mean/std)"
+    ),
+    "wan2.1": Preset(
+        _QWEN.replace(family="wan2.1"),
+        "Wan 2.1 VAE, also Wan 2.2 A14B's (diffusers AutoencoderKLWan; Qwen-Image's architecture and statistics) on one frame",
+    ),
+    "wan2.2": Preset(
         AutoencoderConfig(
-            arch="qwenimage", block_channels=(96, 192, 384, 384), layers_per_block=2, latent_channels=16,
-            temporal_downsample=(False, True, True), latent_norm="channel", latents_mean=_QWEN_MEAN, latents_std=_QWEN_STD,
-            family="qwenimage",
+            arch="wan22", patch_size=2, block_channels=(160, 320, 640, 640), decoder_block_channels=(256, 512, 1024, 1024),
+            layers_per_block=2, latent_channels=48, temporal_downsample=(False, True, True), latent_norm="channel",
+            latents_mean=_WAN22_MEAN, latents_std=_WAN22_STD, family="wan2.2",
         ),
-        "Qwen-Image VAE (Wan 2.1's causal video VAE on one frame; per-channel mean/std)",
+        "Wan 2.2 VAE (TI2V-5B; 48 channels at 16x: 2x2 patches, residual blocks, wider decoder) on one frame",
     ),  # fmt: skip
     "hunyuanimage": Preset(
         AutoencoderConfig(arch="hunyuanimage", block_channels=(128, 256, 512, 512, 1024, 1024), layers_per_block=2,
@@ -318,6 +344,7 @@ FAMILIES_BY_CHANNELS: dict[int, str] = {
     4: "SD1/SDXL family",
     16: "SD3/Flux.1 family",
     32: "Flux.2 family",
+    48: "Wan 2.2 family",
     64: "Hunyuan Image family",
 }
 
@@ -334,6 +361,7 @@ ALIASES = {
     "sd2": "sd1", "sd21": "sd1", "sd2.1": "sd1", "sd35": "sd3", "sd3.5": "sd3", "lumina": "lumina2", "pixart-alpha": "pixart",
     "flux.2": "flux2", "flux-2": "flux2", "flux.2-small-decoder": "flux2-small-decoder", "qwen": "qwenimage", "qwen-image": "qwenimage",
     "hunyuan": "hunyuanimage", "hunyuan-image": "hunyuanimage", "hunyuanimage2.1": "hunyuanimage",
+    "wan21": "wan2.1", "wan-2.1": "wan2.1", "wan22": "wan2.2", "wan-2.2": "wan2.2", "wan2.2-ti2v-5b": "wan2.2",
 }  # fmt: skip
 
 

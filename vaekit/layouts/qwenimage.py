@@ -1,7 +1,15 @@
-"""Qwen-Image's VAE: diffusers' AutoencoderKLQwenImage names (the model's own) and the Wan 2.1 names
-of the single files ComfyUI users download (`qwen_image_vae.safetensors`; Wan's own `vae.py`, which
-ComfyUI's `comfy/ldm/wan/vae.py` keeps). The Wan layout is the one diffusers' single-file loader
-converts (`convert_wan_vae_to_diffusers`); a test converts vaekit's files with it."""
+"""Qwen-Image's and Wan 2.1's VAE: diffusers' AutoencoderKLQwenImage names (the model's own, and
+AutoencoderKLWan's with is_residual=False: the same network) and the Wan 2.1 names of the single files
+ComfyUI users download (`qwen_image_vae.safetensors`, `wan_2.1_vae.safetensors`; Wan's own `Wan2.1_VAE.pth`
+and `vae.py`, which ComfyUI's `comfy/ldm/wan/vae.py` keeps). The Wan layout is the one diffusers'
+single-file loader converts (`convert_wan_vae_to_diffusers`); a test converts vaekit's files with it.
+
+Wan 2.1 or Qwen-Image: Qwen-Image's VAE is Wan 2.1's (its decoder fine-tuned) with the same latent
+statistics, so the normalisation is the same either way; the family only names the model and picks the
+diffusers class a folder is written as. An AutoencoderKLWan config.json (handed here by `layouts.wan22`,
+which owns the class name) is family `wan2.1` when its latents_mean/std are Wan 2.1's published ones (the
+class's defaults), and is written back as AutoencoderKLWan; a single file in Wan's names cannot tell the
+two apart and is taken as `qwenimage` (FAMILY below), unless `family="wan2.1"` says otherwise."""
 
 from __future__ import annotations
 
@@ -10,7 +18,7 @@ from typing import Any, Iterable
 
 from torch import Tensor
 
-from ..config import AutoencoderConfig
+from ..config import PRESETS, AutoencoderConfig
 
 ARCH = "qwenimage"
 DIFFUSERS_CLASSES = ("AutoencoderKLQwenImage",)
@@ -27,24 +35,47 @@ _TOP = {"quant_conv.": "conv1.", "post_quant_conv.": "conv2.", "encoder.conv_in.
         "decoder.norm_out.": "decoder.head.0.", "decoder.conv_out.": "decoder.head.2."}  # fmt: skip
 
 
+WAN21 = "wan2.1"  # the family written as diffusers' AutoencoderKLWan
+
+
 def config_from_diffusers(d: dict[str, Any]) -> tuple[AutoencoderConfig, bool]:
+    wan = d.get("_class_name") == "AutoencoderKLWan"  # Wan 2.1's (is_residual false; layouts.wan22 hands it here)
+    if wan and (d.get("patch_size") or 1) != 1:
+        raise NotImplementedError(f"patch_size={d['patch_size']} without is_residual: not implemented")
+    if wan and d.get("decoder_base_dim") not in (None, d.get("base_dim", 96)):
+        raise NotImplementedError(f"decoder_base_dim={d['decoder_base_dim']} without is_residual: not implemented")
     mult = list(d.get("dim_mult", [1, 2, 4, 4]))
     if d.get("attn_scales"):
         raise NotImplementedError(f"attn_scales={d['attn_scales']}: attention inside the encoder levels is not implemented")
     if mult[0] != 1:
         raise NotImplementedError(f"dim_mult={mult}: vaekit's Qwen-Image layout needs dim_mult[0] == 1")
     base = d.get("base_dim", 96)
+    channels = (d.get("in_channels", 3), d.get("out_channels", 3)) if wan else (d.get("input_channels", 3),) * 2
+    published = PRESETS[WAN21].config
+    if wan:  # AutoencoderKLWan's defaults are Wan 2.1's statistics: a config.json without them means those
+        d = {"latents_mean": published.latents_mean, "latents_std": published.latents_std, **d}
     config = AutoencoderConfig(
-        arch=ARCH, in_channels=d.get("input_channels", 3), out_channels=d.get("input_channels", 3),
+        arch=ARCH, in_channels=channels[0], out_channels=channels[1],
         block_channels=tuple(base * m for m in mult), layers_per_block=d.get("num_res_blocks", 2),
         latent_channels=d.get("z_dim", 16), temporal_downsample=tuple(d.get("temperal_downsample", [False, True, True])),
         latent_norm="channel", latents_mean=tuple(d["latents_mean"]), latents_std=tuple(d["latents_std"]),
     )  # fmt: skip
+    if wan and (config.latents_mean, config.latents_std) == (published.latents_mean, published.latents_std):
+        config = config.replace(family=WAN21)  # Wan 2.1's latent space (a smaller network keeps its name, as presets do)
     return config, True  # its per-channel statistics
 
 
 def diffusers_config(c: AutoencoderConfig) -> dict[str, Any]:
     base = c.block_channels[0]
+    if c.family == WAN21:  # diffusers' AutoencoderKLWan, as Wan-AI/Wan2.1-*-Diffusers ship it
+        return {
+            "_class_name": "AutoencoderKLWan", "_diffusers_version": "0.35.0", "attn_scales": [], "base_dim": base,
+            "decoder_base_dim": None, "dim_mult": [ch // base for ch in c.block_channels], "dropout": 0.0,
+            "in_channels": c.in_channels, "out_channels": c.out_channels, "is_residual": False,
+            "latents_mean": list(c.latents_mean), "latents_std": list(c.latents_std), "num_res_blocks": c.layers_per_block,
+            "patch_size": None, "scale_factor_spatial": c.factor, "scale_factor_temporal": 2 ** sum(c.temporal_downsample),
+            "temperal_downsample": list(c.temporal_downsample), "z_dim": c.latent_channels,
+        }  # fmt: skip
     return {
         "_class_name": DIFFUSERS_CLASSES[0], "_diffusers_version": "0.35.0", "attn_scales": [], "base_dim": base,
         "dim_mult": [ch // base for ch in c.block_channels], "dropout": 0.0, "input_channels": c.in_channels,

@@ -24,7 +24,8 @@ from ..layouts import hunyuanimage as hunyuanimage_layout
 from ..layouts import ldm as ldm_layout
 from ..layouts import pixel as pixel_layout
 from ..layouts import qwenimage as qwenimage_layout
-from . import fast, hunyuanimage, ldm, pixel, qwenimage
+from ..layouts import wan22 as wan22_layout
+from . import fast, hunyuanimage, ldm, pixel, qwenimage, wan22
 
 
 @runtime_checkable
@@ -65,6 +66,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("pixel", pixel, pixel_layout),
         Architecture("qwenimage", qwenimage, qwenimage_layout),
         Architecture("hunyuanimage", hunyuanimage, hunyuanimage_layout),
+        Architecture("wan22", wan22, wan22_layout),
     )
 }
 register_architectures(ARCHITECTURES)

@@ -85,14 +85,14 @@ class MidBlock(nn.Module):
 
 
 class Resample(nn.Module):
-    """2x down (zero-pad right/bottom, stride-2 conv) or up (nearest, conv to half the channels);
-    `temporal` layers also hold the time convolution video needs, which one frame never runs."""
+    """2x down (zero-pad right/bottom, stride-2 conv) or up (nearest, conv to `out` channels: half by default,
+    Wan 2.2's keep them); `temporal` layers also hold the time convolution video needs, which one frame never runs."""
 
-    def __init__(self, dim: int, up: bool, temporal: bool):
+    def __init__(self, dim: int, up: bool, temporal: bool, out: int | None = None):
         super().__init__()
         self.up = up
         if up:
-            self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"), Conv2d(dim, dim // 2, 3, padding=1))
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"), Conv2d(dim, out or dim // 2, 3, padding=1))
         else:
             self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), Conv2d(dim, dim, 3, stride=2))
         if temporal:
