@@ -20,11 +20,12 @@ from torch import nn
 
 from ..config import AutoencoderConfig, register_architectures
 from ..layouts import Layout
+from ..layouts import dcae as dcae_layout
 from ..layouts import hunyuanimage as hunyuanimage_layout
 from ..layouts import ldm as ldm_layout
 from ..layouts import pixel as pixel_layout
 from ..layouts import qwenimage as qwenimage_layout
-from . import fast, hunyuanimage, ldm, pixel, qwenimage
+from . import dcae, fast, hunyuanimage, ldm, pixel, qwenimage
 
 
 @runtime_checkable
@@ -65,6 +66,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("pixel", pixel, pixel_layout),
         Architecture("qwenimage", qwenimage, qwenimage_layout),
         Architecture("hunyuanimage", hunyuanimage, hunyuanimage_layout),
+        Architecture("dcae", dcae, dcae_layout),
     )
 }
 register_architectures(ARCHITECTURES)
