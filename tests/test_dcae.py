@@ -187,3 +187,15 @@ def test_dcae_options_are_checked() -> None:
         preset("sd1").replace(block_types=("ResBlock",) * 4)
     with pytest.raises(NotImplementedError, match="pixel_unshuffle"):
         layout.config_from_diffusers({"downsample_block_type": "conv"})
+
+
+def test_bench_times_it_against_autoencoder_dc() -> None:
+    from vaekit.speed import bench, diffusers_peer
+
+    ref = reference("sana")
+    model = Autoencoder(layout.config_from_diffusers(dict(ref.config))[0]).eval()
+    model.load_state_dict(ref.state_dict())
+    assert type(diffusers_peer(model, torch.float32)).__name__ == "AutoencoderDC"
+    rows, _ = bench(model, [32], [1], ["fp32"], repeats=1)
+    assert [r.op for r in rows] == ["encode", "decode"]
+    assert all(r.peer_seconds > 0 and r.max_abs_diff < TOLERANCE for r in rows), rows

@@ -308,7 +308,7 @@ PRESETS: dict[str, Preset] = {
     ),  # fmt: skip
     "dc-ae-f32c32": Preset(
         _DCAE_SANA.replace(scaling_factor=0.41407, family="dc-ae-f32c32"),
-        "DC-AE f32c32 of SANA 1.0/1.5 (mit-han-lab/dc-ae-f32c32-sana-1.0; deterministic, 32 channels at 32x)",
+        "SANA's DC-AE f32c32 (mit-han-lab/dc-ae-f32c32-sana-1.0; deterministic, 32 channels at 32x)",
     ),
     "dc-ae-f64c128": Preset(
         _dcae_mix(7, 128).replace(scaling_factor=0.4538, family="dc-ae-f64c128"),
