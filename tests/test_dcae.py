@@ -199,3 +199,39 @@ def test_bench_times_it_against_autoencoder_dc() -> None:
     rows, _ = bench(model, [32], [1], ["fp32"], repeats=1)
     assert [r.op for r in rows] == ["encode", "decode"]
     assert all(r.peer_seconds > 0 and r.max_abs_diff < TOLERANCE for r in rows), rows
+
+
+def test_commands_work_for_dcae(tmp_path: Path, capsys) -> None:
+    """inspect, convert, reconstruct, eval and analyze on a small random DC-AE saved as MIT's single file."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from vaekit.cli import main
+
+    (tmp_path / "photos").mkdir()
+    g = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray(g.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "photos" / f"{name}.png")
+    config = preset("dc-ae-f32c32").replace(
+        block_channels=(16, 32, 32, 64), block_types=("ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
+        encoder_layers=(1, 1, 1, 1), decoder_layers=(1, 1, 1, 1), decoder_norms=("rms_norm",) * 4, attention_head_dim=16,
+        latent_channels=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    path = tmp_path / "dcae.safetensors"
+    save(Autoencoder(config).eval(), path, format="single-file")
+    assert main(["inspect", str(path)]) == 0
+    assert "family         dc-ae-f32c32" in capsys.readouterr().out
+    assert main(["convert", str(path), str(tmp_path / "diffusers")]) == 0
+    assert AutoencoderDC.from_pretrained(tmp_path / "diffusers").config.latent_channels == 8
+    assert main(["reconstruct", str(path), str(tmp_path / "photos"), str(tmp_path / "recon")]) == 0
+    assert np.asarray(Image.open(tmp_path / "recon" / "a.png")).shape == (64, 64, 3)
+    assert main(["reconstruct", str(path), str(tmp_path / "photos"), str(tmp_path / "tiled"), "--tile", "32"]) != 0
+    assert "linear attention spans the whole image" in capsys.readouterr().err
+    assert main(["eval", str(path), str(tmp_path / "photos"), "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["n"] == 2
+    assert main(["analyze", str(path), str(tmp_path / "photos"), "--report", str(tmp_path / "analysis"),
+                 "--resolution", "64", "--lpips", "off", "--samples", "2", "--steps", "3", "--pairs", "1"]) == 0  # fmt: skip
+    assert len(json.loads((tmp_path / "analysis" / "report.json").read_text())["latents"]["channels"]) == 8
