@@ -235,3 +235,54 @@ def test_commands_work_for_dcae(tmp_path: Path, capsys) -> None:
     assert main(["analyze", str(path), str(tmp_path / "photos"), "--report", str(tmp_path / "analysis"),
                  "--resolution", "64", "--lpips", "off", "--samples", "2", "--steps", "3", "--pairs", "1"]) == 0  # fmt: skip
     assert len(json.loads((tmp_path / "analysis" / "report.json").read_text())["latents"]["channels"]) == 8
+
+
+# ---- the DC-AE rows of docs/CHECKPOINTS.md: python tests/test_dcae.py ---------------------------------
+
+
+def release_width_reference() -> tuple[Autoencoder, AutoencoderDC]:
+    """SANA's f32c32 widths and block types, one block per level (to stay light), diffusers' weights in vaekit."""
+    d = {**_converter_config(6, 32), "encoder_layers_per_block": [1] * 6, "decoder_layers_per_block": [1] * 6}
+    torch.manual_seed(0)
+    ref = perturb(AutoencoderDC(**d), 0.02).eval()
+    ours = Autoencoder(preset("dc-ae-f32c32").replace(encoder_layers=(1,) * 6, decoder_layers=(1,) * 6)).eval()
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+def parity_table() -> None:
+    """Print the per-route differences the tests above bound, 1 thread, fp32."""
+    import tempfile
+
+    torch.set_num_threads(1)
+    print("| family | route | encode | decode | to_latent | from_latent |\n|---|---|---|---|---|---|")
+    for kind, label in (("sana", "DC-AE f32c32-like (SANA)"), ("mix", "DC-AE in/mix-like")):
+        for route in ("diffusers folder -> vaekit", "vaekit folder -> diffusers", "vaekit MIT-layout file -> diffusers' converter"):
+            with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tmp = Path(folder)
+                ref = reference(kind)
+                ref.save_pretrained(tmp / "d")
+                ours = vaekit.load(tmp / "d").eval()
+                if route.startswith("vaekit folder"):
+                    save(ours, tmp / "v", format="diffusers")
+                    ref = AutoencoderDC.from_pretrained(tmp / "v").eval()
+                elif route.startswith("vaekit MIT"):
+                    save(ours, tmp / "m.safetensors", format="single-file")
+                    ref = AutoencoderDC(**TINY[kind])
+                    ref.load_state_dict(convert_autoencoder_dc_checkpoint_to_diffusers(load_file(tmp / "m.safetensors")))
+                    ref.eval()
+                    ours = vaekit.load(tmp / "m.safetensors").eval()
+                diffs = {}
+                for size in SIZES[kind]:
+                    for k, v in differences(ours, ref, size).items():
+                        diffs[k] = max(diffs.get(k, 0.0), v)
+                print(f"| {label} | {route} | " + " | ".join(f"{diffs[k]:.1e}" for k in ("encode", "decode", "to_latent", "from_latent")) + " |")
+    ours, ref = release_width_reference()
+    diffs = differences(ours, ref, (64, 96))
+    print("| DC-AE f32c32 (SANA) | release widths (1 block per level), diffusers weights -> vaekit | "
+          + " | ".join(f"{diffs[k]:.1e}" for k in ("encode", "decode", "to_latent", "from_latent")) + " |")
+
+
+if __name__ == "__main__":
+    parity_table()
