@@ -262,7 +262,7 @@ _QWEN_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
 # DC-AE (arch "dcae"): diffusers' scripts/convert_dcae_to_diffusers.py, get_ae_config. SANA 1.0's f32c32
 # ("dc-ae-f32c32-sana-1.0": stride-2 conv / nearest+conv resampling, multi-scale (5,) attention); the in/mix
 # releases' f64c128 and f128c512 (a stem that halves the side, BatchNorm+ReLU decoder ResBlocks, no multi-scale).
-_DCAE = dict(arch="dcae", kind="ae", use_quant_conv=False, use_post_quant_conv=False)
+_DCAE = dict(arch="dcae", kind="ae", use_quant_conv=False, use_post_quant_conv=False, mid_attention=False)  # no mid block
 _DCAE_SANA = AutoencoderConfig(
     **_DCAE, block_channels=(128, 256, 512, 512, 1024, 1024), latent_channels=32, block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
     encoder_layers=(2, 2, 2, 3, 3, 3), decoder_layers=(3, 3, 3, 3, 3, 3), decoder_norms=("rms_norm",) * 6, resample="conv",

@@ -62,7 +62,7 @@ def config_from_diffusers(d: dict[str, Any]) -> tuple[AutoencoderConfig, bool]:
     in_channels = d.get("in_channels", 3)
     config = AutoencoderConfig(
         arch=ARCH, kind="ae", in_channels=in_channels, out_channels=in_channels, block_channels=ch,
-        latent_channels=d.get("latent_channels", 32), use_quant_conv=False, use_post_quant_conv=False, block_types=types,
+        latent_channels=d.get("latent_channels", 32), use_quant_conv=False, use_post_quant_conv=False, mid_attention=False, block_types=types,
         encoder_layers=tuple(d.get("encoder_layers_per_block", (2, 2, 2, 3, 3, 3))),
         decoder_layers=tuple(d.get("decoder_layers_per_block", (3, 3, 3, 3, 3, 3))), decoder_norms=norms, resample=resample,
         attention_head_dim=d.get("attention_head_dim", 32), attention_scales=next(iter(scales), ()),
@@ -214,7 +214,7 @@ def config_from_tensors(t: dict[str, Tensor]) -> tuple[AutoencoderConfig, str]:
         notes.append("attention_head_dim 32 assumed (every release's; no multi-scale weights show it)")
     config = AutoencoderConfig(
         arch=ARCH, kind="ae", in_channels=stem.shape[1], out_channels=stem.shape[1], block_channels=tuple(widths),
-        latent_channels=t["decoder.conv_in.weight"].shape[1], use_quant_conv=False, use_post_quant_conv=False,
+        latent_channels=t["decoder.conv_in.weight"].shape[1], use_quant_conv=False, use_post_quant_conv=False, mid_attention=False,
         block_types=tuple(types), encoder_layers=tuple(enc), decoder_layers=tuple(dec), decoder_norms=tuple(norms),
         resample=resample, attention_head_dim=head_dim, attention_scales=kernels,
     )  # fmt: skip
