@@ -93,7 +93,8 @@ class AutoencoderConfig:
         for name in ("latents_mean", "latents_std"):
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         object.__setattr__(self, "temporal_downsample", tuple(bool(v) for v in self.temporal_downsample))
-        for name, kind in (("block_types", str), ("encoder_layers", int), ("decoder_layers", int), ("decoder_norms", str), ("attention_scales", int)):
+        for name, kind in (("block_types", str), ("encoder_layers", int), ("decoder_layers", int), ("decoder_norms", str),
+                           ("attention_scales", int)):
             object.__setattr__(self, name, tuple(kind(v) for v in getattr(self, name)))
         if self.kind not in ("vae", "ae"):
             raise ValueError(f"kind must be 'vae' or 'ae', got {self.kind!r}")
@@ -115,8 +116,10 @@ class AutoencoderConfig:
             raise ValueError(f"norm_groups={self.norm_groups} must divide every block channel count; {bad} do not")
         if self.arch == "dcae":
             self._check_dcae()
-        elif self.block_types or self.encoder_layers or self.decoder_layers or self.decoder_norms or self.attention_scales or self.resample != "shuffle":
-            raise ValueError("block_types, encoder_layers, decoder_layers, decoder_norms, resample and attention_scales are options of the dcae architecture")
+        elif self.resample != "shuffle" or any((self.block_types, self.encoder_layers, self.decoder_layers, self.decoder_norms,
+                                                self.attention_scales)):
+            raise ValueError("block_types, encoder_layers, decoder_layers, decoder_norms, resample and attention_scales are options "
+                             "of the dcae architecture")  # fmt: skip
         if self.arch != "ldm" and self.shortcuts:
             raise ValueError("shortcuts are an option of the ldm architecture")
         if self.thumbnail_shortcut and (self.arch != "ldm" or not self.in_channels == self.out_channels <= self.latent_channels):
@@ -140,7 +143,8 @@ class AutoencoderConfig:
     def _check_dcae(self) -> None:
         n = len(self.block_channels)
         if self.kind != "ae" or self.use_quant_conv or self.use_post_quant_conv or self.downsample_levels is not None:
-            raise ValueError("a dcae model is kind 'ae' with no quant convs (use_quant_conv=use_post_quant_conv=False) and every level resampling")
+            raise ValueError("a dcae model is kind 'ae' with no quant convs (use_quant_conv=use_post_quant_conv=False) "
+                             "and every level resampling (downsample_levels None)")  # fmt: skip
         if self.in_channels != self.out_channels:
             raise ValueError("a dcae model has out_channels = in_channels (diffusers' AutoencoderDC has one in_channels)")
         for name in ("block_types", "encoder_layers", "decoder_layers", "decoder_norms"):
@@ -158,12 +162,15 @@ class AutoencoderConfig:
             raise ValueError("dcae: the first level has 0 blocks in both the encoder and the decoder, or in neither")
         attention = [c for c, t in zip(self.block_channels, self.block_types) if t == "EfficientViTBlock"]
         if self.attention_head_dim < 1 or any(c % self.attention_head_dim for c in attention):
-            raise ValueError(f"dcae: attention_head_dim {self.attention_head_dim} must divide the channels of every EfficientViT level {attention}")
+            raise ValueError(f"dcae: attention_head_dim {self.attention_head_dim} must divide the channels of every "
+                             f"EfficientViT level {attention}")  # fmt: skip
         ch = self.block_channels
         if any((4 * a) % b for a, b in zip(ch, ch[1:])) or ch[-1] % self.latent_channels:
-            raise ValueError(f"dcae shortcuts need each level's channels to divide 4x the level before's, and latent_channels to divide {ch[-1]}")
+            raise ValueError(f"dcae shortcuts need each level's channels to divide 4x the level before's, and latent_channels "
+                             f"to divide {ch[-1]}")  # fmt: skip
         if self.resample == "shuffle" and any(c % 4 for c in ch[1:]):
-            raise ValueError(f"dcae resample 'shuffle' needs the channels of every level after the first to be multiples of 4, got {list(ch)}")
+            raise ValueError(f"dcae resample 'shuffle' needs the channels of every level after the first to be multiples "
+                             f"of 4, got {list(ch)}")  # fmt: skip
 
     @property
     def factor(self) -> int:
@@ -264,7 +271,8 @@ _QWEN_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
 # releases' f64c128 and f128c512 (a stem that halves the side, BatchNorm+ReLU decoder ResBlocks, no multi-scale).
 _DCAE = dict(arch="dcae", kind="ae", use_quant_conv=False, use_post_quant_conv=False, mid_attention=False)  # no mid block
 _DCAE_SANA = AutoencoderConfig(
-    **_DCAE, block_channels=(128, 256, 512, 512, 1024, 1024), latent_channels=32, block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+    **_DCAE, block_channels=(128, 256, 512, 512, 1024, 1024), latent_channels=32,
+    block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
     encoder_layers=(2, 2, 2, 3, 3, 3), decoder_layers=(3, 3, 3, 3, 3, 3), decoder_norms=("rms_norm",) * 6, resample="conv",
     attention_scales=(5,),
 )  # fmt: skip
@@ -272,7 +280,8 @@ _DCAE_SANA = AutoencoderConfig(
 
 def _dcae_mix(levels: int, latent_channels: int) -> AutoencoderConfig:
     return AutoencoderConfig(
-        **_DCAE, latent_channels=latent_channels, block_channels=(128, 256, 512, 512, 1024, 1024, 2048, 2048)[:levels], block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * (levels - 3),
+        **_DCAE, latent_channels=latent_channels, block_channels=(128, 256, 512, 512, 1024, 1024, 2048, 2048)[:levels],
+        block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * (levels - 3),
         encoder_layers=(0, 4, 8) + (2,) * (levels - 3), decoder_layers=(0, 5, 10) + (2,) * (levels - 3),
         decoder_norms=("batch_norm",) * 3 + ("rms_norm",) * (levels - 3), resample="shuffle",
     )  # fmt: skip

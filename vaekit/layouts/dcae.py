@@ -46,14 +46,16 @@ def config_from_diffusers(d: dict[str, Any]) -> tuple[AutoencoderConfig, bool]:
     acts = _per_level(d.get("decoder_act_fns", "silu"), n)
     for t, norm, act in zip(types, norms, acts):
         if norm not in _ACTS or (t == "ResBlock" and act != _ACTS[norm]):
-            raise NotImplementedError(f"decoder norm {norm!r} with activation {act!r}: vaekit implements rms_norm + silu and batch_norm + relu")
+            raise NotImplementedError(f"decoder norm {norm!r} with activation {act!r}: vaekit implements rms_norm + silu "
+                                      "and batch_norm + relu")  # fmt: skip
     default_scales = ((), (), (), (5,), (5,), (5,))
     scales = {tuple(s) for key in ("encoder_qkv_multiscales", "decoder_qkv_multiscales")
               for t, s in zip(types, d.get(key, default_scales)) if t == "EfficientViTBlock"}  # fmt: skip
     if len(scales) > 1:
         raise NotImplementedError(f"qkv_multiscales that differ between EfficientViT levels are not implemented: {sorted(scales)}")
     if not (d.get("encoder_out_shortcut", True) and d.get("decoder_in_shortcut", True)) or d.get("decoder_conv_act_fn", "relu") != "relu":
-        raise NotImplementedError("encoder_out_shortcut / decoder_in_shortcut false or decoder_conv_act_fn other than relu: not implemented (no release)")
+        raise NotImplementedError("encoder_out_shortcut / decoder_in_shortcut false or decoder_conv_act_fn other than relu: "
+                                  "not implemented (no release has them)")  # fmt: skip
     down, up = d.get("downsample_block_type", "pixel_unshuffle"), d.get("upsample_block_type", "pixel_shuffle")
     resample = {(True, True): "shuffle", (False, False): "conv"}.get((down == "pixel_unshuffle", up != "interpolate"))
     if resample is None:
@@ -62,7 +64,8 @@ def config_from_diffusers(d: dict[str, Any]) -> tuple[AutoencoderConfig, bool]:
     in_channels = d.get("in_channels", 3)
     config = AutoencoderConfig(
         arch=ARCH, kind="ae", in_channels=in_channels, out_channels=in_channels, block_channels=ch,
-        latent_channels=d.get("latent_channels", 32), use_quant_conv=False, use_post_quant_conv=False, mid_attention=False, block_types=types,
+        latent_channels=d.get("latent_channels", 32), use_quant_conv=False, use_post_quant_conv=False, mid_attention=False,
+        block_types=types,
         encoder_layers=tuple(d.get("encoder_layers_per_block", (2, 2, 2, 3, 3, 3))),
         decoder_layers=tuple(d.get("decoder_layers_per_block", (3, 3, 3, 3, 3, 3))), decoder_norms=norms, resample=resample,
         attention_head_dim=d.get("attention_head_dim", 32), attention_scales=next(iter(scales), ()),
@@ -103,7 +106,8 @@ _BLOCK = (("conv1.", "main.conv1.conv."), ("conv2.", "main.conv2.conv."), ("norm
           ("attn.to_out.", "context_module.main.proj.conv."), ("attn.norm_out.", "context_module.main.proj.norm."),
           ("conv_out.conv_inverted.", "local_module.main.inverted_conv.conv."),
           ("conv_out.conv_depth.", "local_module.main.depth_conv.conv."),
-          ("conv_out.conv_point.", "local_module.main.point_conv.conv."), ("conv_out.norm.", "local_module.main.point_conv.norm."))  # fmt: skip
+          ("conv_out.conv_point.", "local_module.main.point_conv.conv."),
+          ("conv_out.norm.", "local_module.main.point_conv.norm."))  # fmt: skip
 _LEVELS = (("encoder.down_blocks.", "encoder.stages."), ("decoder.up_blocks.", "decoder.stages."))
 _QKV = ("attn.to_q.weight", "attn.to_k.weight", "attn.to_v.weight")
 
@@ -196,7 +200,8 @@ def config_from_tensors(t: dict[str, Tensor]) -> tuple[AutoencoderConfig, str]:
         attention = f"{first}attn.to_q.weight" in t
         types.append("EfficientViTBlock" if attention else "ResBlock")
         widths.append(t[f"{first}attn.to_q.weight"].shape[1] if attention else t[f"{first}conv1.weight"].shape[0] if enc[i] else 0)
-        norms.append("batch_norm" if any(k.startswith(f"decoder.up_blocks.{i}.") and k.endswith(("norm.running_mean", "norm_out.running_mean")) for k in t) else "rms_norm")
+        batch = any(k.startswith(f"decoder.up_blocks.{i}.") and k.endswith(("norm.running_mean", "norm_out.running_mean")) for k in t)
+        norms.append("batch_norm" if batch else "rms_norm")
     if not enc[0]:
         widths[0], norms[0] = widths[1] // 2, norms[1]
         notes.append(f"its first level has no blocks: width {widths[0]} (unused) assumed")

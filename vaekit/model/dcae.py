@@ -165,7 +165,10 @@ class Encoder(nn.Module):
         super().__init__()
         ch, layers = cfg.block_channels, cfg.encoder_layers
         # A first level of no blocks (the in/mix releases): the stem itself halves the side.
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1) if layers[0] else Downsample(cfg.in_channels, ch[1], cfg.resample, shortcut=False)
+        if layers[0]:
+            self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        else:
+            self.conv_in = Downsample(cfg.in_channels, ch[1], cfg.resample, shortcut=False)
         self.down_blocks = nn.ModuleList()
         for i, n in enumerate(layers):
             blocks = [_block(cfg, i, "rms_norm") for _ in range(n)]
@@ -198,7 +201,10 @@ class Decoder(nn.Module):
             self.up_blocks.append(nn.Sequential(*blocks))
         width = ch[0] if layers[0] else ch[1]
         self.norm_out = RMSNorm(width)
-        self.conv_out = nn.Conv2d(width, cfg.out_channels, 3, padding=1) if layers[0] else Upsample(width, cfg.out_channels, cfg.resample, shortcut=False)
+        if layers[0]:
+            self.conv_out = nn.Conv2d(width, cfg.out_channels, 3, padding=1)
+        else:  # a first level of no blocks: the last conv doubles the side
+            self.conv_out = Upsample(width, cfg.out_channels, cfg.resample, shortcut=False)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.conv_in(z) + z.repeat_interleave(self.repeats, dim=1)
