@@ -49,4 +49,4 @@ def test_each_layout_says_which_configs_its_diffusers_class_loads():
     for name in ("sd1", "flux2", "qwenimage", "hunyuanimage", "wan2.1", "wan2.2"):  # a deterministic AE is no diffusers VAE
         config = PRESETS[name].config
         assert not ARCHITECTURES[config.arch].layout.diffusers_can_load(config.replace(kind="ae")), name
-    assert [a.layout.DIFFUSERS_FRAMES for a in ARCHITECTURES.values()] == [False, False, True, False, True]  # Qwen-Image's, Wan's classes are video VAEs
+    assert [a.layout.DIFFUSERS_FRAMES for a in ARCHITECTURES.values()] == [False, False, True, False, True, False]  # Qwen-Image's, Wan's classes are video VAEs

@@ -48,8 +48,9 @@ class AutoencoderConfig:
     # no network at all, pixels folded into channels by patch_size (vaekit.model.pixel); "qwenimage"
     # Qwen-Image's (Wan 2.1's) causal video VAE run on one frame (vaekit.model.qwenimage); "hunyuanimage"
     # Hunyuan Image 2.1's DC-AE-style VAE (vaekit.model.hunyuanimage); "wan22" Wan 2.2's residual video VAE
-    # (2x2 patches, avg shortcuts) run on one frame (vaekit.model.wan22).
-    arch: Literal["ldm", "pixel", "qwenimage", "hunyuanimage", "wan22"] = "ldm"
+    # (2x2 patches, avg shortcuts) run on one frame (vaekit.model.wan22); "dcae" MIT Han Lab's deep compression
+    # autoencoder of SANA (vaekit.model.dcae; always kind "ae", no quant convs).
+    arch: Literal["ldm", "pixel", "qwenimage", "hunyuanimage", "wan22", "dcae"] = "ldm"
     # How many of the first levels halve the resolution; None: every level but the last (Hunyuan Image's
     # releases differ only in this: 5 of 6 levels for 32x, 4 for 16x).
     downsample_levels: int | None = None
@@ -76,6 +77,23 @@ class AutoencoderConfig:
     # the convs around the latent start at zero, so the untrained model is a thumbnail coder, exact on
     # flat colours and linear gradients, and training learns only the detail on top (docs/TRAINING.md).
     thumbnail_shortcut: bool = False
+    # DC-AE (arch "dcae") only; diffusers' AutoencoderDC options, with its names for the values. Per level:
+    # block_types: "ResBlock" (conv, conv, norm) or "EfficientViTBlock" (ReLU linear attention + GLU
+    #   MBConv), the same in the encoder and the decoder;
+    # encoder_layers / decoder_layers: blocks per level (a level of 0 blocks: the stem/last conv resamples);
+    # decoder_norms: the decoder ResBlocks' norm, "rms_norm" (with SiLU) or "batch_norm" (with ReLU); the
+    #   encoder's are all "rms_norm", every EfficientViT block's too.
+    # resample: "shuffle" (3x3 conv + pixel (un)shuffle: the in/mix releases) or "conv" (stride-2 conv down,
+    #   nearest x2 + conv up: SANA's f32c32); both with DC-AE's parameter-free channel shortcuts.
+    # attention_head_dim: channels per linear-attention head; attention_scales: kernel sizes of the
+    #   multi-scale q/k/v aggregation (SANA's f32c32: (5,); the in/mix releases: none).
+    block_types: tuple[str, ...] = ()
+    encoder_layers: tuple[int, ...] = ()
+    decoder_layers: tuple[int, ...] = ()
+    decoder_norms: tuple[str, ...] = ()
+    resample: Literal["shuffle", "conv"] = "shuffle"
+    attention_head_dim: int = 32
+    attention_scales: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_channels", tuple(int(c) for c in self.block_channels))
@@ -85,6 +103,9 @@ class AutoencoderConfig:
         for name in ("latents_mean", "latents_std"):
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         object.__setattr__(self, "temporal_downsample", tuple(bool(v) for v in self.temporal_downsample))
+        for name, kind in (("block_types", str), ("encoder_layers", int), ("decoder_layers", int), ("decoder_norms", str),
+                           ("attention_scales", int)):
+            object.__setattr__(self, name, tuple(kind(v) for v in getattr(self, name)))
         if self.kind not in ("vae", "ae"):
             raise ValueError(f"kind must be 'vae' or 'ae', got {self.kind!r}")
         if self.arch not in ARCHS and ARCHS:  # none yet: the presets below, checked when they are registered
@@ -112,6 +133,12 @@ class AutoencoderConfig:
             bad = [c for c in self.decoder_block_channels if c <= 0 or (self.arch == "ldm" and c % self.norm_groups)]
             if bad:
                 raise ValueError(f"norm_groups={self.norm_groups} must divide every decoder block channel count; {bad} do not")
+        if self.arch == "dcae":
+            self._check_dcae()
+        elif self.resample != "shuffle" or any((self.block_types, self.encoder_layers, self.decoder_layers, self.decoder_norms,
+                                                self.attention_scales)):
+            raise ValueError("block_types, encoder_layers, decoder_layers, decoder_norms, resample and attention_scales are options "
+                             "of the dcae architecture")  # fmt: skip
         if self.arch != "ldm" and self.shortcuts:
             raise ValueError("shortcuts are an option of the ldm architecture")
         if self.thumbnail_shortcut and (self.arch != "ldm" or not self.in_channels == self.out_channels <= self.latent_channels):
@@ -131,6 +158,38 @@ class AutoencoderConfig:
                 raise ValueError(f"shortcuts need each level's channels to divide 4x the level before; {bad} do not")
             if ch[-1] % self.latent_channels:
                 raise ValueError(f"shortcuts need latent_channels ({self.latent_channels}) to divide block_channels[-1] ({ch[-1]})")
+
+    def _check_dcae(self) -> None:
+        n = len(self.block_channels)
+        if self.kind != "ae" or self.use_quant_conv or self.use_post_quant_conv or self.downsample_levels is not None:
+            raise ValueError("a dcae model is kind 'ae' with no quant convs (use_quant_conv=use_post_quant_conv=False) "
+                             "and every level resampling (downsample_levels None)")  # fmt: skip
+        if self.in_channels != self.out_channels:
+            raise ValueError("a dcae model has out_channels = in_channels (diffusers' AutoencoderDC has one in_channels)")
+        for name in ("block_types", "encoder_layers", "decoder_layers", "decoder_norms"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"dcae: {name} needs one entry per level ({n}), got {list(getattr(self, name))}")
+        if bad := sorted(set(self.block_types) - {"ResBlock", "EfficientViTBlock"}):
+            raise ValueError(f"dcae block_types are 'ResBlock' or 'EfficientViTBlock', got {bad}")
+        if bad := sorted(set(self.decoder_norms) - {"rms_norm", "batch_norm"}):
+            raise ValueError(f"dcae decoder_norms are 'rms_norm' or 'batch_norm', got {bad}")
+        if self.resample not in ("shuffle", "conv"):
+            raise ValueError(f"dcae resample is 'shuffle' or 'conv', got {self.resample!r}")
+        if any(v < 0 for v in self.encoder_layers + self.decoder_layers) or n < 2 or 0 in self.encoder_layers[1:] + self.decoder_layers[1:]:
+            raise ValueError("dcae: at least 2 levels, and only the first level may have 0 blocks")
+        if (self.encoder_layers[0] == 0) != (self.decoder_layers[0] == 0):
+            raise ValueError("dcae: the first level has 0 blocks in both the encoder and the decoder, or in neither")
+        attention = [c for c, t in zip(self.block_channels, self.block_types) if t == "EfficientViTBlock"]
+        if self.attention_head_dim < 1 or any(c % self.attention_head_dim for c in attention):
+            raise ValueError(f"dcae: attention_head_dim {self.attention_head_dim} must divide the channels of every "
+                             f"EfficientViT level {attention}")  # fmt: skip
+        ch = self.block_channels
+        if any((4 * a) % b for a, b in zip(ch, ch[1:])) or ch[-1] % self.latent_channels:
+            raise ValueError(f"dcae shortcuts need each level's channels to divide 4x the level before's, and latent_channels "
+                             f"to divide {ch[-1]}")  # fmt: skip
+        if self.resample == "shuffle" and any(c % 4 for c in ch[1:]):
+            raise ValueError(f"dcae resample 'shuffle' needs the channels of every level after the first to be multiples "
+                             f"of 4, got {list(ch)}")  # fmt: skip
 
     @property
     def factor(self) -> int:
@@ -188,15 +247,13 @@ class AutoencoderConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for name in ("block_channels", "latents_mean", "latents_std", "temporal_downsample"):
-            d[name] = list(d[name])
-        # Written only when set: every other model's dict (its saved config, its latent datasets' model hash) stays
-        # as it was before the option existed.
-        if d["decoder_block_channels"] is None:
-            del d["decoder_block_channels"]
-        else:
-            d["decoder_block_channels"] = list(d["decoder_block_channels"])
-        return d
+        # Options added after configs were first saved are written only when set: every other model's dict (its
+        # saved config, its latent datasets' model hash) stays as it was before the option existed.
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in LATER_OPTIONS:
+            if d[name] == defaults[name]:
+                del d[name]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AutoencoderConfig":
@@ -205,6 +262,11 @@ class AutoencoderConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+# AutoencoderConfig fields that to_dict leaves out at their defaults (see there).
+LATER_OPTIONS = ("decoder_block_channels", "block_types", "encoder_layers", "decoder_layers", "decoder_norms", "resample",
+                 "attention_head_dim", "attention_scales")  # fmt: skip
 
 
 def check_fields(cls: type, d: dict[str, Any], what: str) -> None:
@@ -261,6 +323,27 @@ _QWEN = AutoencoderConfig(
     temporal_downsample=(False, True, True), latent_norm="channel", latents_mean=_QWEN_MEAN, latents_std=_QWEN_STD,
 )  # fmt: skip
 
+# DC-AE (arch "dcae"): diffusers' scripts/convert_dcae_to_diffusers.py, get_ae_config. SANA 1.0's f32c32
+# ("dc-ae-f32c32-sana-1.0": stride-2 conv / nearest+conv resampling, multi-scale (5,) attention); the in/mix
+# releases' f64c128 and f128c512 (a stem that halves the side, BatchNorm+ReLU decoder ResBlocks, no multi-scale).
+_DCAE = dict(arch="dcae", kind="ae", use_quant_conv=False, use_post_quant_conv=False, mid_attention=False)  # no mid block
+_DCAE_SANA = AutoencoderConfig(
+    **_DCAE, block_channels=(128, 256, 512, 512, 1024, 1024), latent_channels=32,
+    block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+    encoder_layers=(2, 2, 2, 3, 3, 3), decoder_layers=(3, 3, 3, 3, 3, 3), decoder_norms=("rms_norm",) * 6, resample="conv",
+    attention_scales=(5,),
+)  # fmt: skip
+
+
+def _dcae_mix(levels: int, latent_channels: int) -> AutoencoderConfig:
+    return AutoencoderConfig(
+        **_DCAE, latent_channels=latent_channels, block_channels=(128, 256, 512, 512, 1024, 1024, 2048, 2048)[:levels],
+        block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * (levels - 3),
+        encoder_layers=(0, 4, 8) + (2,) * (levels - 3), decoder_layers=(0, 5, 10) + (2,) * (levels - 3),
+        decoder_norms=("batch_norm",) * 3 + ("rms_norm",) * (levels - 3), resample="shuffle",
+    )  # fmt: skip
+
+
 PRESETS: dict[str, Preset] = {
     "sd1": Preset(_SD.replace(scaling_factor=0.18215, family="sd1"), "Stable Diffusion 1.x/2.x VAE (kl-f8)"),
     "sdxl": Preset(_SD.replace(scaling_factor=0.13025, family="sdxl"), "SDXL VAE (same architecture, retrained)"),
@@ -303,6 +386,18 @@ PRESETS: dict[str, Preset] = {
                           family="hunyuanimage"),
         "Hunyuan Image 2.1 VAE (64 channels at 32x; DC-AE-style; its authors run it in fp32)",
     ),  # fmt: skip
+    "dc-ae-f32c32": Preset(
+        _DCAE_SANA.replace(scaling_factor=0.41407, family="dc-ae-f32c32"),
+        "SANA's DC-AE f32c32 (mit-han-lab/dc-ae-f32c32-sana-1.0; deterministic, 32 channels at 32x)",
+    ),
+    "dc-ae-f64c128": Preset(
+        _dcae_mix(7, 128).replace(scaling_factor=0.4538, family="dc-ae-f64c128"),
+        "DC-AE f64c128 (mit-han-lab/dc-ae-f64c128-mix-1.0; the -in-1.0 release: same network, scale 0.2889)",
+    ),
+    "dc-ae-f128c512": Preset(
+        _dcae_mix(8, 512).replace(scaling_factor=0.3620, family="dc-ae-f128c512"),
+        "DC-AE f128c512 (mit-han-lab/dc-ae-f128c512-mix-1.0; the -in-1.0 release: same network, scale 0.4883)",
+    ),
     "pixel": Preset(
         AutoencoderConfig(arch="pixel", kind="ae", patch_size=1, latent_channels=3, block_channels=(),
                           use_quant_conv=False, use_post_quant_conv=False, family="pixel"),
@@ -343,9 +438,11 @@ PRESETS: dict[str, Preset] = {
 FAMILIES_BY_CHANNELS: dict[int, str] = {
     4: "SD1/SDXL family",
     16: "SD3/Flux.1 family",
-    32: "Flux.2 family",
+    32: "Flux.2 family, or SANA's DC-AE f32c32",
     48: "Wan 2.2 family",
     64: "Hunyuan Image family",
+    128: "DC-AE f64c128",
+    512: "DC-AE f128c512",
 }
 
 
@@ -362,6 +459,8 @@ ALIASES = {
     "flux.2": "flux2", "flux-2": "flux2", "flux.2-small-decoder": "flux2-small-decoder", "qwen": "qwenimage", "qwen-image": "qwenimage",
     "hunyuan": "hunyuanimage", "hunyuan-image": "hunyuanimage", "hunyuanimage2.1": "hunyuanimage",
     "wan21": "wan2.1", "wan-2.1": "wan2.1", "wan22": "wan2.2", "wan-2.2": "wan2.2", "wan2.2-ti2v-5b": "wan2.2",
+    "dcae": "dc-ae-f32c32", "dc-ae": "dc-ae-f32c32", "sana": "dc-ae-f32c32", "dc-ae-f32c32-sana-1.0": "dc-ae-f32c32",
+    "dc-ae-f64c128-mix-1.0": "dc-ae-f64c128", "dc-ae-f128c512-mix-1.0": "dc-ae-f128c512",
 }  # fmt: skip
 
 

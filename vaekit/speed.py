@@ -130,7 +130,7 @@ def has_diffusers_peer(config: AutoencoderConfig) -> bool:
 
 def diffusers_peer(model: Autoencoder, dtype: torch.dtype) -> Any | None:
     """The same weights in the diffusers class that vaekit's diffusers folder names (AutoencoderKL,
-    AutoencoderKLFlux2, AutoencoderKLQwenImage, AutoencoderKLHunyuanImage), or None when there is none."""
+    AutoencoderKLFlux2, AutoencoderKLQwenImage, AutoencoderKLHunyuanImage, AutoencoderDC), or None when there is none."""
     if not has_diffusers_peer(model.config):
         return None
     import diffusers
@@ -190,7 +190,7 @@ def bench(model: Autoencoder, sizes: list[int], batches: list[int], precisions: 
                     frame, unframe = (lambda t: t[:, :, None], lambda t: t[:, :, 0]) if video else (lambda t: t, lambda t: t)
                     ops = {
                         "encode": (lambda: model.encode(x, tile=tile).mean,
-                                   (lambda: unframe(peer.encode(frame(x)).latent_dist.mean)) if peer is not None else None),
+                                   (lambda: unframe(_peer_latent(peer.encode(frame(x))))) if peer is not None else None),
                         "decode": (lambda: model.decode(z, tile=tile),
                                    (lambda: unframe(peer.decode(frame(z)).sample)) if peer is not None else None),
                     }  # fmt: skip
@@ -200,6 +200,11 @@ def bench(model: Autoencoder, sizes: list[int], batches: list[int], precisions: 
                         if report:
                             report(row)
     return rows, peaks
+
+
+def _peer_latent(out: Any) -> torch.Tensor:
+    """A diffusers encode's latent: a VAE's posterior mean, or a deterministic autoencoder's latent (AutoencoderDC)."""
+    return out.latent_dist.mean if hasattr(out, "latent_dist") else out.latent
 
 
 def _measure(op: str, ours: Callable, theirs: Callable | None, size: int, batch: int, precision: str, tile: int | str | None,

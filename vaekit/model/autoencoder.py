@@ -172,7 +172,8 @@ class Autoencoder(nn.Module):
     # ---- internals ------------------------------------------------------------------------
 
     def _moments(self, x: Tensor, tile: int | str | None) -> Tensor:
-        if not hasattr(self.encoder, "body"):  # no full-resolution stages to tile (pixel space)
+        if not hasattr(self.encoder, "body"):  # no full-resolution stages to tile (pixel space; DC-AE refuses)
+            self._untiled(self.encoder, tile)
             return self.encoder(x)
         if tile:
             from .tiling import encode_body_tiled
@@ -187,6 +188,7 @@ class Autoencoder(nn.Module):
 
     def _decode(self, z: Tensor, tile: int | str | None) -> Tensor:
         if not hasattr(self.decoder, "body"):
+            self._untiled(self.decoder, tile)
             return self.decoder(z)
         h = self.decoder.head(self.post_quant_conv(z) if self.post_quant_conv is not None else z)
         if tile:
@@ -196,6 +198,13 @@ class Autoencoder(nn.Module):
         else:
             x = self.decoder.body(h)
         return self.decoder.bypass(z, x) if hasattr(self.decoder, "bypass") else x
+
+    def _untiled(self, coder: nn.Module, tile: int | str | None) -> None:
+        """A coder that cannot be tiled exactly says why (`NOT_TILED`); asked to tile, it refuses rather than
+        run untiled unasked (memory) or tiled inexactly. Pixel space has nothing to tile and ignores `tile`."""
+        why = getattr(coder, "NOT_TILED", None)
+        if tile and why:
+            raise ValueError(f"cannot tile this model (tile {tile!r} asked): {why}")
 
     def _fp16_safe(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         """Run fn; if an fp16 model overflowed (the SDXL-VAE NaN problem), redo it in fp32."""
