@@ -137,10 +137,6 @@ class _OutPatches(_Out):
         return unpatchify(super().forward(h), self.p)
 
 
-def decoder_channels(cfg: AutoencoderConfig) -> tuple[int, ...]:
-    return cfg.decoder_channels
-
-
 class Encoder(Staged):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
@@ -171,7 +167,7 @@ class Encoder(Staged):
 class Decoder(Staged):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
-        ch = decoder_channels(cfg)
+        ch = cfg.decoder_channels
         dims = (ch[-1], *reversed(ch))
         levels = len(ch)
         temporal = tuple(reversed(_temporal(cfg)))
