@@ -138,3 +138,14 @@ def test_kvae_options_are_checked() -> None:
         layout.config_from_diffusers({"num_enc_blocks": 2, "num_dec_blocks": 3})
     with pytest.raises(NotImplementedError, match="ch_mult"):
         layout.config_from_diffusers({"ch_mult": [2, 4]})
+
+
+def test_bench_times_it_against_autoencoder_kl_kvae() -> None:
+    from vaekit.speed import bench, diffusers_peer
+
+    ref = reference()
+    model = Autoencoder(layout.config_from_diffusers(dict(ref.config))[0]).eval()
+    model.load_state_dict(ref.state_dict())
+    assert type(diffusers_peer(model, torch.float32)).__name__ == "AutoencoderKLKVAE"
+    rows, _ = bench(model, [32], [1], ["fp32"], repeats=1)
+    assert [r.op for r in rows] == ["encode", "decode"]
