@@ -1,7 +1,8 @@
 """KVAE 2D's files: diffusers' AutoencoderKLKVAE folders (kandinskylab/KVAE-2D-1.0's `diffusers/` subfolder) and the
 authors' single file (the same repository's root, written by `KVAE2D`'s PyTorchModelHubMixin). The authors' module
-tree (kandinskylab/kvae: kvae/models/kvae_2d.py, kvae/layers/{resnet,norm,sampling}.py) has diffusers' names,
-which are the model's: no renaming either way.
+tree (kandinskylab/kvae: kvae/models/kvae_2d.py, kvae/layers/{resnet,norm,sampling}.py, and the older
+kvae_2d/model/) has diffusers' names, which are the model's: no renaming either way. Read from their source; no
+released file was opened here (no network).
 
 The names look like LDM's (`encoder.down.0.block.0.conv1`) but are told apart by KVAE's own modules: the
 resamplings' `spatial_conv` / `linear` and the decoder's spatial norms (`norm1.norm_layer`, `conv_y`, `conv_b`); a
