@@ -49,8 +49,9 @@ class AutoencoderConfig:
     # Qwen-Image's (Wan 2.1's) causal video VAE run on one frame (vaekit.model.qwenimage); "hunyuanimage"
     # Hunyuan Image 2.1's DC-AE-style VAE (vaekit.model.hunyuanimage); "wan22" Wan 2.2's residual video VAE
     # (2x2 patches, avg shortcuts) run on one frame (vaekit.model.wan22); "dcae" MIT Han Lab's deep compression
-    # autoencoder of SANA (vaekit.model.dcae; always kind "ae", no quant convs).
-    arch: Literal["ldm", "pixel", "qwenimage", "hunyuanimage", "wan22", "dcae"] = "ldm"
+    # autoencoder of SANA (vaekit.model.dcae; always kind "ae", no quant convs); "kvae" Kandinsky Lab's KVAE 2D
+    # (vaekit.model.kvae; no quant convs, no attention, latent-conditioned decoder norms).
+    arch: Literal["ldm", "pixel", "qwenimage", "hunyuanimage", "wan22", "dcae", "kvae"] = "ldm"
     # How many of the first levels halve the resolution; None: every level but the last (Hunyuan Image's
     # releases differ only in this: 5 of 6 levels for 32x, 4 for 16x).
     downsample_levels: int | None = None
@@ -121,7 +122,7 @@ class AutoencoderConfig:
             return
         if not self.block_channels:
             raise ValueError("block_channels needs at least one level")
-        bad = [c for c in self.block_channels if c % self.norm_groups] if self.arch in ("ldm", "hunyuanimage") else []
+        bad = [c for c in self.block_channels if c % self.norm_groups] if self.arch in ("ldm", "hunyuanimage", "kvae") else []
         if bad:
             raise ValueError(f"norm_groups={self.norm_groups} must divide every block channel count; {bad} do not")
         if self.decoder_block_channels is not None:
@@ -139,6 +140,11 @@ class AutoencoderConfig:
                                                 self.attention_scales)):
             raise ValueError("block_types, encoder_layers, decoder_layers, decoder_norms, resample and attention_scales are options "
                              "of the dcae architecture")  # fmt: skip
+        if self.arch == "kvae" and (self.use_quant_conv or self.use_post_quant_conv or self.mid_attention or self.norm_groups != 32
+                                    or self.downsample_levels is not None):
+            raise ValueError("a kvae model has no quant convs (use_quant_conv=use_post_quant_conv=False), no mid attention "
+                             "(mid_attention=False), norm_groups 32 and every level but the last downsampling "
+                             "(downsample_levels None)")  # fmt: skip
         if self.arch != "ldm" and self.shortcuts:
             raise ValueError("shortcuts are an option of the ldm architecture")
         if self.thumbnail_shortcut and (self.arch != "ldm" or not self.in_channels == self.out_channels <= self.latent_channels):
@@ -398,6 +404,14 @@ PRESETS: dict[str, Preset] = {
         _dcae_mix(8, 512).replace(scaling_factor=0.3620, family="dc-ae-f128c512"),
         "DC-AE f128c512 (mit-han-lab/dc-ae-f128c512-mix-1.0; the -in-1.0 release: same network, scale 0.4883)",
     ),
+    # KVAE 2D (kandinskylab/KVAE-2D-1.0): the defaults of diffusers' AutoencoderKLKVAE and of the authors' KVAE2D
+    # (kandinskylab/kvae, kvae/models/kvae_2d.py), which both load it. No pipeline normalises its latents: Kandinsky 5's
+    # image pipelines use FLUX.1's AutoencoderKL, and neither the class nor the authors' code has a scale or shift.
+    "kvae": Preset(
+        AutoencoderConfig(arch="kvae", block_channels=(128, 256, 512, 1024), layers_per_block=2, latent_channels=16,
+                          use_quant_conv=False, use_post_quant_conv=False, mid_attention=False, family="kvae"),
+        "Kandinsky Lab's KVAE 2D 1.0 (16 channels at 8x; latent-conditioned decoder norms; no published latent scale: 1)",
+    ),  # fmt: skip
     "pixel": Preset(
         AutoencoderConfig(arch="pixel", kind="ae", patch_size=1, latent_channels=3, block_channels=(),
                           use_quant_conv=False, use_post_quant_conv=False, family="pixel"),
@@ -460,7 +474,7 @@ ALIASES = {
     "hunyuan": "hunyuanimage", "hunyuan-image": "hunyuanimage", "hunyuanimage2.1": "hunyuanimage",
     "wan21": "wan2.1", "wan-2.1": "wan2.1", "wan22": "wan2.2", "wan-2.2": "wan2.2", "wan2.2-ti2v-5b": "wan2.2",
     "dcae": "dc-ae-f32c32", "dc-ae": "dc-ae-f32c32", "sana": "dc-ae-f32c32", "dc-ae-f32c32-sana-1.0": "dc-ae-f32c32",
-    "dc-ae-f64c128-mix-1.0": "dc-ae-f64c128", "dc-ae-f128c512-mix-1.0": "dc-ae-f128c512",
+    "dc-ae-f64c128-mix-1.0": "dc-ae-f64c128", "kvae-2d": "kvae", "kvae-2d-1.0": "kvae", "kvae2d": "kvae", "dc-ae-f128c512-mix-1.0": "dc-ae-f128c512",
 }  # fmt: skip
 
 
