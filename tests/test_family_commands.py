@@ -1,4 +1,4 @@
-"""The 2026 families (issue 27) through every command a latent-diffusion user runs, on small random models with
+"""The 2026 families (issue 27: Wan 2.1/2.2, FLUX.2's small decoder, DC-AE, KVAE) through every command a latent-diffusion user runs, on small random models with
 values checked: encode a dataset, decode it back, calibrate on it, score diffusability, bench against the family's
 diffusers class, train a few steps. (inspect, convert, reconstruct, eval and analyze: each family's own test file.)"""
 
@@ -28,6 +28,7 @@ SMALL = {
         block_channels=(16, 32, 32, 64), block_types=("ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
         encoder_layers=(1, 1, 1, 1), decoder_layers=(1, 1, 1, 1), decoder_norms=("rms_norm",) * 4, attention_head_dim=16,
         latent_channels=8),
+    "kvae": lambda: preset("kvae").replace(block_channels=(32, 64, 64), layers_per_block=1),
 }  # fmt: skip
 
 
