@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 
 import vaekit
 from vaekit import preset
-from vaekit.checkpoints import read_checkpoint, save
+from vaekit.checkpoints import _Found, _same_architecture, _settle, read_checkpoint, save
 from vaekit.cli import main
+from vaekit.config import PRESETS
 from vaekit.data import to_tensor, to_uint8
 from vaekit.layouts import wan22 as wan22_layout
 from vaekit.model import Autoencoder
@@ -97,6 +98,13 @@ def test_qwenimage21_published_config_is_the_preset() -> None:
     assert wan22_layout.config_from_diffusers({"_class_name": "AutoencoderKLQwenImage21"}) == (QWEN21, True)  # its defaults
     assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
     assert wan22_layout.diffusers_config(QWEN21)["_class_name"] == "AutoencoderKLQwenImage21"
+    # A bare file of the full-size network (its shapes, in diffusers' names) is read as this architecture, which
+    # only the qwenimage2.1 preset has: the family a file without a config is assumed to be (and said so).
+    config, note = wan22_layout.config_from_tensors(ref.state_dict())
+    assert "2D weights" in note and [n for n, p in PRESETS.items() if _same_architecture(p.config, config)] == ["qwenimage2.1"]
+    with pytest.warns(UserWarning, match=r"assumed qwenimage2.1: \(z - mean\[c\]\) \* 1 / std\[c\]"):
+        ck = _settle(_Found(wan22_layout.to_native(ref.state_dict()), "bare file", layout=wan22_layout), None)
+    assert ck.config == QWEN21 and ck.normalisation_source.startswith("assumed qwenimage2.1")
     # Wan 2.2's preset keeps its video weights and its class.
     assert not preset("wan2.2").image_convs and "image_convs" not in preset("wan2.2").to_dict()
 
@@ -184,7 +192,7 @@ def parity_table() -> None:
                   "vaekit folder -> diffusers": (ours, AutoencoderKLQwenImage21.from_pretrained(t / "v").eval()),
                   "vaekit single file -> vaekit": (vaekit.load(t / "file.safetensors"), ref),
                   "vaekit single file -> diffusers' class": (ours, from_file),
-                  "a quarter of the release's widths, diffusers weights -> vaekit": (full, wide)}  # fmt: skip
+                  "base and decoder widths a quarter of the release's (24, 36), diffusers weights -> vaekit": (full, wide)}  # fmt: skip
         for route, (a, b) in routes.items():
             d = differences(a, b)
             print(f"| Qwen-Image 2.1 | {route} | " + " | ".join(f"{d[k]:.1e}" for k in ("mean", "logvar", "decode", "to_latent", "from_latent")) + " |")
