@@ -45,7 +45,7 @@ def reference(decoder: tuple[int, ...] | None = DECODER, release: bool = False) 
 
 def test_the_option_changes_nothing_else() -> None:
     for name, p in PRESETS.items():  # every preset but the new one has the encoder's decoder
-        assert p.config.decoder_channels == p.config.block_channels or name in ("flux2-small-decoder", "wan2.2")
+        assert p.config.decoder_channels == p.config.block_channels or name in ("flux2-small-decoder", "wan2.2", "qwenimage2.1")
     # Configs without it (saved before it existed) load as before, and every other model's dict is what it was, so
     # its saved config.json / metadata and the model hash of its latent datasets do not change.
     assert "decoder_block_channels" not in preset("flux2").to_dict()

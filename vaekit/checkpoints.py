@@ -471,8 +471,11 @@ def _settle(found: _Found, family: str | None) -> Checkpoint:
 
 
 def _same_architecture(a: AutoencoderConfig, b: AutoencoderConfig) -> bool:
-    ignore = ("scaling_factor", "shift_factor", "family")
-    return {k: v for k, v in a.to_dict().items() if k not in ignore} == {k: v for k, v in b.to_dict().items() if k not in ignore}
+    """The same network: the normalisation aside (a per-channel family's statistics are not in its weights, so a
+    file without a config has none), except FLUX.2's latent BatchNorm, whose statistics are weights."""
+    ignore = ("scaling_factor", "shift_factor", "family", "latent_norm", "latents_mean", "latents_std")
+    return ((a.latent_norm == "patch_bn") == (b.latent_norm == "patch_bn")
+            and {k: v for k, v in a.to_dict().items() if k not in ignore} == {k: v for k, v in b.to_dict().items() if k not in ignore})  # fmt: skip
 
 
 def _with_family(config: AutoencoderConfig, name: str) -> AutoencoderConfig:
@@ -512,7 +515,8 @@ def _normalisation(config: AutoencoderConfig, found: _Found, family: str | None)
     else:
         config = _with_family(config, name)
         others = [n for n in candidates if (preset(n).scaling_factor, preset(n).shift_factor) != (config.scaling_factor, config.shift_factor)]
-        message = (f"assumed {name}: (z - {config.shift_factor:g}) * {config.scaling_factor:g}"
+        formula = config.normalisation if config.latent_norm == "channel" else f"(z - {config.shift_factor:g}) * {config.scaling_factor:g}"
+        message = (f"assumed {name}: {formula}"
                    + "".join(f"; {n} has the same architecture but (z - {preset(n).shift_factor:g}) * {preset(n).scaling_factor:g}" for n in others)
                    + "; pass family=... / --family to override")
     _warn(found.notes, f"{found.format}: latent normalisation {message}", note=False)

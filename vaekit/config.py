@@ -58,6 +58,9 @@ class AutoencoderConfig:
     # Video VAEs: which downsamplings also halve time. One frame never runs those layers, but their
     # weights exist, so the architecture needs to know where they are.
     temporal_downsample: tuple[bool, ...] = ()
+    # wan22 only: the causal convolutions stored as the 2D ones they are on one frame (kernel k x k, the time
+    # convolutions 1x1), as Qwen-Image 2.1's image-only AutoencoderKLQwenImage21 has them; False: Wan's 5D video weights.
+    image_convs: bool = False
     # Which published model this is ("sd1", "flux1", ...), or "" for a custom one.
     family: str = ""
     # Options for fast-training new models (docs/TRAINING.md); the defaults are the LDM architecture.
@@ -145,6 +148,8 @@ class AutoencoderConfig:
             raise ValueError("a kvae model has no quant convs (use_quant_conv=use_post_quant_conv=False), no mid attention "
                              "(mid_attention=False), norm_groups 32 and every level but the last downsampling "
                              "(downsample_levels None)")  # fmt: skip
+        if self.image_convs and self.arch != "wan22":
+            raise ValueError("image_convs is an option of the wan22 architecture (Qwen-Image 2.1's 2D weights)")
         if self.arch != "ldm" and self.shortcuts:
             raise ValueError("shortcuts are an option of the ldm architecture")
         if self.thumbnail_shortcut and (self.arch != "ldm" or not self.in_channels == self.out_channels <= self.latent_channels):
@@ -272,7 +277,7 @@ class AutoencoderConfig:
 
 # AutoencoderConfig fields that to_dict leaves out at their defaults (see there).
 LATER_OPTIONS = ("decoder_block_channels", "block_types", "encoder_layers", "decoder_layers", "decoder_norms", "resample",
-                 "attention_head_dim", "attention_scales")  # fmt: skip
+                 "attention_head_dim", "attention_scales", "image_convs")  # fmt: skip
 
 
 def check_fields(cls: type, d: dict[str, Any], what: str) -> None:
@@ -324,6 +329,20 @@ _WAN22_STD = (0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.
               0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
               0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
               0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744)  # fmt: skip
+# Qwen-Image 2.1's (diffusers' AutoencoderKLQwenImage21 defaults, diffusers 0.42.1, which QwenImage21Pipeline reads
+# from vae.config: (z - latents_mean) / latents_std on encode, z * std + mean before decode). The Hub's
+# Qwen/Qwen-Image-2.1 vae/config.json was not read here: these are the class's defaults, not checked against it.
+_QWEN21_MEAN = (0.5126, 0.7721, -0.0631, 1.3506, -0.7855, -2.1025, -0.3458, 1.3722, 1.8873, -1.7177, -0.6510, 0.2732,
+                0.7562, -0.6163, -1.0277, 3.8363, 2.0210, 0.0472, 0.9320, 2.0087, 2.4954, -0.1391, -1.4249, 1.8464,
+                -0.5236, 1.2826, 3.7046, -1.3035, 2.7286, -1.4518, -1.9036, -1.9955, -0.0342, -1.0265, -0.7636, 3.0555,
+                0.0746, -3.0751, -0.1076, 1.7376, -1.0914, -1.9435, -0.2784, -1.3680, 0.4809, -0.4433, 0.3764, 0.5729,
+                -2.0595, 1.0960, -1.3260, -2.0211, -5.0179, 0.5275, 4.0162, 1.8505, 0.3026, 1.9373, 1.4937, 0.2632,
+                0.5547, -1.7121, -0.1562, 0.0304)  # fmt: skip
+_QWEN21_STD = (3.2001, 3.2936, 3.4321, 3.0091, 3.1061, 4.0379, 4.0705, 3.7910, 3.0785, 3.6500, 3.9308, 3.0904, 2.8778,
+               3.7675, 3.7320, 5.0756, 3.2864, 4.0397, 3.1317, 4.0443, 2.9249, 3.9454, 3.0988, 4.2489, 3.4896, 3.8513,
+               3.9323, 3.4719, 3.7498, 4.2830, 3.5694, 4.2467, 3.9037, 3.2947, 5.0770, 3.5075, 3.2700, 3.4767, 2.8063,
+               5.1125, 3.5327, 4.7833, 3.1286, 4.1819, 3.8527, 3.8312, 3.5605, 4.3875, 3.9624, 4.0168, 3.5643, 4.0550,
+               5.5614, 4.2963, 4.4080, 3.4959, 3.8747, 3.7608, 3.5735, 3.1490, 3.7662, 3.6746, 3.4563, 3.8161)  # fmt: skip
 _QWEN = AutoencoderConfig(
     arch="qwenimage", block_channels=(96, 192, 384, 384), layers_per_block=2, latent_channels=16,
     temporal_downsample=(False, True, True), latent_norm="channel", latents_mean=_QWEN_MEAN, latents_std=_QWEN_STD,
@@ -385,6 +404,17 @@ PRESETS: dict[str, Preset] = {
             latents_mean=_WAN22_MEAN, latents_std=_WAN22_STD, family="wan2.2",
         ),
         "Wan 2.2 VAE (TI2V-5B; 48 channels at 16x: 2x2 patches, residual blocks, wider decoder) on one frame",
+    ),  # fmt: skip
+    # AutoencoderKLQwenImage21's defaults (base_dim 96, decoder_base_dim 144, dim_mult [1, 2, 4, 8, 8], z_dim 64,
+    # temperal_downsample [False, True, True, True], in/out_channels 4, no patches): Wan 2.2's residual network, 2D weights.
+    "qwenimage2.1": Preset(
+        AutoencoderConfig(
+            arch="wan22", image_convs=True, in_channels=4, out_channels=4, block_channels=(96, 192, 384, 768, 768),
+            decoder_block_channels=(144, 288, 576, 1152, 1152), layers_per_block=2, latent_channels=64,
+            temporal_downsample=(False, True, True, True), latent_norm="channel", latents_mean=_QWEN21_MEAN,
+            latents_std=_QWEN21_STD, family="qwenimage2.1",
+        ),
+        "Qwen-Image 2.1 VAE (RGBA in and out; 64 channels at 16x; Wan 2.2's residual network with 2D weights; per-channel mean/std)",
     ),  # fmt: skip
     "hunyuanimage": Preset(
         AutoencoderConfig(arch="hunyuanimage", block_channels=(128, 256, 512, 512, 1024, 1024), layers_per_block=2,
@@ -454,7 +484,7 @@ FAMILIES_BY_CHANNELS: dict[int, str] = {
     16: "SD3/Flux.1 family",
     32: "Flux.2 family, or SANA's DC-AE f32c32",
     48: "Wan 2.2 family",
-    64: "Hunyuan Image family",
+    64: "Hunyuan Image family, or Qwen-Image 2.1 (RGBA)",
     128: "DC-AE f64c128",
     512: "DC-AE f128c512",
 }
@@ -471,6 +501,7 @@ ALIASES = {
     "flux": "flux1", "flux.1": "flux1", "flux-1": "flux1", "sd15": "sd1", "sd1.5": "sd1", "sd14": "sd1", "sd1.4": "sd1",
     "sd2": "sd1", "sd21": "sd1", "sd2.1": "sd1", "sd35": "sd3", "sd3.5": "sd3", "lumina": "lumina2", "pixart-alpha": "pixart",
     "flux.2": "flux2", "flux-2": "flux2", "flux.2-small-decoder": "flux2-small-decoder", "qwen": "qwenimage", "qwen-image": "qwenimage",
+    "qwen-image-2.1": "qwenimage2.1", "qwenimage21": "qwenimage2.1", "qwen-image2.1": "qwenimage2.1", "qwenimage-2.1": "qwenimage2.1",
     "hunyuan": "hunyuanimage", "hunyuan-image": "hunyuanimage", "hunyuanimage2.1": "hunyuanimage",
     "wan21": "wan2.1", "wan-2.1": "wan2.1", "wan22": "wan2.2", "wan-2.2": "wan2.2", "wan2.2-ti2v-5b": "wan2.2",
     "dcae": "dc-ae-f32c32", "dc-ae": "dc-ae-f32c32", "sana": "dc-ae-f32c32", "dc-ae-f32c32-sana-1.0": "dc-ae-f32c32",

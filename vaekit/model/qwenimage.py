@@ -4,7 +4,8 @@ A picture is a one-frame video. The causal 3D convolutions pad time with zeros b
 frame, so on one frame only their last temporal slice of weights ever meets data: each is a 2D
 convolution with `weight[:, :, -1]`, and the temporal convolutions of the 3D resampling layers,
 which only run from the second frame on, never run. The weights keep their 5D video shapes and
-diffusers' names (`AutoencoderKLQwenImage`), so checkpoints load and save unchanged. Normalisation
+diffusers' names (`AutoencoderKLQwenImage`), so checkpoints load and save unchanged; `image` blocks hold the
+image-only form of the same layers, 2D weights (Qwen-Image 2.1's AutoencoderKLQwenImage21, `causal_conv`). Normalisation
 is RMS over channels at each position (no batch or image statistics), so the convolutional body
 tiles exactly; only the middle block's attention needs the whole latent.
 """
@@ -30,6 +31,16 @@ class CausalConv3d(nn.Conv3d):
         return conv2d(x, self.weight[:, :, -1], self.bias, self.stride[1:], self.spatial_padding)
 
 
+def causal_conv(cin: int, cout: int, kernel: int | tuple[int, ...], stride: int | tuple[int, ...] = 1, padding: int = 0,
+                image: bool = False) -> nn.Module:
+    """A causal video convolution (5D weights), or with `image` its one-frame form stored as one: a 2D convolution
+    with the spatial part of the kernel and stride (Qwen-Image 2.1's `QwenImage21CausalConv3d`, an nn.Conv2d)."""
+    if not image:
+        return CausalConv3d(cin, cout, kernel, stride=stride, padding=padding)  # type: ignore[arg-type]
+    spatial = lambda v: v if isinstance(v, int) else tuple(v[1:])  # noqa: E731
+    return Conv2d(cin, cout, spatial(kernel), stride=spatial(stride), padding=padding)
+
+
 class RMSNorm(nn.Module):
     """x / |x| over channels, times sqrt(C) and a learned gain; computed in fp32 for half inputs."""
 
@@ -44,13 +55,13 @@ class RMSNorm(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, image: bool = False):
         super().__init__()
         self.norm1 = RMSNorm(cin)
-        self.conv1 = CausalConv3d(cin, cout, 3, padding=1)
+        self.conv1 = causal_conv(cin, cout, 3, padding=1, image=image)
         self.norm2 = RMSNorm(cout)
-        self.conv2 = CausalConv3d(cout, cout, 3, padding=1)
-        self.conv_shortcut = CausalConv3d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.conv2 = causal_conv(cout, cout, 3, padding=1, image=image)
+        self.conv_shortcut = causal_conv(cin, cout, 1, image=image) if cin != cout else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -75,9 +86,9 @@ class AttentionBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, image: bool = False):
         super().__init__()
-        self.resnets = nn.ModuleList([ResidualBlock(dim, dim), ResidualBlock(dim, dim)])
+        self.resnets = nn.ModuleList([ResidualBlock(dim, dim, image), ResidualBlock(dim, dim, image)])
         self.attentions = nn.ModuleList([AttentionBlock(dim)])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -88,7 +99,7 @@ class Resample(nn.Module):
     """2x down (zero-pad right/bottom, stride-2 conv) or up (nearest, conv to `out` channels: half by default,
     Wan 2.2's keep them); `temporal` layers also hold the time convolution video needs, which one frame never runs."""
 
-    def __init__(self, dim: int, up: bool, temporal: bool, out: int | None = None):
+    def __init__(self, dim: int, up: bool, temporal: bool, out: int | None = None, image: bool = False):
         super().__init__()
         self.up = up
         if up:
@@ -96,7 +107,8 @@ class Resample(nn.Module):
         else:
             self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), Conv2d(dim, dim, 3, stride=2))
         if temporal:
-            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1)) if up else CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+            self.time_conv = (causal_conv(dim, dim * 2, (3, 1, 1), image=image) if up
+                              else causal_conv(dim, dim, (3, 1, 1), stride=(2, 1, 1), image=image))  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
         if self.up:  # upsample in fp32 as diffusers does, then back
@@ -192,6 +204,7 @@ class _Out(nn.Module):
 
 
 def quant_convs(cfg: AutoencoderConfig) -> tuple[nn.Module, nn.Module]:
-    """The 1x1x1 video convolutions around the latent (diffusers' `quant_conv` / `post_quant_conv`)."""
-    moments = cfg.moment_channels
-    return CausalConv3d(moments, moments, 1), CausalConv3d(cfg.latent_channels, cfg.latent_channels, 1)
+    """The 1x1x1 video convolutions around the latent (diffusers' `quant_conv` / `post_quant_conv`); 1x1 2D ones
+    with `image_convs`."""
+    moments, image = cfg.moment_channels, cfg.image_convs
+    return causal_conv(moments, moments, 1, image=image), causal_conv(cfg.latent_channels, cfg.latent_channels, 1, image=image)

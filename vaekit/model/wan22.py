@@ -12,6 +12,10 @@ slice of weights, and the time convolutions never run. Where a shortcut also hal
 padding puts a zero frame before the image, which the average counts (so it is half the 2D one) and the
 repetition's first frame is dropped (diffusers' `first_chunk`); both are written out below.
 Every level is local (RMS norms, convolutions, 2x2 shortcuts), so the body tiles exactly.
+
+Qwen-Image 2.1's VAE (diffusers' AutoencoderKLQwenImage21: RGBA, 5 levels, 64 latent channels at 16x, no patches)
+is this network; its class stores every causal convolution as the 2D one it is on one frame (`QwenImage21CausalConv3d`
+is an nn.Conv2d, the time convolutions 1x1), which `AutoencoderConfig.image_convs` builds (`qwenimage.causal_conv`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch import Tensor, nn
 
 from ..config import AutoencoderConfig
 from .lean import Staged
-from .qwenimage import CausalConv3d, MidBlock, Resample, ResidualBlock, RMSNorm, _Out, _temporal, quant_convs
+from .qwenimage import MidBlock, Resample, ResidualBlock, RMSNorm, _Out, _temporal, causal_conv, quant_convs
 
 __all__ = ["Encoder", "Decoder", "quant_convs"]
 
@@ -81,11 +85,11 @@ class DupUp(nn.Module):
 class DownBlock(nn.Module):
     """One encoder level: residual blocks and a 2x downsampling (all but the last level), plus the average shortcut."""
 
-    def __init__(self, cin: int, cout: int, layers: int, temporal: bool, down: bool):
+    def __init__(self, cin: int, cout: int, layers: int, temporal: bool, down: bool, image: bool = False):
         super().__init__()
         self.avg_shortcut = AvgDown(cin, cout, 2 if temporal else 1, 2 if down else 1)
-        self.resnets = nn.ModuleList([ResidualBlock(cin if i == 0 else cout, cout) for i in range(layers)])
-        self.downsampler = Resample(cout, up=False, temporal=temporal) if down else None
+        self.resnets = nn.ModuleList([ResidualBlock(cin if i == 0 else cout, cout, image) for i in range(layers)])
+        self.downsampler = Resample(cout, up=False, temporal=temporal, image=image) if down else None
 
     def forward(self, x: Tensor) -> Tensor:
         h = x
@@ -100,11 +104,11 @@ class UpBlock(nn.Module):
     """One decoder level: residual blocks and a 2x upsampling that keeps the channels (all but the last level),
     plus the repeating shortcut."""
 
-    def __init__(self, cin: int, cout: int, layers: int, temporal: bool, up: bool):
+    def __init__(self, cin: int, cout: int, layers: int, temporal: bool, up: bool, image: bool = False):
         super().__init__()
         self.avg_shortcut = DupUp(cin, cout, 2 if temporal else 1, 2) if up else None
-        self.resnets = nn.ModuleList([ResidualBlock(cin if i == 0 else cout, cout) for i in range(layers + 1)])
-        self.upsampler = Resample(cout, up=True, temporal=temporal, out=cout) if up else None
+        self.resnets = nn.ModuleList([ResidualBlock(cin if i == 0 else cout, cout, image) for i in range(layers + 1)])
+        self.upsampler = Resample(cout, up=True, temporal=temporal, out=cout, image=image) if up else None
 
     def forward(self, x: Tensor) -> Tensor:
         h = x
@@ -143,15 +147,15 @@ class Encoder(Staged):
         self.patch_size = cfg.patch_size
         dims = (cfg.block_channels[0], *cfg.block_channels)
         levels = len(cfg.block_channels)
-        temporal = _temporal(cfg)
-        self.conv_in = CausalConv3d(cfg.in_channels * cfg.patch_size**2, dims[0], 3, padding=1)
+        temporal, image = _temporal(cfg), cfg.image_convs
+        self.conv_in = causal_conv(cfg.in_channels * cfg.patch_size**2, dims[0], 3, padding=1, image=image)
         self.down_blocks = nn.ModuleList(
-            [DownBlock(cin, cout, cfg.layers_per_block, i < levels - 1 and temporal[i], i < levels - 1)
+            [DownBlock(cin, cout, cfg.layers_per_block, i < levels - 1 and temporal[i], i < levels - 1, image)
              for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:]))]
         )  # fmt: skip
-        self.mid_block = MidBlock(dims[-1])
+        self.mid_block = MidBlock(dims[-1], image)
         self.norm_out = RMSNorm(dims[-1])
-        self.conv_out = CausalConv3d(dims[-1], cfg.moment_channels, 3, padding=1)
+        self.conv_out = causal_conv(dims[-1], cfg.moment_channels, 3, padding=1, image=image)
 
     def body_stages(self) -> list[nn.Module]:
         """The full-resolution layers in order, a level at a time (its shortcut needs its input): all local."""
@@ -171,15 +175,15 @@ class Decoder(Staged):
         dims = (ch[-1], *reversed(ch))
         levels = len(ch)
         temporal = tuple(reversed(_temporal(cfg)))
-        self.patch_size = cfg.patch_size
-        self.conv_in = CausalConv3d(cfg.latent_channels, dims[0], 3, padding=1)
-        self.mid_block = MidBlock(dims[0])
+        self.patch_size, image = cfg.patch_size, cfg.image_convs
+        self.conv_in = causal_conv(cfg.latent_channels, dims[0], 3, padding=1, image=image)
+        self.mid_block = MidBlock(dims[0], image)
         self.up_blocks = nn.ModuleList(
-            [UpBlock(cin, cout, cfg.layers_per_block, i < levels - 1 and temporal[i], i < levels - 1)
+            [UpBlock(cin, cout, cfg.layers_per_block, i < levels - 1 and temporal[i], i < levels - 1, image)
              for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:]))]
         )  # fmt: skip
         self.norm_out = RMSNorm(dims[-1])
-        self.conv_out = CausalConv3d(dims[-1], cfg.out_channels * cfg.patch_size**2, 3, padding=1)
+        self.conv_out = causal_conv(dims[-1], cfg.out_channels * cfg.patch_size**2, 3, padding=1, image=image)
 
     def head(self, z: Tensor) -> Tensor:
         return self.mid_block(self.conv_in(z))
