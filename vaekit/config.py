@@ -49,8 +49,9 @@ class AutoencoderConfig:
     # Qwen-Image's (Wan 2.1's) causal video VAE run on one frame (vaekit.model.qwenimage); "hunyuanimage"
     # Hunyuan Image 2.1's DC-AE-style VAE (vaekit.model.hunyuanimage); "wan22" Wan 2.2's residual video VAE
     # (2x2 patches, avg shortcuts) run on one frame (vaekit.model.wan22); "dcae" MIT Han Lab's deep compression
-    # autoencoder of SANA (vaekit.model.dcae; always kind "ae", no quant convs).
-    arch: Literal["ldm", "pixel", "qwenimage", "hunyuanimage", "wan22", "dcae"] = "ldm"
+    # autoencoder of SANA (vaekit.model.dcae; always kind "ae", no quant convs); "hunyuanvideo15" HunyuanVideo-1.5's
+    # causal video VAE (Hunyuan Image 2.1's refiner, Hunyuan Image 3.0) run on one frame (vaekit.model.hunyuanvideo15).
+    arch: Literal["ldm", "pixel", "qwenimage", "hunyuanimage", "wan22", "dcae", "hunyuanvideo15"] = "ldm"
     # How many of the first levels halve the resolution; None: every level but the last (Hunyuan Image's
     # releases differ only in this: 5 of 6 levels for 32x, 4 for 16x).
     downsample_levels: int | None = None
@@ -149,8 +150,9 @@ class AutoencoderConfig:
             raise ValueError(f"patch_size must be 1 (or 2 for the ldm and wan22 architectures), got {self.patch_size}")
         if self.downsample_levels is not None and not 0 <= self.downsample_levels < len(self.block_channels):
             raise ValueError(f"downsample_levels must be in 0..{len(self.block_channels) - 1}, got {self.downsample_levels}")
-        if self.temporal_downsample and len(self.temporal_downsample) != len(self.block_channels) - 1:
-            raise ValueError(f"temporal_downsample needs one flag per downsampling ({len(self.block_channels) - 1})")
+        downsamplings = self.downsample_levels if self.downsample_levels is not None else len(self.block_channels) - 1
+        if self.temporal_downsample and len(self.temporal_downsample) != downsamplings:
+            raise ValueError(f"temporal_downsample needs one flag per downsampling ({downsamplings})")
         if self.shortcuts:
             ch = self.block_channels
             bad = [(a, b) for a, b in zip(ch, ch[1:]) if (4 * a) % b]
@@ -386,6 +388,22 @@ PRESETS: dict[str, Preset] = {
                           family="hunyuanimage"),
         "Hunyuan Image 2.1 VAE (64 channels at 32x; DC-AE-style; its authors run it in fp32)",
     ),  # fmt: skip
+    # diffusers' AutoencoderKLHunyuanImageRefiner defaults (scripts/convert_hunyuan_image_to_diffusers.py builds the
+    # refiner's VAE with them): latents * 1.03682, no shift (HunyuanImageRefinerPipeline).
+    "hunyuanimage-refiner": Preset(
+        AutoencoderConfig(arch="hunyuanvideo15", block_channels=(128, 256, 512, 1024, 1024), layers_per_block=2,
+                          latent_channels=32, temporal_downsample=(False, False, True, True), use_quant_conv=False,
+                          use_post_quant_conv=False, scaling_factor=1.03682, family="hunyuanimage-refiner"),
+        "Hunyuan Image 2.1's refiner VAE (HunyuanVideo-1.5's causal video VAE: 32 channels at 16x) on one frame",
+    ),
+    # The same network; the VAE config in tencent/HunyuanImage-3.0's config.json (scaling_factor 0.562679178327931,
+    # shift_factor None), as ports of it copy it (vllm-omni, sglang): not read from the Hub here.
+    "hunyuanimage3": Preset(
+        AutoencoderConfig(arch="hunyuanvideo15", block_channels=(128, 256, 512, 1024, 1024), layers_per_block=2,
+                          latent_channels=32, temporal_downsample=(False, False, True, True), use_quant_conv=False,
+                          use_post_quant_conv=False, scaling_factor=0.562679178327931, family="hunyuanimage3"),
+        "Hunyuan Image 3.0's VAE (the refiner's network, its own weights and scale: 32 channels at 16x) on one frame",
+    ),
     "dc-ae-f32c32": Preset(
         _DCAE_SANA.replace(scaling_factor=0.41407, family="dc-ae-f32c32"),
         "SANA's DC-AE f32c32 (mit-han-lab/dc-ae-f32c32-sana-1.0; deterministic, 32 channels at 32x)",
@@ -438,9 +456,9 @@ PRESETS: dict[str, Preset] = {
 FAMILIES_BY_CHANNELS: dict[int, str] = {
     4: "SD1/SDXL family",
     16: "SD3/Flux.1 family",
-    32: "Flux.2 family, or SANA's DC-AE f32c32",
+    32: "Flux.2 family, SANA's DC-AE f32c32, or Hunyuan Image 2.1's refiner / Hunyuan Image 3.0",
     48: "Wan 2.2 family",
-    64: "Hunyuan Image family",
+    64: "Hunyuan Image 2.1 family",
     128: "DC-AE f64c128",
     512: "DC-AE f128c512",
 }
@@ -458,6 +476,8 @@ ALIASES = {
     "sd2": "sd1", "sd21": "sd1", "sd2.1": "sd1", "sd35": "sd3", "sd3.5": "sd3", "lumina": "lumina2", "pixart-alpha": "pixart",
     "flux.2": "flux2", "flux-2": "flux2", "flux.2-small-decoder": "flux2-small-decoder", "qwen": "qwenimage", "qwen-image": "qwenimage",
     "hunyuan": "hunyuanimage", "hunyuan-image": "hunyuanimage", "hunyuanimage2.1": "hunyuanimage",
+    "hunyuanimage2.1-refiner": "hunyuanimage-refiner", "hunyuan-refiner": "hunyuanimage-refiner", "hunyuanimage-3": "hunyuanimage3",
+    "hunyuanimage3.0": "hunyuanimage3", "hunyuanimage-3.0": "hunyuanimage3",
     "wan21": "wan2.1", "wan-2.1": "wan2.1", "wan22": "wan2.2", "wan-2.2": "wan2.2", "wan2.2-ti2v-5b": "wan2.2",
     "dcae": "dc-ae-f32c32", "dc-ae": "dc-ae-f32c32", "sana": "dc-ae-f32c32", "dc-ae-f32c32-sana-1.0": "dc-ae-f32c32",
     "dc-ae-f64c128-mix-1.0": "dc-ae-f64c128", "dc-ae-f128c512-mix-1.0": "dc-ae-f128c512",
