@@ -131,6 +131,15 @@ def test_fewer_resamplings_and_width_changes_match_diffusers(tmp_path: Path) -> 
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), back.state_dict().values()))
 
 
+def test_quarter_release_width_matches_diffusers() -> None:
+    """A quarter of the release's widths (32-256) with its 32 latent channels: the encoder's group-mean shortcut over 8
+    channels per latent channel, the decoder's input repeated 8 times."""
+    ref = reference(widths=(32, 64, 128, 256, 256), latent=32)
+    ours = Autoencoder(REFINER.replace(block_channels=(32, 64, 128, 256, 256), layers_per_block=1)).eval()
+    ours.load_state_dict(ref.state_dict())
+    assert max(differences(ours, ref, size=(32, 32)).values()) <= TOLERANCE
+
+
 @pytest.mark.parametrize("cls", [AutoencoderKLHunyuanImageRefiner, AutoencoderKLHunyuanVideo15])
 def test_published_config_is_the_preset(cls) -> None:
     """The classes' defaults (the refiner's conversion builds its VAE with them; 3.0's config.json has the same
@@ -242,8 +251,12 @@ def parity_table() -> None:
                   "vaekit Tencent-layout file -> vaekit": (vaekit.load(t / "file.safetensors"), ref, 2),
                   "vaekit Tencent-layout file -> the conversion script's renaming (transcribed)": (ours, converted, 2),
                   "8x over 5 levels, shortcut convs": (vaekit.load(t / "f"), fewer, 2)}  # fmt: skip
+        wide = reference(widths=(32, 64, 128, 256, 256), latent=32)
+        quarter = Autoencoder(REFINER.replace(block_channels=(32, 64, 128, 256, 256), layers_per_block=1)).eval()
+        quarter.load_state_dict(wide.state_dict())
+        routes["a quarter of the release's widths, 32 channels, diffusers weights -> vaekit"] = (quarter, wide, 2)
         for route, (a, b, batch) in routes.items():
-            d = differences(a, b, batch=batch)
+            d = differences(a, b, batch=batch, size=(32, 32) if "quarter" in route else (32, 48))
             print(f"| {route} | " + " | ".join(f"{d[k]:.1e}" for k in ("mean", "logvar", "decode", "to_latent", "from_latent")) + " |")
 
 

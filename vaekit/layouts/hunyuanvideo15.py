@@ -113,7 +113,8 @@ def diffusers_can_load(config: AutoencoderConfig) -> bool:
     # A Gaussian posterior, no shift, and time halved by the last downsamplings (the classes' only rule).
     levels = config.downsample_levels if config.downsample_levels is not None else len(config.block_channels) - 1
     t = sum(config.temporal_downsample)
-    return config.kind == "vae" and config.shift_factor == 0.0 and config.temporal_downsample in ((), temporal_for(levels, 2**t))
+    return (config.kind == "vae" and config.shift_factor == 0.0 and not (config.use_quant_conv or config.use_post_quant_conv)
+            and config.temporal_downsample in ((), temporal_for(levels, 2**t)))  # fmt: skip
 
 
 def recognise(keys: Iterable[str]) -> str | None:
