@@ -1,5 +1,4 @@
-"""Hunyuan Image 2.1's refiner VAE and Hunyuan Image 3.0's (HunyuanVideo-1.5's causal VAE: the hunyuanvideo15
-architecture) on one frame, against diffusers' AutoencoderKLHunyuanImageRefiner and AutoencoderKLHunyuanVideo15
+"""Hunyuan Image 2.1's refiner VAE (HunyuanVideo-1.5's causal VAE: the hunyuanvideo15 architecture) on one frame, against diffusers' AutoencoderKLHunyuanImageRefiner and AutoencoderKLHunyuanVideo15
 through every file route, with random weights."""
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from vaekit.model import Autoencoder
 
 TOLERANCE = 1e-4
 REFINER = preset("hunyuanimage-refiner")
-HY3 = preset("hunyuanimage3")
 SMALL = (8, 16, 32, 64, 64)  # the release's 5 levels and 16x (128-1024), an eighth as wide
 
 
@@ -142,15 +140,13 @@ def test_quarter_release_width_matches_diffusers() -> None:
 
 @pytest.mark.parametrize("cls", [AutoencoderKLHunyuanImageRefiner, AutoencoderKLHunyuanVideo15])
 def test_published_config_is_the_preset(cls) -> None:
-    """The classes' defaults (the refiner's conversion builds its VAE with them; 3.0's config.json has the same
-    network and keys, scaling_factor 0.562679178327931) are the presets, module for module at full size (meta)."""
+    """The classes' defaults (the refiner's conversion script builds its VAE with them) are the preset, module for
+    module at full size (on the meta device); only the refiner's class names the family."""
     with torch.device("meta"):
         ref = cls()
         ours = Autoencoder(REFINER)
     config, stated = layout.config_from_diffusers({**ref.config, "_class_name": cls.__name__})
     assert stated and config == (REFINER if cls is AutoencoderKLHunyuanImageRefiner else REFINER.replace(family=""))
-    hy3 = {**ref.config, "_class_name": cls.__name__, "scaling_factor": 0.562679178327931}
-    assert layout.config_from_diffusers(hy3) == (HY3, True)
     assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
     assert REFINER.factor == 16 and REFINER.latent_channels == 32 and REFINER.scaling_factor == 1.03682
 
@@ -170,16 +166,13 @@ def test_32_channels_at_16x_are_never_taken_for_hunyuan_image_or_flux2(tmp_path:
             ck = read_checkpoint(path)
         assert ck.config.arch == "hunyuanvideo15" and ck.config.latent_channels == 32 and ck.config.factor == 16
         assert "Tencent Hunyuan Image refiner" in ck.format and ck.config.temporal_downsample == (False, False, True, True)
-    told = vaekit.load(tmp_path / "flux2-vae.safetensors", family="hunyuanimage3")
-    assert told.config.family == "hunyuanimage3" and told.config.scaling_factor == 0.562679178327931
+    told = vaekit.load(tmp_path / "flux2-vae.safetensors", family="hunyuanimage-refiner")
+    assert told.config.family == "hunyuanimage-refiner" and told.config.scaling_factor == 1.03682
     assert max(differences(vaekit.load(tmp_path / "pytorch_model.pt", family="hunyuanimage-refiner"), ref).values()) <= TOLERANCE
     with pytest.raises(ValueError, match="family 'hunyuanimage' has 64-channel latents"):
         read_checkpoint(tmp_path / "pytorch_model.pt", family="hunyuanimage")
     with pytest.raises(ValueError, match="family 'flux2' needs the latent BatchNorm"):
         read_checkpoint(tmp_path / "pytorch_model.pt", family="flux2")
-    # A diffusers folder with 3.0's scale is Hunyuan Image 3.0, whatever the class.
-    reference(AutoencoderKLHunyuanVideo15, latent=32, widths=(8, 16, 32, 64, 64), scaling_factor=0.562679178327931).save_pretrained(tmp_path / "h3")
-    assert vaekit.load(tmp_path / "h3").config.family == "hunyuanimage3"
     # And the other layouts stay theirs.
     from diffusers import AutoencoderKLHunyuanImage
 
@@ -190,17 +183,17 @@ def test_32_channels_at_16x_are_never_taken_for_hunyuan_image_or_flux2(tmp_path:
 
 def test_full_size_file_is_read_as_the_refiner() -> None:
     """A bare file of the released size (shapes only, on the meta device): the tensors give the preset's network, and
-    with nothing stating the scale the refiner's is assumed, saying that Hunyuan Image 3.0 has another."""
+    with nothing stating the scale the refiner's is assumed, and said so."""
     from vaekit.checkpoints import _Found, _normalisation
 
     with torch.device("meta"):
-        native = Autoencoder(HY3).state_dict()
-    tencent = layout.to_single_file(native, HY3)
+        native = Autoencoder(REFINER).state_dict()
+    tencent = layout.to_single_file(native, REFINER)
     assert "encoder.down.2.downsample.conv.conv.weight" in tencent and layout.recognise(tencent).startswith("Tencent")
     config, _ = layout.config_from_tensors(layout.to_native(tencent))
     assert config == REFINER.replace(scaling_factor=1.0, family="")
     found = _Found(tensors={}, format="file", notes=[])
-    with pytest.warns(UserWarning, match=r"assumed hunyuanimage-refiner: \(z - 0\) \* 1.03682; hunyuanimage3 has the same architecture but \(z - 0\) \* 0.562679"):
+    with pytest.warns(UserWarning, match=r"assumed hunyuanimage-refiner: \(z - 0\) \* 1.03682; pass family"):
         said, _ = _normalisation(config, found, None)
     assert said == REFINER
 
@@ -218,8 +211,9 @@ def test_tiles_like_it_does_untiled(tmp_path: Path) -> None:
 
 
 def test_presets_and_aliases() -> None:
-    assert preset("HunyuanImage-3.0") == HY3 and preset("hunyuanimage2.1-refiner") == REFINER
-    assert HY3.replace(scaling_factor=REFINER.scaling_factor, family=REFINER.family) == REFINER  # one network, two scales
+    assert preset("hunyuanimage2.1-refiner") == REFINER
+    with pytest.raises(ValueError, match="unknown preset"):  # Hunyuan Image 3.0's VAE is another network (module docstring)
+        preset("hunyuanimage3")
     assert re.search(r"Hunyuan Image 2\.1's refiner", vaekit.config.describe_channels(32, "latent"))
 
 

@@ -50,7 +50,7 @@ class AutoencoderConfig:
     # Hunyuan Image 2.1's DC-AE-style VAE (vaekit.model.hunyuanimage); "wan22" Wan 2.2's residual video VAE
     # (2x2 patches, avg shortcuts) run on one frame (vaekit.model.wan22); "dcae" MIT Han Lab's deep compression
     # autoencoder of SANA (vaekit.model.dcae; always kind "ae", no quant convs); "hunyuanvideo15" HunyuanVideo-1.5's
-    # causal video VAE (Hunyuan Image 2.1's refiner, Hunyuan Image 3.0) run on one frame (vaekit.model.hunyuanvideo15).
+    # causal video VAE (Hunyuan Image 2.1's refiner) run on one frame (vaekit.model.hunyuanvideo15).
     arch: Literal["ldm", "pixel", "qwenimage", "hunyuanimage", "wan22", "dcae", "hunyuanvideo15"] = "ldm"
     # How many of the first levels halve the resolution; None: every level but the last (Hunyuan Image's
     # releases differ only in this: 5 of 6 levels for 32x, 4 for 16x).
@@ -396,14 +396,9 @@ PRESETS: dict[str, Preset] = {
                           use_post_quant_conv=False, scaling_factor=1.03682, family="hunyuanimage-refiner"),
         "Hunyuan Image 2.1's refiner VAE (HunyuanVideo-1.5's causal video VAE: 32 channels at 16x) on one frame",
     ),
-    # The same network; the VAE config in tencent/HunyuanImage-3.0's config.json (scaling_factor 0.562679178327931,
-    # shift_factor None), as ports of it copy it (vllm-omni, sglang): not read from the Hub here.
-    "hunyuanimage3": Preset(
-        AutoencoderConfig(arch="hunyuanvideo15", block_channels=(128, 256, 512, 1024, 1024), layers_per_block=2,
-                          latent_channels=32, temporal_downsample=(False, False, True, True), use_quant_conv=False,
-                          use_post_quant_conv=False, scaling_factor=0.562679178327931, family="hunyuanimage3"),
-        "Hunyuan Image 3.0's VAE (the refiner's network, its own weights and scale: 32 channels at 16x) on one frame",
-    ),
+    # No Hunyuan Image 3.0 preset: its VAE (Tencent's hunyuan_image_3/autoencoder_kl_3d.py, AutoencoderKLConv3D; scale
+    # 0.562679178327931 in its config.json) has the refiner's widths and 32 channels at 16x but is another network:
+    # GroupNorm, non-causal zero-padded 3D convs, an image expanded to 4 frames and folded to one latent frame.
     "dc-ae-f32c32": Preset(
         _DCAE_SANA.replace(scaling_factor=0.41407, family="dc-ae-f32c32"),
         "SANA's DC-AE f32c32 (mit-han-lab/dc-ae-f32c32-sana-1.0; deterministic, 32 channels at 32x)",
@@ -456,7 +451,7 @@ PRESETS: dict[str, Preset] = {
 FAMILIES_BY_CHANNELS: dict[int, str] = {
     4: "SD1/SDXL family",
     16: "SD3/Flux.1 family",
-    32: "Flux.2 family, SANA's DC-AE f32c32, or Hunyuan Image 2.1's refiner / Hunyuan Image 3.0",
+    32: "Flux.2 family, SANA's DC-AE f32c32, or Hunyuan Image 2.1's refiner",
     48: "Wan 2.2 family",
     64: "Hunyuan Image 2.1 family",
     128: "DC-AE f64c128",
@@ -476,8 +471,7 @@ ALIASES = {
     "sd2": "sd1", "sd21": "sd1", "sd2.1": "sd1", "sd35": "sd3", "sd3.5": "sd3", "lumina": "lumina2", "pixart-alpha": "pixart",
     "flux.2": "flux2", "flux-2": "flux2", "flux.2-small-decoder": "flux2-small-decoder", "qwen": "qwenimage", "qwen-image": "qwenimage",
     "hunyuan": "hunyuanimage", "hunyuan-image": "hunyuanimage", "hunyuanimage2.1": "hunyuanimage",
-    "hunyuanimage2.1-refiner": "hunyuanimage-refiner", "hunyuan-refiner": "hunyuanimage-refiner", "hunyuanimage-3": "hunyuanimage3",
-    "hunyuanimage3.0": "hunyuanimage3", "hunyuanimage-3.0": "hunyuanimage3",
+    "hunyuanimage2.1-refiner": "hunyuanimage-refiner", "hunyuan-refiner": "hunyuanimage-refiner",
     "wan21": "wan2.1", "wan-2.1": "wan2.1", "wan22": "wan2.2", "wan-2.2": "wan2.2", "wan2.2-ti2v-5b": "wan2.2",
     "dcae": "dc-ae-f32c32", "dc-ae": "dc-ae-f32c32", "sana": "dc-ae-f32c32", "dc-ae-f32c32-sana-1.0": "dc-ae-f32c32",
     "dc-ae-f64c128-mix-1.0": "dc-ae-f64c128", "dc-ae-f128c512-mix-1.0": "dc-ae-f128c512",

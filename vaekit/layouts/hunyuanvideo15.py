@@ -1,4 +1,4 @@
-"""HunyuanVideo-1.5's causal VAE (Hunyuan Image 2.1's refiner, Hunyuan Image 3.0): diffusers'
+"""HunyuanVideo-1.5's causal VAE (Hunyuan Image 2.1's refiner): diffusers'
 AutoencoderKLHunyuanImageRefiner and AutoencoderKLHunyuanVideo15 names (the model's own; one network on one frame,
 the same names and config keys) and the names of Tencent's refiner release (`ckpts/vae/vae_refiner/pytorch_model.pt`,
 tensors under `vae.`), as diffusers' scripts/convert_hunyuan_image_to_diffusers.py
@@ -22,7 +22,7 @@ from ..config import PRESETS, AutoencoderConfig
 
 ARCH = "hunyuanvideo15"
 DIFFUSERS_CLASSES = ("AutoencoderKLHunyuanImageRefiner", "AutoencoderKLHunyuanVideo15")
-FAMILY = None  # the refiner and Hunyuan Image 3.0 share the names, not the scale: the normalisation rule decides
+FAMILY = None  # HunyuanVideo-1.5's own files may share the names: the normalisation rule decides (the refiner's, said)
 LOAD_DTYPE = None
 NO_WEIGHTS = None
 DIFFUSERS_FRAMES = True  # both classes take videos (N, C, T, H, W)
@@ -67,14 +67,11 @@ def _rename(key: str, rules, shortcut: tuple[str, str]) -> str:
 
 
 def _family(scaling_factor: float, class_name: str) -> str:
-    """The published model a config.json's scale is: the refiner's (its class's default) only under the refiner's
-    class; Hunyuan Image 3.0's under either. Anything else is no published family."""
-    for name in ("hunyuanimage-refiner", "hunyuanimage3"):
-        if math.isclose(scaling_factor, PRESETS[name].config.scaling_factor, rel_tol=1e-6):
-            if name == "hunyuanimage-refiner" and class_name != DIFFUSERS_CLASSES[0]:
-                continue
-            return name
-    return ""
+    """The published model a config.json is: the refiner's scale (its class's default) under the refiner's class.
+    AutoencoderKLHunyuanVideo15 has the same default: HunyuanVideo-1.5's VAE, no vaekit family."""
+    name = "hunyuanimage-refiner"
+    same = math.isclose(scaling_factor, PRESETS[name].config.scaling_factor, rel_tol=1e-6)
+    return name if same and class_name == DIFFUSERS_CLASSES[0] else ""
 
 
 def config_from_diffusers(d: dict[str, Any]) -> tuple[AutoencoderConfig, bool]:
