@@ -1,4 +1,4 @@
-"""The 2026 families (issue 27: Wan 2.1/2.2, FLUX.2's small decoder, DC-AE, KVAE, Qwen-Image 2.1) through every command a latent-diffusion user runs, on small random models with
+"""The 2026 families (issue 27: Wan 2.1/2.2, FLUX.2's small decoder, DC-AE, KVAE, Qwen-Image 2.1, Hunyuan Image 2.1's refiner) through every command a latent-diffusion user runs, on small random models with
 values checked: encode a dataset, decode it back, calibrate on it, score diffusability, bench against the family's
 diffusers class, train a few steps. (inspect, convert, reconstruct, eval and analyze: each family's own test file.)"""
 
@@ -31,6 +31,8 @@ SMALL = {
     "kvae": lambda: preset("kvae").replace(block_channels=(32, 64, 64), layers_per_block=1),
     "qwenimage2.1": lambda: preset("qwenimage2.1").replace(block_channels=(8, 16, 32, 32, 32),
                                                            decoder_block_channels=(12, 24, 48, 48, 48), layers_per_block=1),
+    "hunyuanimage-refiner": lambda: preset("hunyuanimage-refiner").replace(block_channels=(8, 16, 32, 64, 64), layers_per_block=1,
+                                                                           latent_channels=8),
 }  # fmt: skip
 
 

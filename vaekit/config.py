@@ -50,8 +50,9 @@ class AutoencoderConfig:
     # Hunyuan Image 2.1's DC-AE-style VAE (vaekit.model.hunyuanimage); "wan22" Wan 2.2's residual video VAE
     # (2x2 patches, avg shortcuts) run on one frame (vaekit.model.wan22); "dcae" MIT Han Lab's deep compression
     # autoencoder of SANA (vaekit.model.dcae; always kind "ae", no quant convs); "kvae" Kandinsky Lab's KVAE 2D
-    # (vaekit.model.kvae; no quant convs, no attention, latent-conditioned decoder norms).
-    arch: Literal["ldm", "pixel", "qwenimage", "hunyuanimage", "wan22", "dcae", "kvae"] = "ldm"
+    # (vaekit.model.kvae; no quant convs, no attention, latent-conditioned decoder norms); "hunyuanvideo15"
+    # HunyuanVideo-1.5's causal video VAE (Hunyuan Image 2.1's refiner) run on one frame (vaekit.model.hunyuanvideo15).
+    arch: Literal["ldm", "pixel", "qwenimage", "hunyuanimage", "wan22", "dcae", "kvae", "hunyuanvideo15"] = "ldm"
     # How many of the first levels halve the resolution; None: every level but the last (Hunyuan Image's
     # releases differ only in this: 5 of 6 levels for 32x, 4 for 16x).
     downsample_levels: int | None = None
@@ -160,8 +161,9 @@ class AutoencoderConfig:
             raise ValueError(f"patch_size must be 1 (or 2 for the ldm and wan22 architectures), got {self.patch_size}")
         if self.downsample_levels is not None and not 0 <= self.downsample_levels < len(self.block_channels):
             raise ValueError(f"downsample_levels must be in 0..{len(self.block_channels) - 1}, got {self.downsample_levels}")
-        if self.temporal_downsample and len(self.temporal_downsample) != len(self.block_channels) - 1:
-            raise ValueError(f"temporal_downsample needs one flag per downsampling ({len(self.block_channels) - 1})")
+        downsamplings = self.downsample_levels if self.downsample_levels is not None else len(self.block_channels) - 1
+        if self.temporal_downsample and len(self.temporal_downsample) != downsamplings:
+            raise ValueError(f"temporal_downsample needs one flag per downsampling ({downsamplings})")
         if self.shortcuts:
             ch = self.block_channels
             bad = [(a, b) for a, b in zip(ch, ch[1:]) if (4 * a) % b]
@@ -422,6 +424,17 @@ PRESETS: dict[str, Preset] = {
                           family="hunyuanimage"),
         "Hunyuan Image 2.1 VAE (64 channels at 32x; DC-AE-style; its authors run it in fp32)",
     ),  # fmt: skip
+    # diffusers' AutoencoderKLHunyuanImageRefiner defaults (scripts/convert_hunyuan_image_to_diffusers.py builds the
+    # refiner's VAE with them): latents * 1.03682, no shift (HunyuanImageRefinerPipeline).
+    "hunyuanimage-refiner": Preset(
+        AutoencoderConfig(arch="hunyuanvideo15", block_channels=(128, 256, 512, 1024, 1024), layers_per_block=2,
+                          latent_channels=32, temporal_downsample=(False, False, True, True), use_quant_conv=False,
+                          use_post_quant_conv=False, scaling_factor=1.03682, family="hunyuanimage-refiner"),
+        "Hunyuan Image 2.1's refiner VAE (HunyuanVideo-1.5's causal video VAE: 32 channels at 16x) on one frame",
+    ),
+    # No Hunyuan Image 3.0 preset: its VAE (Tencent's hunyuan_image_3/autoencoder_kl_3d.py, AutoencoderKLConv3D; scale
+    # 0.562679178327931 in its config.json) has the refiner's widths and 32 channels at 16x but is another network:
+    # GroupNorm, non-causal zero-padded 3D convs, an image expanded to 4 frames and folded to one latent frame.
     "dc-ae-f32c32": Preset(
         _DCAE_SANA.replace(scaling_factor=0.41407, family="dc-ae-f32c32"),
         "SANA's DC-AE f32c32 (mit-han-lab/dc-ae-f32c32-sana-1.0; deterministic, 32 channels at 32x)",
@@ -482,9 +495,9 @@ PRESETS: dict[str, Preset] = {
 FAMILIES_BY_CHANNELS: dict[int, str] = {
     4: "SD1/SDXL family",
     16: "SD3/Flux.1 family",
-    32: "Flux.2 family, or SANA's DC-AE f32c32",
+    32: "Flux.2 family, SANA's DC-AE f32c32, or Hunyuan Image 2.1's refiner",
     48: "Wan 2.2 family",
-    64: "Hunyuan Image family, or Qwen-Image 2.1 (RGBA)",
+    64: "Hunyuan Image 2.1 family, or Qwen-Image 2.1 (RGBA)",
     128: "DC-AE f64c128",
     512: "DC-AE f128c512",
 }
@@ -503,6 +516,7 @@ ALIASES = {
     "flux.2": "flux2", "flux-2": "flux2", "flux.2-small-decoder": "flux2-small-decoder", "qwen": "qwenimage", "qwen-image": "qwenimage",
     "qwen-image-2.1": "qwenimage2.1", "qwenimage21": "qwenimage2.1", "qwen-image2.1": "qwenimage2.1", "qwenimage-2.1": "qwenimage2.1",
     "hunyuan": "hunyuanimage", "hunyuan-image": "hunyuanimage", "hunyuanimage2.1": "hunyuanimage",
+    "hunyuanimage2.1-refiner": "hunyuanimage-refiner", "hunyuan-refiner": "hunyuanimage-refiner",
     "wan21": "wan2.1", "wan-2.1": "wan2.1", "wan22": "wan2.2", "wan-2.2": "wan2.2", "wan2.2-ti2v-5b": "wan2.2",
     "dcae": "dc-ae-f32c32", "dc-ae": "dc-ae-f32c32", "sana": "dc-ae-f32c32", "dc-ae-f32c32-sana-1.0": "dc-ae-f32c32",
     "dc-ae-f64c128-mix-1.0": "dc-ae-f64c128", "kvae-2d": "kvae", "kvae-2d-1.0": "kvae", "kvae2d": "kvae", "dc-ae-f128c512-mix-1.0": "dc-ae-f128c512",

@@ -130,7 +130,7 @@ def has_diffusers_peer(config: AutoencoderConfig) -> bool:
 
 def diffusers_peer(model: Autoencoder, dtype: torch.dtype) -> Any | None:
     """The same weights in the diffusers class that vaekit's diffusers folder names (AutoencoderKL,
-    AutoencoderKLFlux2, AutoencoderKLQwenImage, AutoencoderKLHunyuanImage, AutoencoderDC), or None when there is none."""
+    AutoencoderKLFlux2, AutoencoderKLQwenImage, AutoencoderKLHunyuanImage, AutoencoderDC, AutoencoderKLHunyuanImageRefiner, ...), or None when there is none."""
     if not has_diffusers_peer(model.config):
         return None
     import diffusers

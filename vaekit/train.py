@@ -375,8 +375,9 @@ class Networks:
 
     @property
     def last_layer(self) -> nn.Parameter:
-        """The decoder's last weight, where the adaptive GAN weight compares the two losses' gradients."""
-        return self.model.decoder.conv_out.weight
+        """The decoder's last weight, where the adaptive GAN weight compares the two losses' gradients (the conv's own,
+        or that of the conv a causal video conv wraps: HunyuanVideo-1.5's `conv_out.conv`)."""
+        return next(p for name, p in self.model.decoder.conv_out.named_parameters() if name.endswith("weight"))
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)

@@ -1,5 +1,6 @@
 """Checkpoint layouts: what each architecture's files look like, as data and pure functions of tensors and
-configs. One module per architecture (`ldm`, `pixel`, `qwenimage`, `hunyuanimage`, `wan22`, `dcae`, `kvae`), each a `Layout`; the
+configs. One module per architecture (`ldm`, `pixel`, `qwenimage`, `hunyuanimage`, `wan22`, `dcae`, `kvae`,
+`hunyuanvideo15`), each a `Layout`; the
 registry `vaekit.model.architectures` pairs each with its model module. `vaekit.checkpoints` keeps what is
 common to every architecture (finding the files, the Hub, the safetensors and pickle rules, metadata, strict
 keys, the normalisation rule) and asks the layout for the rest.

@@ -23,11 +23,12 @@ from ..layouts import Layout
 from ..layouts import dcae as dcae_layout
 from ..layouts import hunyuanimage as hunyuanimage_layout
 from ..layouts import kvae as kvae_layout
+from ..layouts import hunyuanvideo15 as hunyuanvideo15_layout
 from ..layouts import ldm as ldm_layout
 from ..layouts import pixel as pixel_layout
 from ..layouts import qwenimage as qwenimage_layout
 from ..layouts import wan22 as wan22_layout
-from . import dcae, fast, hunyuanimage, kvae, ldm, pixel, qwenimage, wan22
+from . import dcae, fast, hunyuanimage, hunyuanvideo15, kvae, ldm, pixel, qwenimage, wan22
 
 
 @runtime_checkable
@@ -71,6 +72,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("wan22", wan22, wan22_layout),
         Architecture("dcae", dcae, dcae_layout),
         Architecture("kvae", kvae, kvae_layout),
+        Architecture("hunyuanvideo15", hunyuanvideo15, hunyuanvideo15_layout),
     )
 }
 register_architectures(ARCHITECTURES)
