@@ -180,7 +180,7 @@ def _from_path(path: Path) -> _Found:
     if path.suffix == ".safetensors":
         with _safetensors(path) as f:
             metadata = f.metadata() or {}
-            found = _select(list(f.keys()), "single-file", f.get_tensor)
+            found = _select(list(f.keys()), "single-file", f.get_tensor, lambda k: tuple(f.get_slice(k).get_shape()))
         if METADATA_KEY in metadata:
             part = f"its {METADATA_KEY} metadata is "
             with _settings_of(path, ".safetensors file", part):
@@ -189,14 +189,14 @@ def _from_path(path: Path) -> _Found:
         return found
     if path.suffix in TORCH_SUFFIXES:
         tensors = _torch_tensors(path)
-        return _select(list(tensors), f"torch {path.suffix} file", tensors.__getitem__)
+        return _select(list(tensors), f"torch {path.suffix} file", tensors.__getitem__, lambda k: tuple(tensors[k].shape))
     raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; vaekit reads .safetensors, "
                      f"{', '.join(TORCH_SUFFIXES)} and diffusers folders")
 
 
-def _select(keys: list[str], kind: str, get: Callable[[str], Tensor]) -> _Found:
+def _select(keys: list[str], kind: str, get: Callable[[str], Tensor], shape: Callable[[str], tuple[int, ...]]) -> _Found:
     """The autoencoder's tensors out of a file's keys, under native names. Only those are read,
-    so a 7 GB SDXL checkpoint costs only its VAE."""
+    so a 7 GB SDXL checkpoint costs only its VAE; the layouts are shown their names with their shapes."""
     notes = []
     prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
     hint, others = None, []
@@ -210,7 +210,7 @@ def _select(keys: list[str], kind: str, get: Callable[[str], Tensor]) -> _Found:
     if training:
         notes.append(f"ignored {len(training)} training-only tensors (loss.* = LPIPS/discriminator, model_ema.*)")
     ours = [k for k in ours if k not in training]
-    names = [k[len(prefix):] for k in ours]
+    names = {k[len(prefix):]: shape(k) for k in ours}
     found = for_names(names)
     if found is None:
         raise not_an_autoencoder(names)
