@@ -112,6 +112,29 @@ def test_saves_tencent_names_and_loads_them_back_bit_exactly(tmp_path: Path) -> 
     assert "\n" not in str(e.value) and not (tmp_path / "folder").exists()
 
 
+def test_read_from_the_shards_that_hold_it(tmp_path: Path) -> None:
+    """The release's VAE is under `vae.` across its last shards: read through model.safetensors.index.json (or its
+    folder), opening only the shards that hold it."""
+    tensors = {f"vae.{k}": v for k, v in weights("release").items()}
+    names = sorted(tensors)
+    parts = {"model-0031-of-0032.safetensors": names[: len(names) // 2], "model-0032-of-0032.safetensors": names[len(names) // 2 :]}
+    save_file({"model.layers.0.mlp.gate.wg.weight": torch.zeros(4, 8)}, tmp_path / "model-0001-of-0032.safetensors")
+    for shard, keys in parts.items():
+        save_file({k: tensors[k] for k in keys}, tmp_path / shard)
+    weight_map = {"model.layers.0.mlp.gate.wg.weight": "model-0001-of-0032.safetensors"}
+    weight_map.update({k: shard for shard, keys in parts.items() for k in keys})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "hunyuan_image_3_moe"}))  # transformers', not diffusers'
+    (tmp_path / "model-0001-of-0032.safetensors").write_bytes(b"")  # never opened: it holds no VAE tensor
+    for source in (tmp_path / "model.safetensors.index.json", tmp_path):
+        ck = read_checkpoint(source)
+        assert ck.config.family == "hunyuanimage3" and "model-0031-of-0032.safetensors, model-0032" in ck.format
+    assert max(differences(vaekit.load(tmp_path), "release").values()) <= TOLERANCE
+    (tmp_path / "model-0032-of-0032.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="which is not in .*: download it too"):
+        read_checkpoint(tmp_path)
+
+
 def test_never_taken_for_hunyuan_image_2_1_or_its_refiner(tmp_path: Path) -> None:
     """The same names as Hunyuan Image 2.1's Tencent files, told apart by shape (3D against 2D convolutions), in both
     directions; and never the refiner's (HunyuanVideo-1.5's) names."""

@@ -1,5 +1,6 @@
 """Hunyuan Image 3.0's VAE: Tencent's names (`hunyuan_image_3/autoencoder_kl_3d.py`), which are the model's own.
-The release keeps them under `vae.` inside its model shards; a bare VAE state dict has them without it. diffusers has no class for this VAE, so there is no diffusers folder to read or write.
+The release keeps them under `vae.` inside its model shards (read through `model.safetensors.index.json`); a bare
+VAE state dict has them without it. diffusers has no class for this VAE, so there is no diffusers folder to read or write.
 
 The names are those of Hunyuan Image 2.1's Tencent files (`encoder.down.{level}.block.{i}`, `.downsample.conv`,
 `decoder.up.0.upsample` on the latent side, `mid.attn_1.q`): only the shapes tell them apart, 3D convolution weights
