@@ -135,6 +135,15 @@ def test_read_from_the_shards_that_hold_it(tmp_path: Path) -> None:
         read_checkpoint(tmp_path)
 
 
+def test_inspect_from_the_command_line(tmp_path: Path, capsys) -> None:
+    """(encode, decode, calibrate, bench, reconstruct, eval, train: tests/test_family_commands.py.)"""
+    from vaekit.cli import main
+
+    assert main(["inspect", str(write("release", "bare", tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert "family         hunyuanimage3" in out and "z * 0.562679" in out and "Tencent Hunyuan Image 3.0 VAE layout" in out
+
+
 def test_never_taken_for_hunyuan_image_2_1_or_its_refiner(tmp_path: Path) -> None:
     """The same names as Hunyuan Image 2.1's Tencent files, told apart by shape (3D against 2D convolutions), in both
     directions; and never the refiner's (HunyuanVideo-1.5's) names."""
