@@ -11,8 +11,8 @@ keys, the normalisation rule) and asks the layout for the rest.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Iterable, Protocol, runtime_checkable
 
 import torch

@@ -14,8 +14,8 @@ Hunyuan Image 3.0's names are 2.1's with 3D convolutions: its layout, asked befo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 from torch import nn
