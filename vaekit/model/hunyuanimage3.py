@@ -3,7 +3,7 @@ channels at 16x), on one image. No diffusers class has it; module names are Tenc
 on the latent side as in Hunyuan Image 2.1's files), so its checkpoints load and save without renaming.
 
 It is a video VAE that takes an image as a clip. Tencent's `encode` repeats the image to `frames` frames (4 in the
-release: 2 to the number of downsamplings that also halve time), its 3x3x3 convolutions pad time with zeros, and
+release: 2 ** the number of downsamplings that also halve time), its 3x3x3 convolutions pad time with zeros, and
 its GroupNorms take statistics over all frames. The frames do not stay copies: conv_in gives the first frame taps
 1-2 of its kernel, the last taps 0-1 and the others all three; the next conv mixes each frame with unequal
 neighbours, so after one ResNet block no two frames are equal. The exact one-image computation therefore carries
