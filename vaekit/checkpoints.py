@@ -28,7 +28,7 @@ import struct
 import sys
 import warnings
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -102,7 +102,9 @@ def read_checkpoint(source: str | os.PathLike, family: str | None = None, seed: 
 
     `source`: a diffusers folder (or a pipeline folder with `vae/`), a `.safetensors` file (VAE-only
     in LDM/FLUX.1 or diffusers naming, or a full SD/SDXL/SD3 checkpoint), a `.ckpt/.pt/.pth/.bin`
-    file, a Hugging Face repo id, or `preset:NAME` (random weights, the same for the same `seed`).
+    file, a model sharded over `.safetensors` files (its `model.safetensors.index.json`, or the folder
+    holding it: Hunyuan Image 3.0's VAE is under `vae.` in its shards), a Hugging Face repo id, or
+    `preset:NAME` (random weights, the same for the same `seed`).
     `family` (a preset name) gives the latent normalisation when the source does not state it."""
     text = os.fspath(source)
     family = preset_name(family) if family else None
@@ -174,13 +176,18 @@ def _from_preset(name: str, seed: int) -> _Found:
     return _Found(tensors, f"preset {config.family} (random init, seed {seed})", config, "preset")
 
 
+SHARD_INDEX = "model.safetensors.index.json"  # a sharded model's map of tensor names to files (transformers' name)
+
+
 def _from_path(path: Path) -> _Found:
     if path.is_dir():
         return _from_folder(path)
+    if path.name.endswith(".safetensors.index.json"):
+        return _from_shards(path)
     if path.suffix == ".safetensors":
         with _safetensors(path) as f:
             metadata = f.metadata() or {}
-            found = _select(list(f.keys()), "single-file", f.get_tensor)
+            found = _select(list(f.keys()), "single-file", f.get_tensor, lambda k: tuple(f.get_slice(k).get_shape()))
         if METADATA_KEY in metadata:
             part = f"its {METADATA_KEY} metadata is "
             with _settings_of(path, ".safetensors file", part):
@@ -189,14 +196,35 @@ def _from_path(path: Path) -> _Found:
         return found
     if path.suffix in TORCH_SUFFIXES:
         tensors = _torch_tensors(path)
-        return _select(list(tensors), f"torch {path.suffix} file", tensors.__getitem__)
+        return _select(list(tensors), f"torch {path.suffix} file", tensors.__getitem__, lambda k: tuple(tensors[k].shape))
     raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; vaekit reads .safetensors, "
-                     f"{', '.join(TORCH_SUFFIXES)} and diffusers folders")
+                     f"{', '.join(TORCH_SUFFIXES)}, {SHARD_INDEX} and diffusers folders")
 
 
-def _select(keys: list[str], kind: str, get: Callable[[str], Tensor]) -> _Found:
+def _from_shards(index: Path) -> _Found:
+    """The autoencoder in a model sharded over .safetensors files: only the shards holding its tensors are opened."""
+    with _settings_of(index, "shard index"):
+        weight_map = dict(_read_json(index, "shard index")["weight_map"])
+    with ExitStack() as stack:
+        shards: dict[str, Any] = {}
+
+        def shard(key: str) -> Any:
+            name = weight_map[key]
+            if name not in shards:
+                if not (index.parent / name).is_file():
+                    raise FileNotFoundError(f"{index} puts {key} in {name}, which is not in {index.parent}: download it too")
+                shards[name] = stack.enter_context(_safetensors(index.parent / name))
+            return shards[name]
+
+        found = _select(list(weight_map), f"sharded .safetensors ({index.name})", lambda k: shard(k).get_tensor(k),
+                        lambda k: tuple(shard(k).get_slice(k).get_shape()))  # fmt: skip
+        found.format += f", read from {', '.join(sorted(shards))}"
+    return found
+
+
+def _select(keys: list[str], kind: str, get: Callable[[str], Tensor], shape: Callable[[str], tuple[int, ...]]) -> _Found:
     """The autoencoder's tensors out of a file's keys, under native names. Only those are read,
-    so a 7 GB SDXL checkpoint costs only its VAE."""
+    so a 7 GB SDXL checkpoint costs only its VAE; the layouts are shown their names with their shapes."""
     notes = []
     prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
     hint, others = None, []
@@ -210,7 +238,7 @@ def _select(keys: list[str], kind: str, get: Callable[[str], Tensor]) -> _Found:
     if training:
         notes.append(f"ignored {len(training)} training-only tensors (loss.* = LPIPS/discriminator, model_ema.*)")
     ours = [k for k in ours if k not in training]
-    names = [k[len(prefix):] for k in ours]
+    names = {k[len(prefix):]: shape(k) for k in ours}
     found = for_names(names)
     if found is None:
         raise not_an_autoencoder(names)
@@ -333,13 +361,13 @@ def _torch_tensors(path: Path) -> dict[str, Tensor]:
 CONFIG_ADVICE = "download it again or fix it"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    """A config.json's settings."""
+def _read_json(path: Path, kind: str = "config.json") -> dict[str, Any]:
+    """A JSON file's settings (a config.json, a shard index)."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise UnreadableFile(path, "config.json", f"not text: byte {e.start} is not UTF-8", CONFIG_ADVICE) from None
-    return _json_object(text, path, "config.json")
+        raise UnreadableFile(path, kind, f"not text: byte {e.start} is not UTF-8", CONFIG_ADVICE) from None
+    return _json_object(text, path, kind)
 
 
 def _json_object(text: str, path: Path, kind: str, part: str = "") -> dict[str, Any]:
@@ -378,6 +406,8 @@ def _from_folder(path: Path) -> _Found:
         folder = path / "vae"  # a diffusers pipeline
     config_file = folder / "config.json"
     weights = next((folder / w for w in DIFFUSERS_WEIGHTS if (folder / w).is_file()), None)
+    if weights is None and (path / SHARD_INDEX).is_file():  # a sharded model (its config.json is not a diffusers one)
+        return _from_shards(path / SHARD_INDEX)
     if not config_file.is_file() or weights is None:
         raise FileNotFoundError(f"{path} is not a diffusers autoencoder folder: it needs config.json and "
                                 f"{DIFFUSERS_WEIGHTS[0]} (or .bin), directly or under vae/")

@@ -51,13 +51,15 @@ class AutoencoderConfig:
     # (2x2 patches, avg shortcuts) run on one frame (vaekit.model.wan22); "dcae" MIT Han Lab's deep compression
     # autoencoder of SANA (vaekit.model.dcae; always kind "ae", no quant convs); "kvae" Kandinsky Lab's KVAE 2D
     # (vaekit.model.kvae; no quant convs, no attention, latent-conditioned decoder norms); "hunyuanvideo15"
-    # HunyuanVideo-1.5's causal video VAE (Hunyuan Image 2.1's refiner) run on one frame (vaekit.model.hunyuanvideo15).
-    arch: Literal["ldm", "pixel", "qwenimage", "hunyuanimage", "wan22", "dcae", "kvae", "hunyuanvideo15"] = "ldm"
+    # HunyuanVideo-1.5's causal video VAE (Hunyuan Image 2.1's refiner) run on one frame (vaekit.model.hunyuanvideo15);
+    # "hunyuanimage3" Hunyuan Image 3.0's GroupNorm 3D-conv VAE on an image's clip of frames (vaekit.model.hunyuanimage3).
+    arch: Literal["ldm", "pixel", "qwenimage", "hunyuanimage", "wan22", "dcae", "kvae", "hunyuanvideo15", "hunyuanimage3"] = "ldm"
     # How many of the first levels halve the resolution; None: every level but the last (Hunyuan Image's
     # releases differ only in this: 5 of 6 levels for 32x, 4 for 16x).
     downsample_levels: int | None = None
     # Video VAEs: which downsamplings also halve time. One frame never runs those layers, but their
-    # weights exist, so the architecture needs to know where they are.
+    # weights exist, so the architecture needs to know where they are (hunyuanimage3 does run them: an image
+    # enters as 2**sum(temporal_downsample) frames that they fold into one).
     temporal_downsample: tuple[bool, ...] = ()
     # wan22 only: the causal convolutions stored as the 2D ones they are on one frame (kernel k x k, the time
     # convolutions 1x1), as Qwen-Image 2.1's image-only AutoencoderKLQwenImage21 has them; False: Wan's 5D video weights.
@@ -126,7 +128,7 @@ class AutoencoderConfig:
             return
         if not self.block_channels:
             raise ValueError("block_channels needs at least one level")
-        bad = [c for c in self.block_channels if c % self.norm_groups] if self.arch in ("ldm", "hunyuanimage", "kvae") else []
+        bad = [c for c in self.block_channels if c % self.norm_groups] if self.arch in ("ldm", "hunyuanimage", "kvae", "hunyuanimage3") else []
         if bad:
             raise ValueError(f"norm_groups={self.norm_groups} must divide every block channel count; {bad} do not")
         if self.decoder_block_channels is not None:
@@ -432,9 +434,17 @@ PRESETS: dict[str, Preset] = {
                           use_post_quant_conv=False, scaling_factor=1.03682, family="hunyuanimage-refiner"),
         "Hunyuan Image 2.1's refiner VAE (HunyuanVideo-1.5's causal video VAE: 32 channels at 16x) on one frame",
     ),
-    # No Hunyuan Image 3.0 preset: its VAE (Tencent's hunyuan_image_3/autoencoder_kl_3d.py, AutoencoderKLConv3D; scale
-    # 0.562679178327931 in its config.json) has the refiner's widths and 32 channels at 16x but is another network:
-    # GroupNorm, non-causal zero-padded 3D convs, an image expanded to 4 frames and folded to one latent frame.
+    # Hunyuan Image 3.0's VAE (Tencent's hunyuan_image_3/autoencoder_kl_3d.py, AutoencoderKLConv3D): the `vae` entry of
+    # tencent/HunyuanImage-3.0's config.json, as loaders that read it repeat it (block_out_channels [128, 256, 512,
+    # 1024, 1024], layers_per_block 2, latent_channels 32, ffactor_spatial 16, ffactor_temporal 4, scaling_factor
+    # 0.562679178327931, no shift_factor; the config.json itself was not read here). ffactor_temporal 4: the last two
+    # of the four downsamplings halve time (Tencent's Encoder). Its pipeline: (z - shift) * scale when a shift is set.
+    "hunyuanimage3": Preset(
+        AutoencoderConfig(arch="hunyuanimage3", block_channels=(128, 256, 512, 1024, 1024), layers_per_block=2,
+                          latent_channels=32, temporal_downsample=(False, False, True, True), use_quant_conv=False,
+                          use_post_quant_conv=False, scaling_factor=0.562679178327931, family="hunyuanimage3"),
+        "Hunyuan Image 3.0 VAE (32 channels at 16x; GroupNorm 3D convs: an image enters as 4 frames, folded to one)",
+    ),
     "dc-ae-f32c32": Preset(
         _DCAE_SANA.replace(scaling_factor=0.41407, family="dc-ae-f32c32"),
         "SANA's DC-AE f32c32 (mit-han-lab/dc-ae-f32c32-sana-1.0; deterministic, 32 channels at 32x)",
@@ -495,7 +505,7 @@ PRESETS: dict[str, Preset] = {
 FAMILIES_BY_CHANNELS: dict[int, str] = {
     4: "SD1/SDXL family",
     16: "SD3/Flux.1 family",
-    32: "Flux.2 family, SANA's DC-AE f32c32, or Hunyuan Image 2.1's refiner",
+    32: "Flux.2 family, SANA's DC-AE f32c32, Hunyuan Image 2.1's refiner, or Hunyuan Image 3.0",
     48: "Wan 2.2 family",
     64: "Hunyuan Image 2.1 family, or Qwen-Image 2.1 (RGBA)",
     128: "DC-AE f64c128",
@@ -517,6 +527,7 @@ ALIASES = {
     "qwen-image-2.1": "qwenimage2.1", "qwenimage21": "qwenimage2.1", "qwen-image2.1": "qwenimage2.1", "qwenimage-2.1": "qwenimage2.1",
     "hunyuan": "hunyuanimage", "hunyuan-image": "hunyuanimage", "hunyuanimage2.1": "hunyuanimage",
     "hunyuanimage2.1-refiner": "hunyuanimage-refiner", "hunyuan-refiner": "hunyuanimage-refiner",
+    "hunyuanimage3.0": "hunyuanimage3", "hunyuanimage-3.0": "hunyuanimage3", "hunyuan-image-3": "hunyuanimage3",
     "wan21": "wan2.1", "wan-2.1": "wan2.1", "wan22": "wan2.2", "wan-2.2": "wan2.2", "wan2.2-ti2v-5b": "wan2.2",
     "dcae": "dc-ae-f32c32", "dc-ae": "dc-ae-f32c32", "sana": "dc-ae-f32c32", "dc-ae-f32c32-sana-1.0": "dc-ae-f32c32",
     "dc-ae-f64c128-mix-1.0": "dc-ae-f64c128", "kvae-2d": "kvae", "kvae-2d-1.0": "kvae", "kvae2d": "kvae", "dc-ae-f128c512-mix-1.0": "dc-ae-f128c512",

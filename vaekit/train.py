@@ -9,7 +9,8 @@ besides weights and optimizer states is a `RunState`. The run folder:
     RUN/config.json        every setting (train settings, the model config, versions)
     RUN/checkpoints/       step_XXXXXXX.pt, written atomically, the last --keep-checkpoints kept
     RUN/model/             final EMA weights as a diffusers folder (vaekit.load, and diffusers
-                           whenever it has the architecture)
+                           whenever it has the architecture); RUN/model.safetensors in the single-file
+                           layout for an architecture diffusers has no class for (Hunyuan Image 3.0's)
     RUN/metrics.json       validation PSNR/SSIM of the final EMA model (and of the initial one)
     RUN/logs/              TensorBoard: losses, lr, grad norm, images/s, skipped steps, val metrics
     RUN/log.jsonl          the same scalars, one JSON line per logged step
@@ -48,7 +49,7 @@ from .evaluate import against_thumbnail
 from .files import check_output_folder, mark_output_folder, write_atomic
 from .losses import AutoencoderLoss, LossConfig, downsample, gan_weight_from_grads, scale_factors
 from .metrics import psnr, ssim
-from .model import Autoencoder
+from .model import ARCHITECTURES, Autoencoder
 from .progress import progress as progress_bar
 
 
@@ -173,7 +174,7 @@ QUICKSTART = TrainConfig(
 @dataclass
 class TrainResult:
     run: Path
-    model: Path  # the diffusers folder of the final EMA weights
+    model: Path  # the final EMA weights: a diffusers folder, or a .safetensors file (`_model_path`)
     metrics: dict[str, Any]  # what RUN/metrics.json holds (empty on ranks other than 0)
     rank: int = 0
 
@@ -307,7 +308,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         _write_json(run / "metrics.json", metrics)
         writer.close()
     procs.finish()
-    return TrainResult(run, run / "model", metrics, procs.rank)
+    return TrainResult(run, _model_path(run, nets.ema.config), metrics, procs.rank)
 
 
 def quickstart(out: str = QUICKSTART.out, seconds: float | None = None, progress: bool = True, **changes: Any) -> TrainResult:
@@ -658,10 +659,16 @@ def _final_model(ema: Autoencoder, data: TrainingData, cfg: TrainConfig, device:
     metrics = {}
     if ema.config.latent_norm == "patch_bn" and not cfg.decoder_only:  # FLUX.2's layout: its normalisation is data
         metrics["latent_bn"] = fit_latent_bn(ema, data, cfg.batch_size, cfg.seed, device)
-    ema.save(str(run / "model"))
+    path = _model_path(run, ema.config)
+    ema.save(str(path), format="single-file" if path.suffix == ".safetensors" else "diffusers")
     if data.val:
         metrics["final"] = validate(ema, data, device, run / "samples" / f"step_{step:07d}.png", writer, step)
     return metrics
+
+
+def _model_path(run: Path, config: AutoencoderConfig) -> Path:
+    """RUN/model, a diffusers folder; RUN/model.safetensors for an architecture diffusers has no class for."""
+    return run / ("model" if ARCHITECTURES[config.arch].layout.DIFFUSERS_CLASSES else "model.safetensors")
 
 
 def _write_json(path: Path, value: Any) -> None:

@@ -1,6 +1,6 @@
 """Checkpoint layouts: what each architecture's files look like, as data and pure functions of tensors and
 configs. One module per architecture (`ldm`, `pixel`, `qwenimage`, `hunyuanimage`, `wan22`, `dcae`, `kvae`,
-`hunyuanvideo15`), each a `Layout`; the
+`hunyuanvideo15`, `hunyuanimage3`), each a `Layout`; the
 registry `vaekit.model.architectures` pairs each with its model module. `vaekit.checkpoints` keeps what is
 common to every architecture (finding the files, the Hub, the safetensors and pickle rules, metadata, strict
 keys, the normalisation rule) and asks the layout for the rest.
@@ -11,6 +11,7 @@ keys, the normalisation rule) and asks the layout for the rest.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterable, Protocol, runtime_checkable
 
@@ -46,9 +47,11 @@ class Layout(Protocol):
         """Whether its diffusers class expresses this config, so diffusers loads the folder `write` makes (and
         `vaekit bench` has a peer to time against)."""
 
-    def recognise(self, keys: Iterable[str]) -> str | None:
+    def recognise(self, keys: Iterable[str] | Mapping[str, Any]) -> str | None:
         """What naming these tensor names are ("LDM naming", "Wan 2.1 / Qwen-Image layout (ComfyUI)"), or None
-        if they are not this layout's. Layouts are asked newest first (see the registry)."""
+        if they are not this layout's. Layouts are asked newest first (see the registry). `vaekit.checkpoints` gives
+        a mapping of the names to their shapes: a layout whose names another shares (Hunyuan Image 3.0's are 2.1's
+        with 3D convolutions) reads them; the others iterate the names."""
 
     def to_native(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         """Tensors in any naming it recognises (a single file's, its diffusers folder's) -> the model's names."""

@@ -9,12 +9,14 @@ the model modules, which imports this package's `__init__`, hence `Autoencoder`,
 A new architecture is its model file, its layout module and a preset in `config.PRESETS`, entered here
 in one line. Layouts are asked about a file's tensor names newest first (`for_names`): LDM's names are
 the oldest and the most general (Tencent's Hunyuan Image names look like them), so LDM comes first here.
+Hunyuan Image 3.0's names are 2.1's with 3D convolutions: its layout, asked before, reads the shapes too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 from torch import nn
 
@@ -22,13 +24,14 @@ from ..config import AutoencoderConfig, register_architectures
 from ..layouts import Layout
 from ..layouts import dcae as dcae_layout
 from ..layouts import hunyuanimage as hunyuanimage_layout
+from ..layouts import hunyuanimage3 as hunyuanimage3_layout
 from ..layouts import kvae as kvae_layout
 from ..layouts import hunyuanvideo15 as hunyuanvideo15_layout
 from ..layouts import ldm as ldm_layout
 from ..layouts import pixel as pixel_layout
 from ..layouts import qwenimage as qwenimage_layout
 from ..layouts import wan22 as wan22_layout
-from . import dcae, fast, hunyuanimage, hunyuanvideo15, kvae, ldm, pixel, qwenimage, wan22
+from . import dcae, fast, hunyuanimage, hunyuanimage3, hunyuanvideo15, kvae, ldm, pixel, qwenimage, wan22
 
 
 @runtime_checkable
@@ -73,14 +76,16 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("dcae", dcae, dcae_layout),
         Architecture("kvae", kvae, kvae_layout),
         Architecture("hunyuanvideo15", hunyuanvideo15, hunyuanvideo15_layout),
+        Architecture("hunyuanimage3", hunyuanimage3, hunyuanimage3_layout),
     )
 }
 register_architectures(ARCHITECTURES)
 
 
-def for_names(keys: Iterable[str]) -> tuple[Layout, str] | None:
-    """The layout a file's tensor names are in, and its description of them; None if no layout knows them."""
-    keys = list(keys)
+def for_names(keys: Iterable[str] | Mapping[str, Any]) -> tuple[Layout, str] | None:
+    """The layout a file's tensor names are in, and its description of them; None if no layout knows them. Given
+    a mapping of the names to their tensors or shapes, a layout may read the shapes too."""
+    keys = keys if isinstance(keys, Mapping) else list(keys)
     for a in reversed(ARCHITECTURES.values()):
         said = a.layout.recognise(keys)
         if said:

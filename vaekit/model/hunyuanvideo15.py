@@ -1,5 +1,6 @@
 """Hunyuan Image 2.1's refiner VAE (HunyuanVideo-1.5's causal video VAE: 32 latent channels at 16x), for single
-images. (Hunyuan Image 3.0's VAE, also 32 channels at 16x, is another network: GroupNorm, non-causal 3D convs.)
+images. (Hunyuan Image 3.0's VAE, also 32 channels at 16x, is another network, GroupNorm and non-causal 3D convs:
+vaekit.model.hunyuanimage3.)
 
 diffusers has it twice, `AutoencoderKLHunyuanImageRefiner` and `AutoencoderKLHunyuanVideo15`: the same modules,
 names and config; they differ only in how frames after the first are resampled in time (the refiner's class folds

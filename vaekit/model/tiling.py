@@ -22,6 +22,9 @@ resample, the decoder's output layers: the model's own modules, from `body_stage
   float64), stops the tile, and the stage runs again with that norm known. A ResNet block therefore
   costs about 1.5 of its plain compute. The norms get these statistics through
   `vaekit.model.lean.given_statistics`, which also keeps the banded inference paths off.
+- A video network's activations may carry frames, (N, C, T, H, W) (Hunyuan Image 3.0's VAE runs an
+  image as a clip): tiles split rows and columns only, every frame whole, and GroupNorm's statistics
+  span the frames as they do untiled.
 
 The latent-resolution heads (mid block with global attention) run untiled in `Autoencoder`.
 Tiling is meant for inference (`torch.no_grad()`/`inference_mode()`); docs/TILING.md has the
@@ -34,6 +37,7 @@ import contextlib
 import errno
 import functools
 import itertools
+import math
 import mmap
 import os
 import shutil
@@ -192,8 +196,8 @@ def _run_stage(
                 # Resolution change of this stage: 1/2 (downsample), 1, or 2 (upsample).
                 num, den = y.shape[-1], x1 - x0
                 out_unit = unit * num // den
-                if out is None:
-                    out = _allocate((*y.shape[:2], height * num // den, width * num // den), y.dtype, store, src, spill, maps)
+                if out is None:  # y: (N, C, H, W), or (N, C, T, H, W) for a video network's frames
+                    out = _allocate((*y.shape[:-2], height * num // den, width * num // den), y.dtype, store, src, spill, maps)
                 core = y[..., ya * num // den : yb * num // den, xa * num // den : xb * num // den]
                 _copy(out[..., r0 * out_unit : r1 * out_unit, c0 * out_unit : c1 * out_unit], core, out, maps)
                 del y, core
@@ -329,17 +333,19 @@ def _free_memory(device: torch.device) -> int | None:
 @functools.lru_cache(maxsize=8)
 def _stage_shapes(config: AutoencoderConfig) -> tuple[list[tuple[int, int, int, float]], ...]:
     """(halo, input channels, output channels, output/input resolution) of each tiled stage of the
-    encoder and of the decoder, traced once through the architecture on the meta device (no weights)."""
+    encoder and of the decoder, traced once through the architecture on the meta device (no weights).
+    A video network's frames count as channels: values per pixel."""
     arch = ARCHITECTURES[config.arch].model
     with torch.device("meta"):
         encoder, decoder = arch.Encoder(config), arch.Decoder(config)
     shapes = []
     for stages, channels in ((encoder.body_stages(), config.in_channels), (decoder.body_stages(), config.decoder_channels[-1])):
-        found = []
+        found, lead = [], (1, channels)
         for stage in stages:
-            y = stage(torch.empty(1, channels, 16, 16, device="meta"))
-            found.append((_halo(stage), channels, y.shape[1], y.shape[-1] / 16))
-            channels = y.shape[1]
+            x = torch.empty(*lead, 16, 16, device="meta")
+            y = stage(x)
+            found.append((_halo(stage), math.prod(x.shape[1:-2]), math.prod(y.shape[1:-2]), y.shape[-1] / 16))
+            lead = tuple(y.shape[:-2])
         shapes.append(found)
     return tuple(shapes)
 
@@ -369,10 +375,10 @@ class _WholeImageNorms:
     def normalise(self, norm: nn.GroupNorm, x: Tensor) -> Tensor:
         if norm in self.known:
             mean, rstd = self.known[norm]
-            per = x.shape[1] // norm.num_groups
-            mean = mean.repeat_interleave(per, dim=1)[..., None, None]
-            scale = (rstd.repeat_interleave(per, dim=1) * norm.weight.float())[..., None, None]
-            return (x - mean.to(x.dtype)).mul_(scale.to(x.dtype)).add_(norm.bias.to(x.dtype)[:, None, None])
+            per, spread = x.shape[1] // norm.num_groups, (1,) * (x.ndim - 2)  # over (frames and) pixels
+            mean = mean.repeat_interleave(per, dim=1).view(*x.shape[:2], *spread)
+            scale = (rstd.repeat_interleave(per, dim=1) * norm.weight.float()).view(*x.shape[:2], *spread)
+            return (x - mean.to(x.dtype)).mul_(scale.to(x.dtype)).add_(norm.bias.to(x.dtype).view(-1, *spread))
         self.gathering, self._device = norm, x.device
         self._add(x[..., self.core[0], self.core[1]].reshape(x.shape[0], norm.num_groups, -1))
         raise _StatsPending
