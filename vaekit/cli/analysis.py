@@ -248,14 +248,14 @@ def _add_diffusability(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_diffusability(args: argparse.Namespace) -> None:
-    """Encode crops of DATA with MODEL (to_latent: what a diffusion model sees, then standardised to mean 0, std 1),
-    train a small conv UNet denoiser on them (rectified flow; its size follows the latent shape by a fixed rule;
-    fixed steps and seed) and report its held-out relative denoising error per noise level and their mean, the SCORE
-    (0 perfect, 1 knows nothing: lower is easier to diffuse), the quality of its decoded samples (image-statistics
-    distance; KID with Inception's weights) and the latents' spectrum beside the images'. The protocol is the same
-    for every model (any family, pixel space: preset:pixel), so scores compare only at the same options. DATA is
-    split as `vaekit train` splits it (samples: the held-out photos chelsea, coffee, flower). Writes OUT/report.html
-    and OUT/report.json. See docs/DIFFUSABILITY.md."""
+    """Encode crops of DATA with MODEL (RGBA with their alpha for a 4-channel model; to_latent: what a diffusion model
+    sees, then standardised to mean 0, std 1), train a small conv UNet denoiser on them (rectified flow; its size
+    follows the latent shape by a fixed rule; fixed steps and seed) and report its held-out relative denoising error
+    per noise level and their mean, the SCORE (0 perfect, 1 knows nothing: lower is easier to diffuse), the quality
+    of its decoded samples (image-statistics distance; KID with Inception's weights) and the latents' spectrum beside
+    the images'. The protocol is the same for every model (any family, pixel space: preset:pixel), so scores compare
+    only at the same options. DATA is split as `vaekit train` splits it (samples: the held-out photos chelsea,
+    coffee, flower). Writes OUT/report.html and OUT/report.json. See docs/DIFFUSABILITY.md."""
     from ..analysis import grid
     from ..checkpoints import load
     from ..diffusability import Protocol, score
