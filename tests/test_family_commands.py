@@ -1,7 +1,8 @@
 """The 2026 families (issue 27: Wan 2.1/2.2, FLUX.2's small decoder, DC-AE, KVAE, Qwen-Image 2.1, Hunyuan Image 2.1's refiner,
 Hunyuan Image 3.0) through every command a latent-diffusion user runs, on small random models with
 values checked: encode a dataset, decode it back, calibrate on it, score diffusability, bench against the family's
-diffusers class (where diffusers has one), train a few steps; inspect, convert, reconstruct, eval and analyze."""
+diffusers class (where diffusers has one), train a few steps; inspect, convert, reconstruct, eval and analyze. Qwen-Image
+2.1 (RGBA) gets images whose alpha varies, through every command."""
 
 from __future__ import annotations
 
@@ -59,8 +60,8 @@ def test_latent_dataset_calibrate_diffusability_bench_and_train(family: str, tmp
     side = max(32, 2 * f)
     (tmp_path / "photos").mkdir()
     g = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(g.integers(0, 255, (side, side + f, 3), dtype=np.uint8)).save(tmp_path / "photos" / f"{i}.png")
+    for i in range(3):  # RGBA for an RGBA model: alpha random too
+        Image.fromarray(g.integers(0, 255, (side, side + f, config.in_channels), dtype=np.uint8)).save(tmp_path / "photos" / f"{i}.png")
 
     # encode: the stored latents are the model's, and the dataset gives the family's normalised latents
     assert main(["encode", str(path), str(tmp_path / "photos"), str(tmp_path / "lat"), "--resolution", str(side),
@@ -92,18 +93,19 @@ def test_latent_dataset_calibrate_diffusability_bench_and_train(family: str, tmp
     rows, _ = bench(model, [side], [1], ["fp32"], repeats=1)
     assert {r.op for r in rows} == {"encode", "decode"} and all(r.seconds > 0 for r in rows)
     assert all(r.peer_seconds is None if single else r.peer_seconds > 0 and r.max_abs_diff < 1e-4 for r in rows)
-    if config.rgba:
-        return  # diffusability and train read RGB crops only so far (docs/TRAINING.md)
-    # diffusability: scored on the family's normalised latents
-    numbers, _ = score(model, "samples", Protocol(resolution=side, steps=2, train_crops=16, val_crops=8, samples=2), progress=False)
+    # diffusability: scored on the family's normalised latents (of the RGBA photos for an RGBA model)
+    numbers, _ = score(model, str(tmp_path / "photos"), Protocol(resolution=side, steps=2, train_crops=16, val_crops=8, samples=2),
+                       progress=False)  # fmt: skip
     assert numbers["latents"]["shape"][0] == model.config.normalised_shape[0] and np.isfinite(numbers["score"])
+    assert numbers["images"]["channels"] == config.in_channels
     # train: a few steps from scratch (a deterministic AE with the AE recipe), and the result loads
     assert main(["train", "--data", str(tmp_path / "photos"), "--val", str(tmp_path / "photos"), "--out", str(tmp_path / "run"),
                  "--config", str(_config_file(config, tmp_path)), "--steps", "2", "--warmup", "1", "--batch-size", "2",
                  "--resolution", str(side), "--val-resolution", str(side), "--sample-every", "0"]) == 0  # fmt: skip
     trained = vaekit.load(tmp_path / "run" / ("model.safetensors" if single else "model"))
     assert trained.config.arch == config.arch and trained.config.kind == config.kind
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["step"] == 2
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["step"] == 2 and ("alpha_psnr" in metrics["final"]) == config.rgba  # an RGBA model validated on alpha too
 
 
 def _config_file(config, tmp_path: Path) -> Path:
@@ -158,9 +160,11 @@ def test_inspect_convert_reconstruct_eval_and_analyze(family: str, tmp_path: Pat
     rgb = got[..., :3].astype(float) - image[..., :3]
     assert result["n"] == 2 and result["per_image"][0]["psnr"] == pytest.approx(10 * np.log10(255**2 / (rgb**2).mean()), rel=1e-9)
     assert ("alpha_psnr" in result["mean"]) == config.rgba
-    if config.rgba:
-        return  # analyze reads RGB only so far
+    # analyze: the images as the model takes them (RGBA with their alpha), scored as eval scores them
     assert main(["analyze", str(path), str(tmp_path / "photos"), "--report", str(tmp_path / "analysis"), "--resolution",
                  str(side), "--lpips", "off", "--samples", "2", "--steps", "3", "--pairs", "1"]) == 0  # fmt: skip
     numbers = json.loads((tmp_path / "analysis" / "report.json").read_text())
-    assert len(numbers["latents"]["channels"]) == model.config.normalised_shape[0]
+    assert len(numbers["latents"]["channels"]) == model.config.normalised_shape[0] and numbers["channels"] == channels
+    analysed = numbers["reconstruction"]["per_image"]
+    for name in result["mean"]:  # psnr, and for RGBA alpha_psnr and alpha_mae: eval's, at the same size (a level here and there)
+        assert analysed[name] == pytest.approx([row[name] for row in result["per_image"]], abs=0.05), name

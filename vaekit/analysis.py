@@ -9,6 +9,11 @@ and images in, numbers and uint8 pictures out; `vaekit.report` renders them.
 Conventions: images are NCHW floats in [-1, 1] of one size; latents are the *normalised* ones a
 diffusion model sees (`model.normalize`); distances between images are RMSE in [0, 1] pixel units
 ("l2") and, when an LPIPS function is given, LPIPS.
+
+RGBA images (a 4-channel model's) are measured as `vaekit eval` scores them: PSNR, SSIM and LPIPS of
+R, G, B as stored, and the alpha channel apart (alpha_psnr, alpha_mae). RMSE distances, error maps,
+spectra and colour statistics take all four channels; luma (edges, detail boxes) and the pictures are
+of the image composited on white (`picture`), as a page shows it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .data import to_uint8
+from .data import on_white_tensor, to_uint8
+from .evaluate import ALPHA_METRICS, alpha_scores
 from .metrics import psnr, ssim
 from .model import Autoencoder
 from .progress import progress as progress_bar
@@ -41,7 +47,7 @@ class Analysis:
     """Everything `analyze` measured: `numbers` is what report.json holds, `images` the pictures."""
 
     numbers: dict[str, Any] = field(default_factory=dict)
-    images: dict[str, np.ndarray] = field(default_factory=dict)  # name -> HxWx3 uint8
+    images: dict[str, np.ndarray] = field(default_factory=dict)  # name -> HxWx3 uint8 (RGBA: on white)
     reconstructions: Tensor | None = None  # of the analysed images, quantised as saved
 
 
@@ -154,8 +160,8 @@ def spectrum_slope(x: Tensor) -> float:
 
 
 def _gray(x: Tensor) -> Tensor:
-    """NCHW in [-1, 1] -> Nx1xHxW luma in [0, 1]."""
-    rgb = (x.double() + 1) / 2
+    """NCHW in [-1, 1] -> Nx1xHxW luma in [0, 1] (of RGBA composited on white: the edges a person sees)."""
+    rgb = (on_white_tensor(x.double()) + 1) / 2
     return (0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2])[:, None]
 
 
@@ -198,14 +204,19 @@ def statistics_distance(stats: dict[str, Any], reference: dict[str, Any]) -> dic
 # ---- pictures --------------------------------------------------------------------------------
 
 
+def picture(x: Tensor) -> np.ndarray:
+    """(N)CHW in [-1, 1] -> (N)xHxWx3 uint8 as shown in reports: RGB as it is, RGBA composited on white."""
+    return to_uint8(on_white_tensor(x))
+
+
 def strip(frames: Tensor) -> np.ndarray:
     """Frames side by side, one picture."""
-    return np.concatenate(list(to_uint8(frames)), axis=1)
+    return np.concatenate(list(picture(frames)), axis=1)
 
 
 def grid(images: Tensor, columns: int) -> np.ndarray:
     """Images in rows of `columns` (a short last row is padded with white)."""
-    pictures = list(to_uint8(images))
+    pictures = list(picture(images))
     blank = np.full_like(pictures[0], 255)
     pictures += [blank] * (-len(pictures) % columns)
     rows = [np.concatenate(pictures[i : i + columns], axis=1) for i in range(0, len(pictures), columns)]
@@ -213,7 +224,8 @@ def grid(images: Tensor, columns: int) -> np.ndarray:
 
 
 def error_map(original: Tensor, reconstruction: Tensor) -> np.ndarray:
-    """Mean absolute error per pixel as a black-red-yellow-white heat map (white = ERROR_MAP_CEILING)."""
+    """Mean absolute error per pixel (over every channel, RGBA's alpha too) as a black-red-yellow-white heat map
+    (white = ERROR_MAP_CEILING)."""
     v = ((original - reconstruction).abs().mean(dim=0) / 2 / ERROR_MAP_CEILING).clamp(0, 1).numpy()
     heat = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
     return (heat * 255).round().astype(np.uint8)
@@ -230,19 +242,20 @@ def detail_box(image: Tensor, side: int) -> tuple[int, int, int, int]:
 
 
 def crop(image: Tensor, box: tuple[int, int, int, int]) -> np.ndarray:
-    """The box of a CHW image as HxWx3 uint8."""
+    """The box of a CHW image as an HxWx3 uint8 picture."""
     top, left, h, w = box
-    return to_uint8(image[:, top : top + h, left : left + w])
+    return picture(image[:, top : top + h, left : left + w])
 
 
 # ---- the four measurements ---------------------------------------------------------------------
 
 
 def _distances(a: Tensor, b: Tensor, lpips: LpipsFn | None) -> dict[str, np.ndarray]:
+    """RMSE over every channel; LPIPS of R, G, B (as `vaekit eval` scores RGBA)."""
     out = {"l2": l2_distance(a, b).numpy()}
     if lpips is not None:
         with torch.inference_mode():
-            out["lpips"] = lpips(a, b).flatten().float().cpu().numpy()
+            out["lpips"] = lpips(a[:, :3], b[:, :3]).flatten().float().cpu().numpy()
     return out
 
 
@@ -393,7 +406,7 @@ def blur(x: Tensor, reconstructions: Tensor, worst: int = 3) -> Analysis:
     """
     freqs, p_orig = radial_power_spectrum(x)
     _, p_recon = radial_power_spectrum(reconstructions)
-    scores = psnr(x, reconstructions)
+    scores = psnr(x[:, :3], reconstructions[:, :3])
     order = scores.argsort()[:worst].tolist()
     reference = high_frequency_energy(x)
     result = Analysis(numbers={
@@ -404,16 +417,22 @@ def blur(x: Tensor, reconstructions: Tensor, worst: int = 3) -> Analysis:
     })
     for rank, i in enumerate(order):
         result.images[f"worst_{rank}"] = np.concatenate(
-            [to_uint8(x[i]), to_uint8(reconstructions[i]), error_map(x[i], reconstructions[i])], axis=1
+            [picture(x[i]), picture(reconstructions[i]), error_map(x[i], reconstructions[i])], axis=1
         )
     return result
 
 
 def reconstruction_metrics(x: Tensor, reconstructions: Tensor, lpips: LpipsFn | None = None) -> dict[str, Any]:
-    """PSNR and SSIM (and LPIPS when given) of `vaekit.metrics`: per image and their means."""
-    per_image = {"psnr": psnr(x, reconstructions), "ssim": ssim(x, reconstructions)}
+    """PSNR and SSIM (and LPIPS when given) of `vaekit.metrics`: per image and their means. RGBA as `vaekit eval`
+    scores it: those of R, G, B, and `vaekit.evaluate.alpha_scores` of the alpha channel."""
+    colour, recon_colour = x[:, :3], reconstructions[:, :3]
+    per_image = {"psnr": psnr(colour, recon_colour), "ssim": ssim(colour, recon_colour)}
     if lpips is not None:
-        per_image["lpips"] = lpips(x, reconstructions)
+        per_image["lpips"] = lpips(colour, recon_colour)
+    if x.shape[1] == 4:
+        real, fake = (torch.from_numpy(to_uint8(t)).movedim(-1, 1) for t in (x, reconstructions))
+        alpha = alpha_scores(real, fake)
+        per_image |= {name: torch.tensor([row[name] for row in alpha]) for name in ALPHA_METRICS}
     numbers: dict[str, Any] = {name: float(v.mean()) for name, v in per_image.items()}
     numbers["per_image"] = {name: v.tolist() for name, v in per_image.items()}
     return numbers
@@ -434,7 +453,7 @@ def analyze(
     seed: int = 0,
     progress: bool = True,
 ) -> Analysis:
-    """All four measurements on images `x` (N >= 2, one size); the numbers report.json holds."""
+    """All four measurements on images `x` (N >= 2, one size; RGBA for a 4-channel model); the numbers report.json holds."""
     if x.shape[0] < 2:
         raise ValueError(f"analysis needs at least 2 images (it interpolates between pairs), got {x.shape[0]}")
     n = x.shape[0]
@@ -443,7 +462,7 @@ def analyze(
     c = model.config
     result = Analysis(numbers={
         "kind": c.kind, "latent_channels": c.latent_channels, "factor": c.factor,
-        "n_images": int(x.shape[0]), "resolution": list(x.shape[-2:]),
+        "n_images": int(x.shape[0]), "resolution": list(x.shape[-2:]), "channels": int(x.shape[1]),
     })
     # Progress in images through the model: encode and reconstruct all, then the lines and samples.
     total = 2 * n + 2 * len(pair_list) * steps + 2 * samples

@@ -1,4 +1,4 @@
-"""Images in and out (files <-> uint8 RGB arrays <-> NCHW float tensors in [-1, 1]), the DATA strings
+"""Images in and out (files <-> uint8 RGB or RGBA arrays <-> NCHW float tensors in [-1, 1]), the DATA strings
 every command accepts, and the deterministic, resumable training data."""
 
 from __future__ import annotations
@@ -139,12 +139,30 @@ def read_image(
         if alpha:
             im = im.convert("RGBA")
         elif im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            # Composite on white: transparent regions of logos and renders are usually meant as paper.
-            rgba = im.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(background, rgba)
+            im = _on_white(im.convert("RGBA"))
         im = im if alpha else im.convert("RGB")
         return np.asarray(im.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else im, dtype=np.uint8).copy()
+
+
+def _on_white(rgba: Image.Image) -> Image.Image:
+    """Composite on white: transparent regions of logos and renders are usually meant as paper."""
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
+def on_white(image: np.ndarray) -> np.ndarray:
+    """HxWx4 RGBA uint8 -> HxWx3 RGB composited on white: exactly what `read_image` gives a 3-channel model for
+    the same file, so one read with alpha serves models of both kinds (an HxWx3 image is returned as it is)."""
+    return image if image.shape[2] == 3 else np.asarray(_on_white(Image.fromarray(image, "RGBA")))
+
+
+def on_white_tensor(x: Tensor) -> Tensor:
+    """(N)CHW RGBA in [-1, 1] -> RGB in [-1, 1] composited on white (alpha clamped to [0, 1]), differentiable:
+    what a person sees of an RGBA image on a page, for the networks that take 3 channels (LPIPS, Inception)
+    and for pictures. A 3-channel tensor is returned as it is."""
+    if x.shape[-3] == 3:
+        return x
+    alpha = ((x[..., 3:, :, :] + 1) / 2).clamp(0, 1)
+    return alpha * (x[..., :3, :, :] - 1) + 1  # colour * alpha + white * (1 - alpha), in [-1, 1]
 
 
 def write_image(path: str | Path, image: np.ndarray) -> None:
@@ -413,7 +431,7 @@ def random_crop(
 ) -> np.ndarray:  # fmt: skip
     """A size x size training crop: the image scaled by a random factor in [min_scale, 1] (log-uniform,
     Lanczos, never so small that the crop would not fit), a random square cut, a random horizontal flip,
-    and with `permute_colors` its R, G, B channels in a random order.
+    and with `permute_colors` its R, G, B channels in a random order (RGBA keeps its alpha).
 
     Down-scaling shows the model whole objects at several sizes, not only the fine texture of large
     photos. Images smaller than the crop are scaled up just enough to fit. Only the cropped region is
@@ -434,8 +452,8 @@ def random_crop(
         crop = np.asarray(Image.fromarray(image).resize((size, size), Image.LANCZOS, box=(x, y, x + side, y + side)))
     if flip and rng.random() < 0.5:
         crop = crop[:, ::-1]
-    if permute_colors:
-        crop = crop[..., rng.permutation(3)]
+    if permute_colors:  # R, G and B only: an alpha channel stays last
+        crop = crop[..., [*rng.permutation(3), *range(3, crop.shape[2])]]
     return crop.copy()  # contiguous, writable, and never a view of a cached image
 
 
@@ -455,7 +473,7 @@ def held_out(name: str, fraction: float) -> bool:
 
 @dataclass
 class Batch:
-    images: Tensor  # N x 3 x R x R uint8 (converted to [-1, 1] floats on the training device)
+    images: Tensor  # N x C x R x R uint8, C = 3 (RGB) or 4 (RGBA) (converted to [-1, 1] floats on the training device)
     skipped: list[str]  # unreadable files met while making it ("path: reason")
 
 
@@ -482,13 +500,14 @@ class CropDataset(Dataset):
     """Random crops of a fixed list of images (files read on access, or arrays in memory).
 
     Indexed by (index, seed) keys from `StreamSampler`. An unreadable file is replaced by the next
-    readable one, and reported with the batch so the trainer can list it once.
+    readable one, and reported with the batch so the trainer can list it once. `alpha`: files are read
+    as RGBA (`read_image(alpha=True)`), for 4-channel models; arrays are cropped as they are.
     """
 
-    def __init__(self, items: Sequence[Path | np.ndarray], crops: Crops):
+    def __init__(self, items: Sequence[Path | np.ndarray], crops: Crops, alpha: bool = False):
         if not items:
             raise ValueError("no training images")
-        self.items, self.crops = list(items), crops
+        self.items, self.crops, self.alpha = list(items), crops, alpha
 
     def __len__(self) -> int:
         return len(self.items)
@@ -499,7 +518,7 @@ class CropDataset(Dataset):
         for i in range(index, index + len(self.items)):
             item = self.items[i % len(self.items)]
             try:
-                image = item if isinstance(item, np.ndarray) else read_image(item)
+                image = item if isinstance(item, np.ndarray) else read_image(item, alpha=self.alpha)
             except Exception as e:
                 bad.append(f"{item}: {e}")
                 continue
@@ -537,15 +556,15 @@ class ShardStream(IterableDataset):
     sample. Each epoch reshuffles the shard order and, within a buffer, the samples (both seeded).
     Resuming skips the samples a stream already produced, before decoding them (exact, but the
     skipped part of the shards is read again). Samples whose key `held_out` (val_fraction) are left
-    out of training.
+    out of training. `alpha`: images are read as RGBA, for 4-channel models.
     """
 
     def __init__(
         self, pattern: str, crops: Crops, val_fraction: float = 0.0, buffer: int = 256, batch_size: int = 1,
-        seed: int = 0, rank: int = 0, world: int = 1, start: int = 0,
+        seed: int = 0, rank: int = 0, world: int = 1, start: int = 0, alpha: bool = False,
     ):  # fmt: skip
         self.urls = shard_urls(pattern)
-        self.crops, self.val_fraction, self.buffer = crops, val_fraction, buffer
+        self.crops, self.val_fraction, self.buffer, self.alpha = crops, val_fraction, buffer, alpha
         self.batch_size, self.seed, self.rank, self.world, self.start = batch_size, seed, rank, world, start
 
     def _samples(self, stream: int, streams: int) -> Iterator[tuple[tuple[int, ...], str, bytes]]:
@@ -586,7 +605,7 @@ class ShardStream(IterableDataset):
             bad: list[str] = []
             for seed, key, raw in chunk:
                 try:
-                    image = read_image(io.BytesIO(raw))
+                    image = read_image(io.BytesIO(raw), alpha=self.alpha)
                 except Exception as e:
                     bad.append(f"{key}: {e}")
                     continue
@@ -601,7 +620,7 @@ class TrainingData:
     """What the trainer needs from a DATA string: crops to train on and fixed validation images."""
 
     dataset: CropDataset | ShardStream
-    val: list[tuple[str, np.ndarray]]  # name, val_resolution x val_resolution uint8 (centre crops)
+    val: list[tuple[str, np.ndarray]]  # name, val_resolution x val_resolution x C uint8 (centre crops)
     description: str
     skipped: list[str] = field(default_factory=list)  # unreadable validation images ("path: reason")
 
@@ -629,8 +648,10 @@ def _ignore_sigint(worker_id: int) -> None:
 def training_data(
     data: str, resolution: int, val: str | None = None, val_fraction: float = 0.05, val_images: int = 16,
     val_resolution: int = 256, min_scale: float = 1.0, flip: bool = True, permute_colors: bool = False,
+    alpha: bool = False,
 ) -> TrainingData:  # fmt: skip
-    """Split DATA into training crops and validation images.
+    """Split DATA into training crops and validation images; with `alpha`, RGBA for a 4-channel model (every image
+    read with `read_image(alpha=True)`: alpha as stored, opaque where a file has none).
 
     Validation comes from `val` (any DATA string) when given; else "samples" uses its fixed held-out
     photos, and folders and shards hold out the images whose name `held_out(name, val_fraction)`; in a
@@ -652,17 +673,17 @@ def training_data(
                 "samples:all includes chelsea, coffee and flower, the photos the built-in data validates on: "
                 "train on 'samples' (they are held out), or pass --val with other images"
             )
-        dataset: CropDataset | ShardStream = CropDataset([im for _, im in sample_images(split)], crops)
-        held = [] if val else sample_images("val")
+        dataset: CropDataset | ShardStream = CropDataset([im for _, im in load_images(trained_on, alpha=alpha)], crops)
+        held = [] if val else load_images("samples:val", alpha=alpha)
         description = f"{len(dataset)} built-in photos ({split})"
     elif is_shards(data):
-        dataset = ShardStream(data, crops, val_fraction=0.0 if val else val_fraction)
+        dataset = ShardStream(data, crops, val_fraction=0.0 if val else val_fraction, alpha=alpha)
         if not val and val_fraction > 0:
             for key, raw in (kr for kr in iter_shard_samples(dataset.urls) if held_out(kr[0], val_fraction)):
                 if len(held) == val_images:
                     break
                 try:
-                    held.append((key, read_image(io.BytesIO(raw))))
+                    held.append((key, read_image(io.BytesIO(raw), alpha=alpha)))
                 except Exception as e:
                     skipped.append(f"{key}: {e}")
         description = f"{len(dataset.urls)} tar shard(s)"
@@ -681,17 +702,17 @@ def training_data(
         while queue and len(held) < wanted:
             i = queue.pop(0)
             try:
-                held.append((names[i], read_image(files[i])))
+                held.append((names[i], read_image(files[i], alpha=alpha)))
             except Exception as e:
                 skipped.append(f"{files[i]}: {e}")
                 spare = next(spares, None) if len(files) - len(out_of_training) > 1 else None
                 if spare is not None:  # the next readable image in hash order takes its place
                     out_of_training.add(spare)
                     queue.append(spare)
-        dataset = CropDataset([p for i, p in enumerate(files) if i not in out_of_training], crops)
+        dataset = CropDataset([p for i, p in enumerate(files) if i not in out_of_training], crops, alpha)
         description = f"{len(dataset)} training images from {root}"
     if val:
-        held = load_images(val, limit=val_images, skipped=skipped)
+        held = load_images(val, limit=val_images, skipped=skipped, alpha=alpha)
         shared = sorted(sources(val) & sources(trained_on))
         if shared:
             warnings.warn(

@@ -4,7 +4,8 @@ One fixed protocol (`Protocol`, docs/DIFFUSABILITY.md), the same for every model
 space included:
 
 1. **Crops.** `train_crops` random crops of DATA's training images and `val_crops` of its held-out
-   ones (the trainer's split, `vaekit.data.training_data`), `resolution` pixels a side, fixed seeds.
+   ones (the trainer's split, `vaekit.data.training_data`), `resolution` pixels a side, fixed seeds;
+   RGBA with their alpha for a 4-channel model, as the trainer reads them.
 2. **Latents.** `model.to_latent` (the normalised posterior mode a diffusion model sees), then one
    global shift and scale so the training latents have mean 0 and variance 1: the score must not
    depend on a scaling factor a user can set, only on the latents' structure.
@@ -16,7 +17,8 @@ space included:
    perfect, 1 knows nothing); `score` is their mean. Lower is easier to diffuse.
 5. **Samples.** `samples` latents drawn by `sample_steps` Euler steps from noise, decoded: their
    image-statistics distance to the held-out crops (`vaekit.analysis.statistics_distance`), and their
-   KID (Inception features, when torch-fidelity's weights are there) with its std over subsets.
+   KID (Inception features, when torch-fidelity's weights are there; RGBA composited on white, as
+   reports show it) with its std over subsets.
 6. **Spectra.** The latents' high-frequency share and spectrum slope, beside the images' own.
 
 A latent space whose neighbouring values predict each other (smooth, photo-like spectra) gives the
@@ -37,6 +39,7 @@ from torch import Tensor, nn
 
 from .advice import option
 from .analysis import high_frequency_fraction, image_statistics, spectrum_slope, statistics_distance
+from .data import on_white_tensor
 from .model import Autoencoder
 from .progress import progress as progress_bar
 
@@ -203,12 +206,13 @@ def sample(net: Denoiser, shape: tuple[int, ...], n: int, steps: int, seed: int)
     return z.cpu()
 
 
-def crops(data: str, protocol: Protocol, val: str | None = None) -> tuple[Tensor, Tensor, str]:
-    """Step 1: training and held-out crops in [-1, 1], and a description of where they came from."""
+def crops(data: str, protocol: Protocol, val: str | None = None, alpha: bool = False) -> tuple[Tensor, Tensor, str]:
+    """Step 1: training and held-out crops in [-1, 1] (RGBA with `alpha`), and a description of where they came from."""
     from .data import CropDataset, Crops, training_data
 
     p = protocol
-    split = training_data(data, p.resolution, val=val, val_images=64, val_resolution=4 * p.resolution, min_scale=p.min_scale)
+    split = training_data(data, p.resolution, val=val, val_images=64, val_resolution=4 * p.resolution, min_scale=p.min_scale,
+                          alpha=alpha)  # fmt: skip
     if not split.val:
         raise ValueError(f"{data} left no held-out images: pass {option('val', 'DATA')} naming other images")
     loader = iter(split.loader(p.batch, seed=p.seed))
@@ -239,7 +243,7 @@ def score(model: Autoencoder, data: str, protocol: Protocol | None = None, val: 
     if p.resolution % model.factor:
         r, f = p.resolution, model.factor
         raise ValueError(f"{option('resolution', r)} is not a multiple of the model's factor {f}: use {option('resolution', r - r % f + f)}")
-    x_train, x_val, description = crops(data, p, val)
+    x_train, x_val, description = crops(data, p, val, alpha=model.config.rgba)
     z_train, z_val = _batched(model.to_latent, x_train, device), _batched(model.to_latent, x_val, device)
     if transform is not None:
         z_train, z_val = transform(z_train), transform(z_val)
@@ -253,13 +257,14 @@ def score(model: Autoencoder, data: str, protocol: Protocol | None = None, val: 
         "samples": {"n": p.samples, "distance": stats, "kid": None},
         "latents": {"shape": list(z_train.shape[1:]), "shift": shift, "scale": scale,
                     "high_frequency_fraction": high_frequency_fraction(z_val), "spectrum_slope": spectrum_slope(z_val)},
-        "images": {"high_frequency_fraction": high_frequency_fraction(x_val), "spectrum_slope": spectrum_slope(x_val)},
+        "images": {"high_frequency_fraction": high_frequency_fraction(x_val), "spectrum_slope": spectrum_slope(x_val),
+                   "channels": x_val.shape[1]},
         "data": description, "protocol": asdict(p),
     }  # fmt: skip
     if kid is not None:
         from .metrics import kid_from_features
 
-        real, fake = kid.features(x_val).numpy(), kid.features(images).numpy()
+        real, fake = kid.features(on_white_tensor(x_val)).numpy(), kid.features(on_white_tensor(images)).numpy()
         size = min(p.kid_subset, len(real), len(fake))
         mean, std = kid_from_features(real, fake, subsets=p.kid_subsets, subset_size=size, seed=p.seed)
         numbers["samples"]["kid"] = {"mean": mean, "std": std, "subset_size": size, "subsets": p.kid_subsets}

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .data import on_white_tensor
 from .model import Posterior
 from .weights import fetch_weights
 
@@ -56,8 +57,8 @@ def gaussian_ssim(x: Tensor, y: Tensor) -> Tensor:
 
     The standard metric: computed on the [0, 1] images (SSIM is not shift invariant, so this is
     what uint8 tools report), Gaussian window 11 / sigma 1.5, population (co)variances,
-    statistics only where the window fits, averaged over channels and positions. It equals
-    `skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
+    statistics only where the window fits, averaged over channels (an RGBA image's alpha too) and
+    positions. It equals `skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
     use_sample_covariance=False, channel_axis=-1)` on the same images. Computed in fp32 with
     autocast off: the variance differences cancel catastrophically in bf16.
     """
@@ -117,7 +118,10 @@ def check_lpips_available(net: str = "vgg") -> None:
 
 
 class LPIPSLoss(nn.Module):
-    """LPIPS distance (mean over the batch) for images in [-1, 1], through the `lpips` package.
+    """LPIPS distance (mean over the batch) for images in [-1, 1], through the `lpips` package. RGBA images
+    (4 channels) are composited on white first (`vaekit.data.on_white_tensor`): the network takes 3 channels,
+    and on white it scores what a 3-channel model trained on the same files sees (`read_image` puts their
+    transparency on white), while colours under zero alpha, which nobody sees, do not steer it.
 
     The network is frozen (no parameter requires grad, always in eval mode, so its dropout stays
     off even under `.train()`), but it is not run under no_grad: gradients flow into the images and
@@ -148,7 +152,7 @@ class LPIPSLoss(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         _check_pair(x, y)
-        return self.net(x, y).float().mean()
+        return self.net(on_white_tensor(x), on_white_tensor(y)).float().mean()
 
 
 # ---- PatchGAN discriminator and GAN losses ------------------------------------------------------
@@ -282,10 +286,11 @@ class LossConfig:
     ssim_weight: float = field(default=0.0, metadata={"help": "weight of the 1 - SSIM loss"})
     kl_weight: float = field(default=1e-6, metadata={"help":
                              "LDM's kl_weight, as in published configs (SD's VAE: 1e-6): it multiplies the KL summed over "
-                             "latent elements against the pixel loss summed over an image's 3*R*R values, at any crop size; "
-                             "ignored for --kind ae"})
+                             "latent elements against the pixel loss summed over an image's C*R*R values (C = 3, 4 for "
+                             "RGBA), at any crop size; ignored for --kind ae"})
     lpips_weight: float = field(default=0.0, metadata={"help":
-                                "weight of the LPIPS loss: LDM's perceptual_weight (LDM: 1.0; needs the backbone weights)"})
+                                "weight of the LPIPS loss: LDM's perceptual_weight (LDM: 1.0; needs the backbone weights); an RGBA "
+                                "model's colours are scored composited on white"})
     lpips_net: Literal["vgg", "alex"] = field(default="vgg", metadata={"help": "LPIPS backbone"})
     lpips_pretrained: bool = True  # False: random backbone, for tests only
     gan_weight: float = field(default=0.0, metadata={"help":  # LDM's disc_weight (0.5 in its kl-f8 config)
@@ -336,15 +341,15 @@ class AutoencoderLoss(nn.Module):
     autoencoder step runs the module inside it, so only `discriminator_loss` syncs its gradients.
     """
 
-    def __init__(self, config: LossConfig | None = None, kind: Literal["vae", "ae"] = "vae"):
+    def __init__(self, config: LossConfig | None = None, kind: Literal["vae", "ae"] = "vae", channels: int = 3):
         super().__init__()
         if kind not in ("vae", "ae"):
             raise ValueError(f"kind must be 'vae' or 'ae', got {kind!r}")
         self.config = config = config or LossConfig()
         self.use_kl = kind == "vae" and config.kl_weight > 0
         self.lpips = LPIPSLoss(config.lpips_net, config.lpips_pretrained) if config.lpips_weight > 0 else None
-        self.discriminator = (
-            PatchGANDiscriminator(channels=config.disc_channels, n_layers=config.disc_layers, norm=config.disc_norm)
+        self.discriminator = (  # it sees every channel the model makes: RGBA's alpha too
+            PatchGANDiscriminator(channels, config.disc_channels, config.disc_layers, config.disc_norm)
             if config.gan_weight > 0
             else None
         )

@@ -41,6 +41,8 @@ MEASURES: dict[str, Measure] = {m.path: m for m in [
     Measure("reconstruction.psnr", "PSNR (dB)", "Peak signal-to-noise ratio of the uint8 reconstructions: higher means closer to the originals pixel by pixel.", "high", 2),
     Measure("reconstruction.ssim", "SSIM", "Structural similarity (scikit-image's definition): 1 means the local structure is identical.", "high", 4),
     Measure("reconstruction.lpips", "LPIPS", "Learned perceptual distance: lower means the reconstructions look more like the originals to people.", "low", 4),
+    Measure("reconstruction.alpha_psnr", "alpha PSNR (dB)", "PSNR of the alpha channel alone (RGBA models; 60 when exact): higher means transparency is kept more exactly. PSNR, SSIM and LPIPS above are of R, G, B.", "high", 2),
+    Measure("reconstruction.alpha_mae", "alpha error", "Mean absolute error of the alpha channel, in levels of 255 (RGBA models): lower is better.", "low", 2),
     Measure("blur.high_frequency_ratio", "sharpness", f"High-frequency energy (above {HIGH_FREQUENCY} cycles/pixel) of the reconstructions over that of the originals: 1 is as sharp, below 1 blurrier, above 1 adds artefacts.", "one"),
     Measure("continuity.interpolation.l2.mean_step", "interp. step", "Mean change (RMSE) between neighbouring images when decoding evenly spaced points on the straight line between two images' latents.", "", 4),
     Measure("continuity.interpolation.l2.worst_jump", "interp. worst jump", "The largest of those changes over their mean: 1 means the image morphs evenly (a continuous latent space), large means it snaps from one image to another.", "low", 2),
@@ -70,11 +72,15 @@ MEASURES: dict[str, Measure] = {m.path: m for m in [
 ]}
 
 SUMMARY = [
-    "reconstruction.psnr", "reconstruction.ssim", "reconstruction.lpips", "blur.high_frequency_ratio",
+    "reconstruction.psnr", "reconstruction.ssim", "reconstruction.lpips", "reconstruction.alpha_psnr", "blur.high_frequency_ratio",
     "continuity.interpolation.l2.worst_jump", "continuity.interpolation.l2.detour", "continuity.perturbation.l2.mean_step",
     "completeness.prior.distance.gradient", "completeness.prior.distance.spectrum_slope",
     "latents.normalised_std", "latents.kl_min", "latents.high_frequency_fraction", "diffusability.score",
 ]
+
+# The reconstruction table of both reports (alpha's rows only for RGBA models, which have them).
+RECONSTRUCTION = ["reconstruction.psnr", "reconstruction.ssim", "reconstruction.lpips", "reconstruction.alpha_psnr",
+                  "reconstruction.alpha_mae", "blur.high_frequency_ratio"]
 
 
 def lookup(numbers: dict[str, Any], path: str) -> Any:
@@ -107,6 +113,12 @@ def best_index(values: Sequence[Any], better: str) -> int | None:
     key: Callable[[float], float] = {"high": lambda v: -v, "low": lambda v: v, "one": lambda v: abs(math.log(v)) if v > 0 else math.inf}[better]
     best = min(scored, key=lambda iv: key(iv[1]))
     return None if all(key(v) == key(best[1]) for _, v in scored) else best[0]
+
+
+# An RGBA model's report says how its pictures and numbers treat alpha (vaekit.analysis's conventions).
+RGBA_NOTE = ("RGBA: pictures show the images composited on white (as 3-channel models read the same files); PSNR, SSIM "
+             "and LPIPS score R, G, B as stored, as vaekit eval does, and alpha is scored apart (alpha PSNR, alpha error); "
+             "RMSE distances, error maps, spectra and colour statistics include the alpha channel.")
 
 
 # ---- page building --------------------------------------------------------------------------
@@ -293,7 +305,7 @@ def write_analysis_report(analysis: Analysis, folder: str | Path, title: str, no
              "latent space that is <b>continuous</b> (nearby latents decode to similar images) and <b>complete</b> "
              "(latents near the data decode to images, not garbage). A KL-regularised VAE trades a little sharpness "
              "for both; this page measures each on these images.</p>")
-    for note in notes:
+    for note in [*notes, RGBA_NOTE] if n.get("channels") == 4 else notes:
         page.add(f'<p class="note">Note: {html.escape(note)}</p>')
 
     page.add("<h2>Summary</h2>")
@@ -337,14 +349,16 @@ def _diffusability_section(page: Page, d: dict[str, Any], samples: np.ndarray | 
     page.figure(_plot_lines(page, "diffusability_errors", d["levels"], {"held-out": d["errors"]}, "denoising error per noise level",
                             "noise level t", "relative error"), "Relative error of the one-step estimate of the clean latent at each noise level.", 520, 320)
     if samples is not None:
-        page.image_figure("diffusability_samples", samples, "Samples of that diffusion model, decoded (a tiny model trained briefly: judge them side by side, not alone).")
+        on_white = " RGBA, shown composited on white." if d["images"].get("channels") == 4 else ""
+        page.image_figure("diffusability_samples", samples, "Samples of that diffusion model, decoded (a tiny model trained briefly: judge them "
+                          f"side by side, not alone).{on_white}")
     page.add("</div>")
 
 
 def _reconstruction_section(page: Page, a: Analysis) -> None:
     n = a.numbers
     page.add("<h2>Reconstruction and blur</h2>")
-    paths = [p for p in ("reconstruction.psnr", "reconstruction.ssim", "reconstruction.lpips", "blur.high_frequency_ratio") if lookup(n, p) is not None]
+    paths = [p for p in RECONSTRUCTION if lookup(n, p) is not None]
     page.add(_table([MEASURES[p].label for p in paths], [[fmt(lookup(n, p), MEASURES[p].digits) for p in paths]]))
     page.add(_legend(paths))
     s = n["blur"]["spectrum"]
@@ -447,7 +461,6 @@ def _latent_section(page: Page, a: Analysis) -> None:
 
 # ---- the compare report -----------------------------------------------------------------------
 
-COMPARE_RECONSTRUCTION = ["reconstruction.psnr", "reconstruction.ssim", "reconstruction.lpips", "blur.high_frequency_ratio"]
 COMPARE_LATENT = [
     "continuity.interpolation.l2.worst_jump", "continuity.interpolation.l2.detour", "continuity.interpolation.lpips.worst_jump",
     "continuity.perturbation.l2.mean_step",
@@ -486,7 +499,8 @@ def write_comparison_report(
     page.add(f'<p class="lead">{len(names)} models on the same {first["n_images"]} images of {first["resolution"][0]}x{first["resolution"][1]} '
              f'from <code>{html.escape(str(first.get("data", "")))}</code>. The best value in each column is highlighted; '
              "a VAE usually trades a little sharpness for a continuous, complete latent space.</p>")
-    for note in notes:
+    rgba = any(r.numbers.get("channels") == 4 for r in results.values())
+    for note in [*notes, RGBA_NOTE] if rgba else notes:
         page.add(f'<p class="note">Note: {html.escape(note)}</p>')
 
     def model_cells(name: str) -> list[str]:
@@ -496,7 +510,7 @@ def write_comparison_report(
             link = f'<a href="{html.escape(reports[name])}">{link}</a>'
         return [link, n["kind"].upper(), str(n["latent_channels"]), f'{n["factor"]}x']
 
-    for heading, paths in (("Reconstruction", COMPARE_RECONSTRUCTION), ("Latent space", COMPARE_LATENT)):
+    for heading, paths in (("Reconstruction", RECONSTRUCTION), ("Latent space", COMPARE_LATENT)):
         paths = [p for p in paths if any(lookup(r.numbers, p) is not None for r in results.values())]
         values = [[lookup(results[name].numbers, p) for p in paths] for name in names]
         best = [None] * 4 + [best_index([v[c] for v in values], MEASURES[p].better) for c, p in enumerate(paths)]

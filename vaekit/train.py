@@ -45,7 +45,7 @@ from torch import nn
 from .checkpoints import load
 from .config import AutoencoderConfig, check_fields, preset
 from .data import CropDataset, TrainingData, held_out_sets, to_tensor, to_uint8, training_data, write_image
-from .evaluate import against_thumbnail
+from .evaluate import ALPHA_METRICS, against_thumbnail, alpha_scores
 from .files import check_output_folder, mark_output_folder, write_atomic
 from .losses import AutoencoderLoss, LossConfig, downsample, gan_weight_from_grads, scale_factors
 from .metrics import psnr, ssim
@@ -105,8 +105,8 @@ class TrainConfig:
                                        "help": "AdamW betas"})
     weight_decay: float = field(default=0.0, metadata={"group": "optimisation", "help": "AdamW weight decay"})
     clip: float = field(default=1.0, metadata={"group": "optimisation", "help":
-                        "gradient-norm clipping of the autoencoder (0: off; LDM has none). The loss is LDM's / (3*R*R), "
-                        "so diffusers' --max_grad_norm 1 is --clip 1/(3*R*R) here"})
+                        "gradient-norm clipping of the autoencoder (0: off; LDM has none). The loss is LDM's / (C*R*R), "
+                        "C = 3 (4 for RGBA), so diffusers' --max_grad_norm 1 is --clip 1/(C*R*R) here"})
     disc_lr: float | None = field(default=None, metadata={"group": "optimisation", "help":
                                   "peak learning rate of the discriminator (default: --lr, as in LDM)"})
     disc_betas: tuple[float, float] = field(default=(0.5, 0.9), metadata={"group": "optimisation", "metavar": ("B1", "B2"),
@@ -211,7 +211,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     nets = build_networks(cfg, procs.device)
 
     # ---- data (after the loss, so a missing LPIPS backbone fails before any image is read) ----
-    data, workers = _training_data(cfg, procs)
+    data, workers = _training_data(cfg, procs, alpha=nets.model.config.rgba)
 
     # ---- resume: weights, optimizer states, the global RNG and where the run stood; then DDP's wrappers ----
     state = resume(saved, checkpoint_path, nets, cfg, procs) if saved is not None else RunState.fresh(cfg)
@@ -475,7 +475,7 @@ def build_networks(cfg: TrainConfig, device: torch.device) -> Networks:
         for part in (model.encoder, model.quant_conv):
             if part is not None:
                 part.requires_grad_(False)
-    crit = AutoencoderLoss(cfg.loss, kind=model.config.kind).to(device)
+    crit = AutoencoderLoss(cfg.loss, kind=model.config.kind, channels=model.config.in_channels).to(device)
     disc = crit.discriminator
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -484,12 +484,13 @@ def build_networks(cfg: TrainConfig, device: torch.device) -> Networks:
     return Networks(model, ema, crit, disc, params, opt, disc_opt, disc_lr)
 
 
-def _training_data(cfg: TrainConfig, procs: Processes) -> tuple[TrainingData, int]:
-    """The training and validation images (see vaekit.data.training_data) and the loader's worker count."""
+def _training_data(cfg: TrainConfig, procs: Processes, alpha: bool) -> tuple[TrainingData, int]:
+    """The training and validation images (see vaekit.data.training_data; RGBA with `alpha`, for a 4-channel model)
+    and the loader's worker count."""
     data = training_data(
         cfg.data, cfg.resolution, val=cfg.val, val_fraction=cfg.val_fraction, val_images=cfg.val_images,
         val_resolution=cfg.val_resolution, min_scale=cfg.min_scale, flip=cfg.flip,
-        permute_colors=cfg.permute_colors,
+        permute_colors=cfg.permute_colors, alpha=alpha,
     )  # fmt: skip
     workers = cfg.workers if cfg.workers is not None else _default_workers(data, procs.world)
     for s in data.skipped:
@@ -833,7 +834,9 @@ def fit_latent_bn(model: Autoencoder, data: TrainingData, batch_size: int, seed:
 def validate(model: Autoencoder, data: TrainingData, device: torch.device, grid: Path | None = None,
              writer: Any = None, step: int = 0, batch_size: int = 8) -> dict[str, Any]:  # fmt: skip
     """PSNR/SSIM (vaekit.metrics, on uint8) of the posterior-mode reconstructions of the validation
-    images; writes a grid of the first 8 (originals above, reconstructions below)."""
+    images; writes a grid of the first 8 (originals above, reconstructions below). RGBA images are scored as
+    `vaekit eval` scores them: PSNR/SSIM of R, G, B, and the alpha channel's alpha_psnr and alpha_mae; their
+    grid is an RGBA PNG."""
     names = [n for n, _ in data.val]
     originals = np.stack([im for _, im in data.val])
     recons = []
@@ -841,14 +844,21 @@ def validate(model: Autoencoder, data: TrainingData, device: torch.device, grid:
         x = torch.cat([to_tensor(im) for im in originals[i : i + batch_size]]).to(device)
         recons.append(to_uint8(model(x)[0]))
     recons = np.concatenate(recons)
-    p, s = psnr(recons, originals), ssim(recons, originals)
-    result = {"psnr": float(p.mean()), "ssim": float(s.mean()), "n": len(names),
-              "per_image": [{"name": n, "psnr": float(a), "ssim": float(b)} for n, a, b in zip(names, p, s)]}  # fmt: skip
+    p, s = psnr(recons[..., :3], originals[..., :3]), ssim(recons[..., :3], originals[..., :3])
+    per_image = [{"name": n, "psnr": float(a), "ssim": float(b)} for n, a, b in zip(names, p, s)]
+    if originals.shape[-1] == 4:
+        real, fake = (torch.from_numpy(images).permute(0, 3, 1, 2) for images in (originals, recons))
+        for row, alpha in zip(per_image, alpha_scores(real, fake)):
+            row.update(alpha)
+    result = {"psnr": float(p.mean()), "ssim": float(s.mean()), "n": len(names), "per_image": per_image}
+    for name in ALPHA_METRICS if originals.shape[-1] == 4 else ():
+        result[name] = float(np.mean([row[name] for row in per_image]))
     if grid is not None:
         write_image(grid, np.concatenate([np.concatenate(list(originals[:8]), 1), np.concatenate(list(recons[:8]), 1)], 0))
     if writer is not None:
-        writer.add_scalar("val/psnr", result["psnr"], step)
-        writer.add_scalar("val/ssim", result["ssim"], step)
+        for name in ("psnr", "ssim", *ALPHA_METRICS):
+            if name in result:
+                writer.add_scalar(f"val/{name}", result[name], step)
     return result
 
 

@@ -14,8 +14,10 @@ from .common import CLIError, add_command, add_device_flag, add_model_flags, pri
 ANALYSIS_HELP = (
     "DATA is an image, a folder (recursive), tar shards or 'samples' (the built-in photos; samples:val for the "
     "held-out three, samples:native for native-resolution crops and saturated colours); each image is resized (shorter "
-    "side) and centre-cropped to --resolution. The report (DIR/report.html, opens offline, pictures beside it; "
-    "DIR/report.json with every number) explains each measure."
+    "side) and centre-cropped to --resolution. A 4-channel (RGBA) model gets the images with their alpha (opaque where "
+    "a file has none) and is scored as `vaekit eval` scores it (PSNR, SSIM, LPIPS of R, G, B; alpha_psnr, alpha_mae); "
+    "a 3-channel model gets them composited on white. The report (DIR/report.html, opens offline, pictures beside it, "
+    "RGBA shown on white; DIR/report.json with every number) explains each measure."
 )
 
 
@@ -42,10 +44,10 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     from ..report import write_analysis_report
 
     check_output_folder(Path(args.report), "--report")
-    names, x, notes = _analysis_images(args)
+    names, images, notes = _analysis_images(args)
     lpips, note = _analysis_lpips(args)
     kid = _kid_extractor(args.kid, args.device) if args.diffusability else None
-    result = _run_analysis(args.model, names, x, lpips, kid, args)
+    result = _run_analysis(args.model, names, images, lpips, kid, args)
     path = write_analysis_report(result, args.report, f"vaekit analyze: {args.model}", notes + ([note] if note else []))
     _print_summary({args.model: result})
     print(f"wrote {path} and report.json")
@@ -63,7 +65,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     """Run the analysis of `vaekit analyze` for each MODEL on the same DATA and put the results side by side:
     metrics tables with the best value highlighted, the same regions reconstructed by each model, and the
     interpolations and random samples next to each other. Models may differ in latent channels, factor and kind
-    (VAE or AE). Each model's full report is written under DIR/models/.
+    (VAE or AE) and in channels (RGB and RGBA: each gets the images as `vaekit analyze` gives them; the regions
+    shown are the images on white). Each model's full report is written under DIR/models/.
     """
     from ..analysis import crop, detail_box
     from ..files import check_output_folder
@@ -72,17 +75,18 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if len(args.models) < 2:
         raise CLIError("compare needs at least 2 models (MODEL MODEL ... DATA); use `vaekit analyze` for one")
     check_output_folder(Path(args.report), "--report")
-    names, x, notes = _analysis_images(args)
+    names, images, notes = _analysis_images(args)
     lpips, note = _analysis_lpips(args)
     notes += [note] if note else []
     kid = _kid_extractor(args.kid, args.device) if args.diffusability else None  # loaded once for every model
     side = max(16, args.resolution // 4)
+    x = images[3]  # the regions shown: the images on white, as 3-channel models get them and RGBA pictures are shown
     boxes = [(i, detail_box(x[i], side)) for i in range(min(args.crops, len(names)))]
     results, crops, reports = {}, {}, {}
     for k, source in enumerate(args.models, 1):
         label = source if source not in results else f"{source} ({k})"
         print(f"[{k}/{len(args.models)}] {label}", file=sys.stderr)
-        result = _run_analysis(source, names, x, lpips, kid, args)
+        result = _run_analysis(source, names, images, lpips, kid, args)
         folder = f"models/{k}_{slug(label)}"
         write_analysis_report(result, Path(args.report) / folder, f"vaekit analyze: {label}", notes)
         results[label], reports[label] = result, f"{folder}/report.html"
@@ -129,19 +133,22 @@ def _add_analysis_flags(p: argparse.ArgumentParser) -> None:
     add_model_flags(p, seed=False)
 
 
-def _analysis_images(args: argparse.Namespace) -> tuple[list[str], torch.Tensor, list[str]]:
-    """DATA as names, a batch of resolution x resolution centre crops, and notes on skipped files."""
-    from ..data import center_crop, load_images, to_tensor
+def _analysis_images(args: argparse.Namespace) -> tuple[list[str], dict[int, torch.Tensor], list[str]]:
+    """DATA as names, batches of resolution x resolution centre crops by channel count (3: composited on white,
+    exactly as `read_image` gives them to an RGB model; 4: RGBA, for an RGBA model), and notes on skipped files.
+    Read once with alpha, so models of both kinds can be compared on the same images."""
+    from ..data import center_crop, load_images, on_white, to_tensor
 
     skipped: list[str] = []
-    images = load_images(args.data, limit=args.limit, skipped=skipped)
+    images = load_images(args.data, limit=args.limit, skipped=skipped, alpha=True)
     if len(images) < 2:
         raise CLIError(f"{args.data} has {len(images)} readable image(s); the analysis needs at least 2 (it interpolates between pairs)")
-    x = torch.cat([to_tensor(center_crop(image, args.resolution)) for _, image in images])
+    rgb = torch.cat([to_tensor(center_crop(on_white(image), args.resolution)) for _, image in images])
+    rgba = torch.cat([to_tensor(center_crop(image, args.resolution)) for _, image in images])
     notes = [f"skipped unreadable {s}" for s in skipped]
     for note in notes:
         print(note, file=sys.stderr)
-    return [name for name, _ in images], x, notes
+    return [name for name, _ in images], {3: rgb, 4: rgba}, notes
 
 
 def _analysis_model(source: str, args: argparse.Namespace):
@@ -185,10 +192,12 @@ def _kid_extractor(kid: str, device: str):
     return _optional("KID", "--kid", lambda: FID(device=device))[0]
 
 
-def _run_analysis(source: str, names: list[str], x: torch.Tensor, lpips, kid, args: argparse.Namespace):
+def _run_analysis(source: str, names: list[str], images: dict[int, torch.Tensor], lpips, kid, args: argparse.Namespace):
+    """`vaekit.analysis.analyze` of the model on the images as it takes them (RGBA or RGB; `_analysis_images`)."""
     from ..analysis import analyze
 
     model = _analysis_model(source, args)
+    x = images[4 if model.config.rgba else 3]
     result = analyze(model, x, pairs=args.pairs, steps=args.steps, noise_max=args.noise, samples=args.samples,
                      lpips=lpips, batch_size=args.batch_size, seed=args.seed)
     lpips_info = lpips.info["backbone"] if lpips is not None else None
@@ -239,14 +248,14 @@ def _add_diffusability(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_diffusability(args: argparse.Namespace) -> None:
-    """Encode crops of DATA with MODEL (to_latent: what a diffusion model sees, then standardised to mean 0, std 1),
-    train a small conv UNet denoiser on them (rectified flow; its size follows the latent shape by a fixed rule;
-    fixed steps and seed) and report its held-out relative denoising error per noise level and their mean, the SCORE
-    (0 perfect, 1 knows nothing: lower is easier to diffuse), the quality of its decoded samples (image-statistics
-    distance; KID with Inception's weights) and the latents' spectrum beside the images'. The protocol is the same
-    for every model (any family, pixel space: preset:pixel), so scores compare only at the same options. DATA is
-    split as `vaekit train` splits it (samples: the held-out photos chelsea, coffee, flower). Writes OUT/report.html
-    and OUT/report.json. See docs/DIFFUSABILITY.md."""
+    """Encode crops of DATA with MODEL (RGBA with their alpha for a 4-channel model; to_latent: what a diffusion model
+    sees, then standardised to mean 0, std 1), train a small conv UNet denoiser on them (rectified flow; its size
+    follows the latent shape by a fixed rule; fixed steps and seed) and report its held-out relative denoising error
+    per noise level and their mean, the SCORE (0 perfect, 1 knows nothing: lower is easier to diffuse), the quality
+    of its decoded samples (image-statistics distance; KID with Inception's weights) and the latents' spectrum beside
+    the images'. The protocol is the same for every model (any family, pixel space: preset:pixel), so scores compare
+    only at the same options. DATA is split as `vaekit train` splits it (samples: the held-out photos chelsea,
+    coffee, flower). Writes OUT/report.html and OUT/report.json. See docs/DIFFUSABILITY.md."""
     from ..analysis import grid
     from ..checkpoints import load
     from ..diffusability import Protocol, score

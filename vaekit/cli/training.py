@@ -122,7 +122,9 @@ def _report(result) -> None:
         start = "before fine-tuning" if m.get("init") else "untrained"
         was = f" ({start} {before['psnr']:.2f} dB / {before['ssim']:.3f})" if before else ""
         print(f"samples: {grid}  (validation images above, reconstructions below)")
-        print(f"held-out {plural(f['n'], 'image')} at {m['val_resolution']}x{m['val_resolution']}: PSNR {f['psnr']:.2f} dB, SSIM {f['ssim']:.4f}{was}")
+        alpha = f"; alpha PSNR {f['alpha_psnr']:.2f} dB" if "alpha_psnr" in f else ""  # an RGBA model: PSNR and SSIM are of R, G, B
+        print(f"held-out {plural(f['n'], 'image')} at {m['val_resolution']}x{m['val_resolution']}: PSNR {f['psnr']:.2f} dB, "
+              f"SSIM {f['ssim']:.4f}{was}{alpha}")
         for name, title in (("photos", "held-out photos"), ("crops", "native-resolution crops"), ("synthetic", "saturated colours")):
             t = m.get("against_thumbnail", {}).get(name)
             if t:

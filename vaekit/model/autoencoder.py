@@ -254,8 +254,8 @@ class Autoencoder(nn.Module):
             elif x.shape[1] == 1 and c == 3:
                 hint = ": for grey images repeat the channel, x.expand(-1, 3, -1, -1)"
             elif x.shape[1] == 3 and c == 4:
-                hint = (": the model takes RGBA; read images with vaekit.data.read_image(alpha=True) (reconstruct, encode, "
-                        "decode, calibrate and eval do; analyze, compare, diffusability and train read RGB only so far)")
+                hint = (": the model takes RGBA; read images with vaekit.data.read_image(alpha=True), as every vaekit "
+                        "command does for a 4-channel model")
             else:
                 hint = " (images are NCHW)"
             raise ValueError(f"images have {x.shape[1]} channel{'s' if x.shape[1] != 1 else ''}, the model expects {c}{hint}")
