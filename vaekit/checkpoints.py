@@ -164,6 +164,7 @@ class _Found:
     hint: tuple[str, str] | None = None  # (family, what says so): a full checkpoint's other parts, a key layout
     notes: list[str] = field(default_factory=list)
     layout: Layout | None = None  # the layout a file's names are in (a file without config: its shapes tell it)
+    path: Path | None = None  # the file read (the first of a split model's), named when its shapes make no config
 
 
 def _from_preset(name: str, seed: int) -> _Found:
@@ -198,7 +199,7 @@ def _from_split(files: list[Path]) -> _Found:
         raise ValueError(f"{files[0]} is a tiny autoencoder's encoder alone, and vaekit needs its decoder: put its NAME_decoder "
                          "file beside it (a decoder alone loads as a decoder-only model)")  # fmt: skip
     found = _Found({k: t for p in parts for k, t in p.tensors.items()}, " + ".join(f"{f.name}: {p.format}" for f, p in zip(files, parts)),
-                   notes=[n for p in parts for n in p.notes], layout=parts[0].layout)  # fmt: skip
+                   notes=[n for p in parts for n in p.notes], layout=parts[0].layout, path=files[0])  # fmt: skip
     stated = [p for p in parts if p.config is not None]
     if stated:
         whole = max(stated, key=lambda p: not p.config.decoder_only)
@@ -218,10 +219,13 @@ def _from_file(path: Path) -> _Found:
             with _settings_of(path, ".safetensors file", part):
                 found.config = AutoencoderConfig.from_dict(_json_object(metadata[METADATA_KEY], path, ".safetensors file", part))
             found.normalisation = "file metadata"
+        found.path = path
         return found
     if path.suffix in TORCH_SUFFIXES:
         tensors = _torch_tensors(path)
-        return _select(list(tensors), f"torch {path.suffix} file", tensors.__getitem__)
+        found = _select(list(tensors), f"torch {path.suffix} file", tensors.__getitem__)
+        found.path = path
+        return found
     raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; vaekit reads .safetensors, "
                      f"{', '.join(TORCH_SUFFIXES)} and diffusers folders")
 
@@ -494,7 +498,10 @@ def _settle(found: _Found, family: str | None) -> Checkpoint:
         config = found.config
     else:  # a file with no config: its layout reads the architecture off the tensor shapes
         assert found.layout is not None
-        config, note = found.layout.config_from_tensors(found.tensors)
+        try:
+            config, note = found.layout.config_from_tensors(found.tensors)
+        except ValueError as e:  # tensors in a layout's names whose shapes make no model of it
+            raise ValueError(f"{found.path}: {e}" if found.path else str(e)) from None
         notes.append(note)
         if found.layout.FAMILY and preset(found.layout.FAMILY).latent_channels != config.latent_channels:
             found.hint = None  # the layout's family, but not its published model: nothing states the normalisation
