@@ -558,6 +558,8 @@ def latent_space(config: AutoencoderConfig) -> str:
     """What `to_latent` gives, in one line: the normalisation, the shape, and a digest of per-channel statistics (the
     formula alone does not tell two sets apart). A preview records its teacher's (`teacher_normalisation`)."""
     channels, factor = config.normalised_shape
+    if config.latent_norm == "patch_bn":
+        return config.normalisation  # which says the shape
     space = f"{config.normalisation}; {channels} ch at {factor}x"
     if config.latent_norm == "channel":
         stats = json.dumps([config.latents_mean, config.latents_std, config.scaling_factor]).encode()
