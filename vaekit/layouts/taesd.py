@@ -37,12 +37,8 @@ NO_WEIGHTS = None
 DIFFUSERS_FRAMES = False
 
 LINEAR_KEYS = ("latent_rgb_factors", "latent_rgb_factors_bias")
-_KEY = re.compile(r"(?:(encoder|decoder)\.)?(layers\.)?(\d+)\.(weight|bias|conv\.[024]\.(?:weight|bias)|skip\.weight|pool\.[013]\.(?:weight|bias))")
+_KEY = re.compile(r"(?:(encoder|decoder)\.)?(layers\.)?(\d+)\.(weight|bias|conv\.[024]\.(?:weight|bias)|pool\.[013]\.(?:weight|bias))")
 _PAIR = re.compile(r"(.+)_(encoder|decoder)\.(safetensors|pth)")
-
-
-def network_channels(c: AutoencoderConfig) -> int:
-    return c.latent_channels // 4 if c.latent_patches else c.latent_channels
 
 
 # ---- names ----------------------------------------------------------------------------------------
@@ -150,7 +146,7 @@ def diffusers_config(c: AutoencoderConfig) -> dict[str, Any]:
         "_class_name": DIFFUSERS_CLASSES[0], "_diffusers_version": "0.42.1", "in_channels": c.in_channels,
         "out_channels": c.out_channels, "encoder_block_out_channels": [width] * levels,
         "decoder_block_out_channels": [width] * levels, "act_fn": "relu", "upsample_fn": "nearest",
-        "latent_channels": network_channels(c), "upsampling_scaling_factor": 2,
+        "latent_channels": c.latent_channels // 4 if c.latent_patches else c.latent_channels, "upsampling_scaling_factor": 2,
         "num_encoder_blocks": [1] + [blocks] * (levels - 1), "num_decoder_blocks": [blocks] * (levels - 1) + [1],
         "latent_magnitude": 3, "latent_shift": 0.5, "force_upcast": False, "scaling_factor": 1.0, "shift_factor": 0.0,
     }  # fmt: skip

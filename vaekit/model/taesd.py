@@ -39,24 +39,24 @@ class Clamp(nn.Module):
 
 
 class Block(nn.Module):
-    """ReLU(conv(ReLU(conv(ReLU(conv(x))))) + x); with `midblock_gn` the input first gets taef2's global branch
-    (`pool`, GroupNorm over 4 groups: the image's statistics reach every position)."""
+    """ReLU(conv(ReLU(conv(ReLU(conv(x))))) + x), one width in and out (taesd.py's `skip` is then the identity); with
+    `midblock_gn` the input first gets taef2's global branch (`pool`, GroupNorm over 4 groups: the image's statistics
+    reach every position)."""
 
-    def __init__(self, n_in: int, n_out: int, midblock_gn: bool = False):
+    def __init__(self, width: int, midblock_gn: bool = False):
         super().__init__()
-        self.conv = nn.Sequential(conv(n_in, n_out), nn.ReLU(), conv(n_out, n_out), nn.ReLU(), conv(n_out, n_out))
-        self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
+        self.conv = nn.Sequential(conv(width, width), nn.ReLU(), conv(width, width), nn.ReLU(), conv(width, width))
         self.fuse = nn.ReLU()
         self.pool = None
         if midblock_gn:
-            wide = 4 * n_in
-            self.pool = nn.Sequential(nn.Conv2d(n_in, wide, 1, bias=False), nn.GroupNorm(4, wide), nn.ReLU(),
-                                      nn.Conv2d(wide, n_in, 1, bias=False))  # fmt: skip
+            wide = 4 * width
+            self.pool = nn.Sequential(nn.Conv2d(width, wide, 1, bias=False), nn.GroupNorm(4, wide), nn.ReLU(),
+                                      nn.Conv2d(wide, width, 1, bias=False))  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
         if self.pool is not None:
             x = x + self.pool(x)
-        return self.fuse(self.conv(x) + self.skip(x))
+        return self.fuse(self.conv(x) + x)
 
 
 def network_channels(cfg: AutoencoderConfig) -> int:
@@ -71,10 +71,10 @@ class TinyEncoder(nn.Sequential):
 
     def __init__(self, cfg: AutoencoderConfig):
         width, levels, gn = cfg.block_channels[0], len(cfg.block_channels), cfg.midblock_gn
-        layers: list[nn.Module] = [conv(cfg.in_channels, width), Block(width, width)]
+        layers: list[nn.Module] = [conv(cfg.in_channels, width), Block(width)]
         for level in range(1, levels):
             layers.append(conv(width, width, stride=2, bias=False))
-            layers += [Block(width, width, gn and level == levels - 1) for _ in range(cfg.layers_per_block)]
+            layers += [Block(width, gn and level == levels - 1) for _ in range(cfg.layers_per_block)]
         layers.append(conv(width, network_channels(cfg)))
         super().__init__(*layers)
         self.latent_patches = cfg.latent_patches
@@ -94,9 +94,9 @@ class TinyDecoder(nn.Sequential):
         width, levels, gn = cfg.block_channels[0], len(cfg.block_channels), cfg.midblock_gn
         layers: list[nn.Module] = [Clamp(), conv(network_channels(cfg), width), nn.ReLU()]
         for level in reversed(range(1, levels)):
-            layers += [Block(width, width, gn and level == levels - 1) for _ in range(cfg.layers_per_block)]
+            layers += [Block(width, gn and level == levels - 1) for _ in range(cfg.layers_per_block)]
             layers += [nn.Upsample(scale_factor=2), conv(width, width, bias=False)]
-        layers += [Block(width, width), conv(width, cfg.out_channels)]
+        layers += [Block(width), conv(width, cfg.out_channels)]
         super().__init__(*layers)
         self.latent_patches = cfg.latent_patches
 
