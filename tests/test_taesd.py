@@ -301,6 +301,10 @@ def test_inspect_convert_and_decode_a_teacher_s_latent_dataset(tmp_path: Path, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "speaks tiny-f8c4's latents" in err and "these are tiny-fast-f8c4's" in err and "--force" in err
     assert main(["decode", str(tmp_path / "preview_encoder.safetensors"), str(tmp_path / "lat-other"), str(tmp_path / "dec2"), "--force"]) == 0
+    # latents the preview itself encoded are its teacher's too
+    assert main(["encode", str(tmp_path / "preview_decoder.safetensors"), str(tmp_path / "photos"), str(tmp_path / "lat-preview"),
+                 "--resolution", "32", "--workers", "0", "--dtype", "fp32"]) == 0  # fmt: skip
+    assert main(["decode", str(tmp_path / "preview_decoder.safetensors"), str(tmp_path / "lat-preview"), str(tmp_path / "dec5")]) == 0
     # a teacher without a family (one trained here) is named by its weights, which its datasets record
     unnamed = vaekit.load(tmp_path / "teacher")
     unnamed.config = unnamed.config.replace(family="", scaling_factor=0.5)  # no preset's: nothing names it
@@ -314,3 +318,25 @@ def test_inspect_convert_and_decode_a_teacher_s_latent_dataset(tmp_path: Path, c
     assert main(["decode", str(tmp_path / "mine.safetensors"), str(tmp_path / "lat-teacher"), str(tmp_path / "dec4")]) == 1
     assert main(["decode", str(tmp_path / "mine.safetensors"), str(tmp_path / "lat-teacher"), str(tmp_path / "dec4"), "--raw"]) == 1
     assert "not raw ones" in capsys.readouterr().err
+
+
+# ---- the table in docs/PREVIEWS.md: python tests/test_taesd.py ----------------------------------------------------------
+
+
+def parity_table() -> None:
+    """Print the per-route differences test_matches_autoencoder_tiny bounds (docs/PREVIEWS.md), 1 thread, fp32."""
+    import tempfile
+    import warnings
+
+    torch.set_num_threads(1)
+    print("| shapes | route | encode | decode |\n|---|---|---|---|")
+    for channels, levels in ((4, 4), (16, 4), (64, 6)):
+        for name in ROUTES:
+            with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                diffs = differences(*route(name, reference(channels, levels), Path(tmp)))
+            print(f"| {channels} ch at {2 ** (levels - 1)}x | {name} | {diffs['encode']:.1e} | {diffs['decode']:.1e} |")
+
+
+if __name__ == "__main__":
+    parity_table()

@@ -617,19 +617,18 @@ def speaking(preview: AutoencoderConfig, teacher: AutoencoderConfig, name: str |
 
 def preview_refusal(preview: AutoencoderConfig, latents: AutoencoderConfig, weights: str | None = None) -> str | None:
     """Why `preview` cannot decode the normalised latents of the model `latents` describes (whose weights hash is
-    `weights`, `vaekit.latents.weights_hash`), in words for an error; None when it speaks them."""
+    `weights`, `vaekit.latents.weights_hash`), in words for an error; None when it speaks them: the same teacher (a
+    family, one sharing its latent space, or the same weights) and the same normalisation."""
     if not preview.teacher:
         return "the preview does not say whose latents it speaks: load it with family=... (--family) naming its teacher"
-    theirs = latents.family or "a model without a family"
-    if preview.teacher.startswith("weights:"):
-        same = weights is not None and preview.teacher == f"weights:{weights}"
-        theirs = f"{theirs} (weights {weights})" if weights else theirs
+    if latents.arch == "taesd":  # latents a preview encoded: its teacher's
+        name, space = latents.teacher, latents.teacher_normalisation
     else:
-        same = bool(latents.family) and same_latents(preview.teacher, latents.family)
-    if same and preview.teacher_normalisation == latent_space(latents):
+        name, space = latents.family or (f"weights:{weights}" if weights else ""), latent_space(latents)
+    if name and same_latents(preview.teacher, name) and preview.teacher_normalisation == space:
         return None
-    return (f"the preview speaks {preview.teacher}'s latents ({preview.teacher_normalisation}), these are {theirs}'s "
-            f"({latent_space(latents)})")  # fmt: skip
+    return (f"the preview speaks {preview.teacher}'s latents ({preview.teacher_normalisation}), these are "
+            f"{name or 'an unnamed model'}'s ({space})")  # fmt: skip
 
 
 # One preview preset per published latent space (random weights, as every preset); madebyollin's releases have these
