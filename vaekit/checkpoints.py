@@ -125,7 +125,8 @@ def read_checkpoint(source: str | os.PathLike, family: str | None = None, seed: 
 
 def save(model: Autoencoder, path: str | os.PathLike, format: str = "diffusers", dtype: torch.dtype | None = None) -> Path:
     """Write `model` as a diffusers folder or as one single-file `.safetensors` in its architecture's layout
-    (LDM's names; BFL's for FLUX.2; Wan's, Tencent's for Qwen-Image and Wan 2.1, Hunyuan Image; Wan 2.2's for Wan 2.2).
+    (LDM's names; BFL's for FLUX.2; Wan's, Tencent's for Qwen-Image and Wan 2.1, Hunyuan Image; Wan 2.2's for Wan 2.2;
+    diffusers' for a preview model, which `format="pair"` also writes as madebyollin's PATH_encoder/PATH_decoder files).
 
     Both carry vaekit's full config (config.json key `_vaekit`, or safetensors metadata), so family,
     scale/shift, `kind="ae"` and every vaekit-only option round-trip exactly. diffusers loads the
