@@ -368,9 +368,9 @@ def load_file_like(config: AutoencoderConfig) -> dict[str, torch.Tensor]:
 
 def test_other_autoencoder_classes_are_refused(tmp_path):
     (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderTiny", "block_out_channels": [8]}))
+    (tmp_path / "d" / "config.json").write_text(json.dumps({"_class_name": "ConsistencyDecoderVAE", "block_out_channels": [8]}))
     save_file({"x": torch.zeros(1)}, tmp_path / "d" / "diffusion_pytorch_model.safetensors")
-    with pytest.raises(ValueError, match="describes a AutoencoderTiny; vaekit reads AutoencoderKL"):
+    with pytest.raises(ValueError, match="describes a ConsistencyDecoderVAE; vaekit reads AutoencoderKL"):
         read_checkpoint(tmp_path / "d")
 
 

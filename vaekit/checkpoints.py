@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from .config import PRESETS, AutoencoderConfig, describe_channels, preset, preset_name
+from .config import PRESETS, AutoencoderConfig, describe_channels, preset, preset_name, same_latents, speaking
 from .layouts import CONFIG_KEY, DIFFUSERS_WEIGHTS, METADATA_KEY, Layout, not_an_autoencoder, write
 from .model import ARCHITECTURES, Autoencoder
 from .model.architectures import diffusers_classes, for_diffusers_class, for_names
@@ -127,7 +127,8 @@ def read_checkpoint(source: str | os.PathLike, family: str | None = None, seed: 
 
 def save(model: Autoencoder, path: str | os.PathLike, format: str = "diffusers", dtype: torch.dtype | None = None) -> Path:
     """Write `model` as a diffusers folder or as one single-file `.safetensors` in its architecture's layout
-    (LDM's names; BFL's for FLUX.2; Wan's, Tencent's for Qwen-Image and Wan 2.1, Hunyuan Image; Wan 2.2's for Wan 2.2).
+    (LDM's names; BFL's for FLUX.2; Wan's, Tencent's for Qwen-Image and Wan 2.1, Hunyuan Image; Wan 2.2's for Wan 2.2;
+    diffusers' for a preview model, which `format="pair"` also writes as madebyollin's PATH_encoder/PATH_decoder files).
 
     Both carry vaekit's full config (config.json key `_vaekit`, or safetensors metadata), so family,
     scale/shift, `kind="ae"` and every vaekit-only option round-trip exactly. diffusers loads the
@@ -166,6 +167,7 @@ class _Found:
     hint: tuple[str, str] | None = None  # (family, what says so): a full checkpoint's other parts, a key layout
     notes: list[str] = field(default_factory=list)
     layout: Layout | None = None  # the layout a file's names are in (a file without config: its shapes tell it)
+    path: Path | None = None  # the file read (the first of a split model's), named when its shapes make no config
 
 
 def _from_preset(name: str, seed: int) -> _Found:
@@ -180,10 +182,42 @@ SHARD_INDEX = "model.safetensors.index.json"  # a sharded model's map of tensor 
 
 
 def _from_path(path: Path) -> _Found:
+    split = next((files for a in ARCHITECTURES.values() if hasattr(a.layout, "split_files") and (files := a.layout.split_files(path))), None)
+    if split:
+        return _from_split(split)
     if path.is_dir():
         return _from_folder(path)
     if path.name.endswith(".safetensors.index.json"):
         return _from_shards(path)
+    return _from_file(path)
+
+
+def _from_split(files: list[Path]) -> _Found:
+    """A model stored as several files (a released tiny autoencoder's NAME_encoder and NAME_decoder, `split_files` of its
+    layout): each read as a file of its own, their tensors together. A config a file states is its own half's: the
+    encoder's file states the whole model, the decoder's a decoder-only one (vaekit writes them so)."""
+    parts = [_from_file(f) for f in files]
+    if any(not hasattr(p.layout, "split_files") for p in parts):  # a file named like a pair but of another architecture
+        return parts[0]
+    halves = [{k.split(".", 1)[0] for k in p.tensors} for p in parts]
+    if len(parts) == 2 and halves[0] & halves[1]:
+        raise ValueError(f"{files[0]} and {files[1]} are both a tiny autoencoder's {' and '.join(sorted(halves[0] & halves[1]))}: "
+                         "give one encoder file and one decoder file")  # fmt: skip
+    if not any("decoder" in h for h in halves):
+        raise ValueError(f"{files[0]} is a tiny autoencoder's encoder alone, and vaekit needs its decoder: put its NAME_decoder "
+                         "file beside it (a decoder alone loads as a decoder-only model)")  # fmt: skip
+    found = _Found({k: t for p in parts for k, t in p.tensors.items()}, " + ".join(f"{f.name}: {p.format}" for f, p in zip(files, parts)),
+                   notes=[n for p in parts for n in p.notes], layout=parts[0].layout, path=files[0])  # fmt: skip
+    stated = [p for p in parts if p.config is not None]
+    if stated:
+        whole = max(stated, key=lambda p: not p.config.decoder_only)
+        found.config, found.normalisation = whole.config, whole.normalisation
+        if whole.config.decoder_only and len(parts) == 2:
+            found.config = whole.config.replace(decoder_only=False)
+    return found
+
+
+def _from_file(path: Path) -> _Found:
     if path.suffix == ".safetensors":
         with _safetensors(path) as f:
             metadata = f.metadata() or {}
@@ -193,10 +227,13 @@ def _from_path(path: Path) -> _Found:
             with _settings_of(path, ".safetensors file", part):
                 found.config = AutoencoderConfig.from_dict(_json_object(metadata[METADATA_KEY], path, ".safetensors file", part))
             found.normalisation = "file metadata"
+        found.path = path
         return found
     if path.suffix in TORCH_SUFFIXES:
         tensors = _torch_tensors(path)
-        return _select(list(tensors), f"torch {path.suffix} file", tensors.__getitem__, lambda k: tuple(tensors[k].shape))
+        found = _select(list(tensors), f"torch {path.suffix} file", tensors.__getitem__, lambda k: tuple(tensors[k].shape))
+        found.path = path
+        return found
     raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; vaekit reads .safetensors, "
                      f"{', '.join(TORCH_SUFFIXES)}, {SHARD_INDEX} and diffusers folders")
 
@@ -492,7 +529,10 @@ def _settle(found: _Found, family: str | None) -> Checkpoint:
         config = found.config
     else:  # a file with no config: its layout reads the architecture off the tensor shapes
         assert found.layout is not None
-        config, note = found.layout.config_from_tensors(found.tensors)
+        try:
+            config, note = found.layout.config_from_tensors(found.tensors)
+        except ValueError as e:  # tensors in a layout's names whose shapes make no model of it
+            raise ValueError(f"{found.path}: {e}" if found.path else str(e)) from None
         notes.append(note)
         if found.layout.FAMILY and preset(found.layout.FAMILY).latent_channels != config.latent_channels:
             found.hint = None  # the layout's family, but not its published model: nothing states the normalisation
@@ -522,6 +562,8 @@ def _with_family(config: AutoencoderConfig, name: str) -> AutoencoderConfig:
 
 def _normalisation(config: AutoencoderConfig, found: _Found, family: str | None) -> tuple[AutoencoderConfig, str]:
     """Scale/shift and family name, by the module's rule: stated > family= > other parts > assumed (said)."""
+    if config.arch == "taesd":
+        return _teacher(config, found, family)
     if config.latent_norm == "patch_bn" and not found.normalisation:  # FLUX.2: its BatchNorm states it
         found.normalisation = "the checkpoint's latent BatchNorm statistics (bn.running_mean/var)"
     if found.normalisation:
@@ -550,6 +592,33 @@ def _normalisation(config: AutoencoderConfig, found: _Found, family: str | None)
                    + "".join(f"; {n} has the same architecture but (z - {preset(n).shift_factor:g}) * {preset(n).scaling_factor:g}" for n in others)
                    + "; pass family=... / --family to override")
     _warn(found.notes, f"{found.format}: latent normalisation {message}", note=False)
+    return config, message
+
+
+def _teacher(config: AutoencoderConfig, found: _Found, family: str | None) -> tuple[AutoencoderConfig, str]:
+    """A preview's own normalisation is the identity (its latents are its teacher's normalised ones); the module's rule
+    then decides whose latents they are: stated (vaekit's files) > family= (the teacher, or a tae-* preset) > assumed
+    from the shapes (said), never from a file name."""
+    if config.teacher:
+        if family and not same_latents(config.teacher, preset(family).teacher or family):
+            _warn(found.notes, f"family={family!r} ignored: the {found.normalisation} says it previews {config.teacher}'s latents")
+        return config, f"identity: its latents are {config.teacher}'s normalised ones ({found.normalisation})"
+    if family:
+        teacher = preset(family).teacher or family
+        return speaking(config, preset(teacher), teacher), f"identity: its latents are {teacher}'s normalised ones (family={family!r} argument)"
+    shape = ((config.latent_channels, config.factor), config.out_channels)
+    candidates = [n for n, p in PRESETS.items() if p.config.arch not in ("taesd", "pixel") and (p.config.normalised_shape, p.config.out_channels) == shape]
+    name = next((n for n in ASSUMED_FAMILIES if n in candidates), candidates[0] if candidates else None)
+    what = f"{describe_channels(config.latent_channels, 'latents')} at {config.factor}x"
+    if name is None:
+        message = f"identity; whose latents it speaks is unknown (no family has {what}): pass family=... / --family naming its teacher"
+    else:
+        config = speaking(config, preset(name), name)
+        others = [n for n in candidates if not same_latents(n, name) and not n.startswith("tiny-")]
+        message = (f"identity; assumed it previews {name}'s latents ({config.teacher_normalisation})"
+                   + (f"; {', '.join(others)} {'has' if len(others) == 1 else 'have'} {what} too" if others else "")
+                   + "; pass family=... / --family to say whose")
+    _warn(found.notes, f"{found.format}: {message}", note=False)
     return config, message
 
 

@@ -9,6 +9,7 @@ for new models are fields with defaults that leave those presets untouched.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal
@@ -52,8 +53,9 @@ class AutoencoderConfig:
     # autoencoder of SANA (vaekit.model.dcae; always kind "ae", no quant convs); "kvae" Kandinsky Lab's KVAE 2D
     # (vaekit.model.kvae; no quant convs, no attention, latent-conditioned decoder norms); "hunyuanvideo15"
     # HunyuanVideo-1.5's causal video VAE (Hunyuan Image 2.1's refiner) run on one frame (vaekit.model.hunyuanvideo15);
-    # "hunyuanimage3" Hunyuan Image 3.0's GroupNorm 3D-conv VAE on an image's clip of frames (vaekit.model.hunyuanimage3).
-    arch: Literal["ldm", "pixel", "qwenimage", "hunyuanimage", "wan22", "dcae", "kvae", "hunyuanvideo15", "hunyuanimage3"] = "ldm"
+    # "hunyuanimage3" Hunyuan Image 3.0's GroupNorm 3D-conv VAE on an image's clip of frames (vaekit.model.hunyuanimage3);
+    # "taesd" madebyollin's tiny preview autoencoder, or the linear preview (vaekit.model.taesd; options below).
+    arch: Literal["ldm", "pixel", "qwenimage", "hunyuanimage", "wan22", "dcae", "kvae", "hunyuanvideo15", "hunyuanimage3", "taesd"] = "ldm"
     # How many of the first levels halve the resolution; None: every level but the last (Hunyuan Image's
     # releases differ only in this: 5 of 6 levels for 32x, 4 for 16x).
     downsample_levels: int | None = None
@@ -101,6 +103,22 @@ class AutoencoderConfig:
     resample: Literal["shuffle", "conv"] = "shuffle"
     attention_head_dim: int = 32
     attention_scales: tuple[int, ...] = ()
+    # Preview models (arch "taesd", vaekit.model.taesd, docs/PREVIEWS.md). Their latents are their teacher's normalised
+    # ones (its `to_latent`, what its diffusion model sees), so their own normalisation is the identity, and they say whose:
+    # teacher: the teacher's family ("flux1"), or "weights:<hash>" for a model without one (`vaekit.latents.weights_hash`);
+    # teacher_normalisation: its `latent_space`, so a recalibrated teacher's latents are told apart;
+    # latent_patches: the latent is 2x2 patches of the network's (4x the channels at half the side: FLUX.2's `to_latent`
+    #   layout), unpacked inside, so the network sees 32 channels at 8x, as madebyollin's taef2 does;
+    # midblock_gn: taef2's GroupNorm branch in the blocks at latent resolution (taesd.py's `use_midblock_gn`);
+    # decoder_only: no encoder (a released decoder file alone, every linear preview): `encode` refuses;
+    # linear: the linear preview (ComfyUI's latent_rgb_factors and _bias): a 1x1 conv at latent resolution, bilinearly
+    #   upsampled; its block_channels are out_channels per level (no features: the levels fix the factor, as everywhere).
+    teacher: str = ""
+    teacher_normalisation: str = ""
+    latent_patches: bool = False
+    midblock_gn: bool = False
+    decoder_only: bool = False
+    linear: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_channels", tuple(int(c) for c in self.block_channels))
@@ -151,6 +169,11 @@ class AutoencoderConfig:
             raise ValueError("a kvae model has no quant convs (use_quant_conv=use_post_quant_conv=False), no mid attention "
                              "(mid_attention=False), norm_groups 32 and every level but the last downsampling "
                              "(downsample_levels None)")  # fmt: skip
+        if self.arch == "taesd":
+            self._check_taesd()
+        elif any((self.teacher, self.teacher_normalisation, self.latent_patches, self.midblock_gn, self.decoder_only, self.linear)):
+            raise ValueError("teacher, teacher_normalisation, latent_patches, midblock_gn, decoder_only and linear are options of "
+                             "the taesd architecture (preview models)")  # fmt: skip
         if self.image_convs and self.arch != "wan22":
             raise ValueError("image_convs is an option of the wan22 architecture (Qwen-Image 2.1's 2D weights)")
         if self.arch != "ldm" and self.shortcuts:
@@ -206,13 +229,31 @@ class AutoencoderConfig:
             raise ValueError(f"dcae resample 'shuffle' needs the channels of every level after the first to be multiples "
                              f"of 4, got {list(ch)}")  # fmt: skip
 
+    def _check_taesd(self) -> None:
+        if (self.kind != "ae" or self.use_quant_conv or self.use_post_quant_conv or self.mid_attention or self.patch_size != 1
+                or self.downsample_levels is not None):
+            raise ValueError("a taesd model is kind 'ae' with no quant convs (use_quant_conv=use_post_quant_conv=False), no mid "
+                             "attention (mid_attention=False), patch_size 1 and every level but the last downsampling")  # fmt: skip
+        if (self.latent_norm, self.scaling_factor, self.shift_factor) != ("affine", 1.0, 0.0):
+            raise ValueError("a preview's latents are its teacher's normalised ones: its own normalisation is the identity "
+                             "(latent_norm 'affine', scale 1, shift 0); the teacher's is `teacher_normalisation`")  # fmt: skip
+        if len(self.block_channels) < 2 or len(set(self.block_channels)) != 1 or self.layers_per_block < 1:
+            raise ValueError(f"a taesd model has one width at every level, at least 2 levels and at least one block per level "
+                             f"(the released files and diffusers' AutoencoderTiny), got block_channels {list(self.block_channels)} "
+                             f"and layers_per_block {self.layers_per_block}")  # fmt: skip
+        if self.latent_patches and self.latent_channels % 4:
+            raise ValueError(f"latent_patches: the latent is 2x2 patches, so latent_channels ({self.latent_channels}) is 4x the network's")
+        if self.linear and not (self.decoder_only and not self.midblock_gn and self.block_channels[0] == self.out_channels):
+            raise ValueError(f"a linear preview is decoder_only, has no midblock_gn, and its block_channels are its out_channels "
+                             f"({self.out_channels}) at every level")  # fmt: skip
+
     @property
     def factor(self) -> int:
         """Spatial downsampling factor: image side / latent side (of `encode`'s latents)."""
         if self.arch == "pixel":
             return self.patch_size
         levels = self.downsample_levels if self.downsample_levels is not None else len(self.block_channels) - 1
-        return self.patch_size * 2**levels
+        return self.patch_size * 2**levels * (2 if self.latent_patches else 1)
 
     @property
     def decoder_channels(self) -> tuple[int, ...]:
@@ -281,7 +322,8 @@ class AutoencoderConfig:
 
 # AutoencoderConfig fields that to_dict leaves out at their defaults (see there).
 LATER_OPTIONS = ("decoder_block_channels", "block_types", "encoder_layers", "decoder_layers", "decoder_norms", "resample",
-                 "attention_head_dim", "attention_scales", "image_convs")  # fmt: skip
+                 "attention_head_dim", "attention_scales", "image_convs", "teacher", "teacher_normalisation", "latent_patches",
+                 "midblock_gn", "decoder_only", "linear")  # fmt: skip
 
 
 def check_fields(cls: type, d: dict[str, Any], what: str) -> None:
@@ -519,6 +561,99 @@ def describe_channels(n: int, noun: str) -> str:
     return f"{n}-channel {noun}" + (f" ({family})" if family else "")
 
 
+# ---- preview models: a tiny autoencoder (or a linear map) that speaks a teacher's normalised latents ---------------
+
+
+def latent_space(config: AutoencoderConfig) -> str:
+    """What `to_latent` gives, in one line: the normalisation, the shape, and a digest of per-channel statistics (the
+    formula alone does not tell two sets apart). A preview records its teacher's (`teacher_normalisation`)."""
+    channels, factor = config.normalised_shape
+    if config.latent_norm == "patch_bn":
+        return config.normalisation  # which says the shape
+    space = f"{config.normalisation}; {channels} ch at {factor}x"
+    if config.latent_norm == "channel":
+        stats = json.dumps([config.latents_mean, config.latents_std, config.scaling_factor]).encode()
+        space += f"; statistics {hashlib.sha256(stats).hexdigest()[:8]}"
+    return space
+
+
+def same_latents(a: str, b: str) -> bool:
+    """Whether families `a` and `b` share one latent space: the same name, or presets with the same encoder and
+    normalisation (FLUX.1 and Lumina 2, Qwen-Image and Wan 2.1, SD1 and PixArt, FLUX.2 and its small decoder)."""
+    if a == b:
+        return True
+    if a not in PRESETS or b not in PRESETS:
+        return False
+    space = lambda name: PRESETS[name].config.replace(family="", decoder_block_channels=None)  # noqa: E731
+    return space(a) == space(b)
+
+
+def preview_config(teacher: AutoencoderConfig, teacher_name: str | None = None, decoder_only: bool = False,
+                   linear: bool = False, width: int = 64, blocks: int = 3, midblock_gn: bool | None = None) -> AutoencoderConfig:  # fmt: skip
+    """The preview model (arch "taesd") of `teacher`'s latent space: madebyollin's tiny autoencoder (`width` channels,
+    `blocks` blocks per level: 1.2M parameters a half at 8x) or, with `linear`, the linear preview; its latents are what
+    `teacher.to_latent` gives (FLUX.2: 128 channels at 16x, unpacked inside), its images the teacher's (RGBA too).
+    `teacher_name`: whose latents they are (default the teacher's family; `vaekit.previews.teacher_name` names a
+    model without one by its weights). `midblock_gn`: taef2's GroupNorm branch, by default for FLUX.2's patches."""
+    if teacher.arch in ("pixel", "taesd"):
+        raise ValueError(f"a {teacher.arch} model has no latent space of its own to preview: give the autoencoder it stands for")
+    channels, factor = teacher.normalised_shape
+    patches = teacher.latent_norm == "patch_bn"
+    network_factor = factor // 2 if patches else factor
+    if network_factor < 2 or network_factor & (network_factor - 1):
+        raise ValueError(f"a preview upsamples by powers of two from 2; this teacher's latents are at 1/{factor}")
+    config = AutoencoderConfig(
+        arch="taesd", kind="ae", in_channels=teacher.in_channels, out_channels=teacher.out_channels,
+        block_channels=(teacher.out_channels if linear else width,) * network_factor.bit_length(), layers_per_block=blocks,
+        latent_channels=channels, use_quant_conv=False, use_post_quant_conv=False, mid_attention=False, latent_patches=patches,
+        midblock_gn=not linear and (patches if midblock_gn is None else midblock_gn), decoder_only=decoder_only or linear,
+        linear=linear,
+    )  # fmt: skip
+    return speaking(config, teacher, teacher_name)
+
+
+def speaking(preview: AutoencoderConfig, teacher: AutoencoderConfig, name: str | None = None) -> AutoencoderConfig:
+    """`preview` (a taesd config) as the preview of `teacher`'s latents, named `name` (default its family): the teacher
+    recorded, and the family `tae-NAME` for a published teacher's tiny autoencoder. Refused when the shapes differ."""
+    if (teacher.normalised_shape, teacher.out_channels) != ((preview.latent_channels, preview.factor), preview.out_channels):
+        channels, factor = teacher.normalised_shape
+        raise ValueError(f"{name or teacher.family or 'the teacher'} has {describe_channels(channels, 'latents')} at {factor}x "
+                         f"and {teacher.out_channels}-channel images; this preview decodes {preview.latent_channels}-channel "
+                         f"latents at {preview.factor}x into {preview.out_channels}-channel images")  # fmt: skip
+    name = teacher.family if name is None else name
+    family = f"tae-{name}" if name in PRESETS and not preview.linear else ""
+    return preview.replace(teacher=name, teacher_normalisation=latent_space(teacher), family=family)
+
+
+def preview_refusal(preview: AutoencoderConfig, latents: AutoencoderConfig, weights: str | None = None) -> str | None:
+    """Why `preview` cannot decode the normalised latents of the model `latents` describes (whose weights hash is
+    `weights`, `vaekit.latents.weights_hash`), in words for an error; None when it speaks them: the same teacher (a
+    family, one sharing its latent space, or the same weights) and the same normalisation."""
+    if not preview.teacher:
+        return "the preview does not say whose latents it speaks: load it with family=... (--family) naming its teacher"
+    if latents.arch == "taesd":  # latents a preview encoded: its teacher's
+        name, space = latents.teacher, latents.teacher_normalisation
+    else:
+        name, space = latents.family or (f"weights:{weights}" if weights else ""), latent_space(latents)
+    if name and same_latents(preview.teacher, name) and preview.teacher_normalisation == space:
+        return None
+    return (f"the preview speaks {preview.teacher}'s latents ({preview.teacher_normalisation}), these are "
+            f"{name or 'an unnamed model'}'s ({space})")  # fmt: skip
+
+
+# One preview preset per published latent space (random weights, as every preset); madebyollin's releases have these
+# architectures (the aliases below) and load into them. Qwen-Image's also previews Wan 2.1's (the same latent space).
+_RELEASED_PREVIEWS = {"sd1": "taesd", "sdxl": "taesdxl", "sd3": "taesd3", "flux1": "taef1", "flux2": "taef2"}
+
+
+def _preview_preset(teacher: str) -> tuple[str, Preset]:
+    config = preview_config(PRESETS[teacher].config)
+    released = f"; madebyollin's {_RELEASED_PREVIEWS[teacher]} has this architecture" if teacher in _RELEASED_PREVIEWS else ""
+    return config.family, Preset(config, f"tiny preview autoencoder of {teacher}'s latents{released}")
+
+
+PRESETS.update(_preview_preset(t) for t in ("sd1", "sdxl", "sd3", "flux1", "flux2", "qwenimage", "wan2.2", "qwenimage2.1", "hunyuanimage"))
+
 # Other names people use for the same families (matched after lower-casing).
 ALIASES = {
     "flux": "flux1", "flux.1": "flux1", "flux-1": "flux1", "sd15": "sd1", "sd1.5": "sd1", "sd14": "sd1", "sd1.4": "sd1",
@@ -531,6 +666,7 @@ ALIASES = {
     "wan21": "wan2.1", "wan-2.1": "wan2.1", "wan22": "wan2.2", "wan-2.2": "wan2.2", "wan2.2-ti2v-5b": "wan2.2",
     "dcae": "dc-ae-f32c32", "dc-ae": "dc-ae-f32c32", "sana": "dc-ae-f32c32", "dc-ae-f32c32-sana-1.0": "dc-ae-f32c32",
     "dc-ae-f64c128-mix-1.0": "dc-ae-f64c128", "kvae-2d": "kvae", "kvae-2d-1.0": "kvae", "kvae2d": "kvae", "dc-ae-f128c512-mix-1.0": "dc-ae-f128c512",
+    **{release: f"tae-{teacher}" for teacher, release in _RELEASED_PREVIEWS.items()}, "tae-wan2.1": "tae-qwenimage",
 }  # fmt: skip
 
 

@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ._version import __version__
 from .advice import option
-from .config import AutoencoderConfig
+from .config import AutoencoderConfig, preview_refusal
 from .data import (IMAGE_SUFFIXES, MAX_PIXELS, SHARD_SUFFIXES, ImageTooLarge, find_images, image_size, is_shards, read_image,
                    sample_images, shard_urls, with_alpha)  # fmt: skip
 from .files import mark_output_folder, safe_name, write_atomic
@@ -915,7 +915,9 @@ def decode_latents(model: Autoencoder, latents: str | Path, out: str | Path, raw
 
     A dataset's items are named after their sources (`output_name`, then `files.output_names`: x.jpg and x.png
     become x.jpg.png and x.png) and decoded from the stored posterior mean, with no round trip through the
-    normalisation; `model` must have the weights that encoded it (any normalisation), unless `force`. A file's
+    normalisation; `model` must have the weights that encoded it (any normalisation), unless `force`. A preview model
+    (arch "taesd") instead must speak the dataset's latents (`vaekit.config.preview_refusal`: its teacher's family and
+    normalisation), unless `force`, and gets them normalised, as its teacher's diffusion model sees them. A file's
     tensors are named after their keys. Names that would leave `out` are skipped and described in `skipped`.
     Everything is checked before `out` is made or any file written (the files.py rules)."""
     from .data import to_uint8, write_image
@@ -924,12 +926,20 @@ def decode_latents(model: Autoencoder, latents: str | Path, out: str | Path, raw
     src, out = Path(latents), Path(out)
     check_output_folder(out, "the output folder")
     skipped = [] if skipped is None else skipped
+    preview = model.config.arch == "taesd"  # it decodes its teacher's normalised latents (vaekit.config.preview_config)
+    if raw and preview:
+        raise ValueError(f"a preview model decodes its teacher's normalised latents, not raw ones: drop {option('raw')}, or decode "
+                         "raw latents with the teacher")  # fmt: skip
     if is_latent_dataset(src):
         dataset = LatentDataset(src)
-        if not force and not encoded_by(model, dataset.info):
+        if preview and not force and (why := preview_refusal(model.config, dataset.config, dataset.info.get("weights_hash"))):
+            raise ValueError(f"{src} holds latents this preview does not speak: {why}. Decode them with a preview of their model, "
+                             f"or pass {option('force')} to decode anyway")  # fmt: skip
+        if not preview and not force and not encoded_by(model, dataset.info):
             raise ValueError(f"the model is not the one that encoded {src} (its info.json records other weights): decode with "
                              f"that model (or a recalibrated copy of it), or pass {option('force')} to decode anyway")  # fmt: skip
-        _check_channels(model, dataset.config.latent_channels, f"{src} holds", raw=True)
+        channels = dataset.config.normalised_shape[0] if preview else dataset.config.latent_channels
+        _check_channels(model, channels, f"{src} holds", raw=not preview)
         kept = []
         for i, item in enumerate(dataset.items):
             try:
@@ -937,7 +947,8 @@ def decode_latents(model: Autoencoder, latents: str | Path, out: str | Path, raw
             except ValueError as e:
                 skipped.append(f"skipped {item['source']}: {e}")
         names = [name for _, name in kept]
-        found = (dataset.raw_latent(i) for i, _ in kept)
+        # a preview gets the dataset's latents normalised as its teacher's diffusion model sees them
+        found = (dataset[i]["latent"] if preview else dataset.raw_latent(i) for i, _ in kept)
     elif src.is_dir():
         raise ValueError(f"{src} is a folder without info.json: give a latent dataset `vaekit encode` wrote, or a .safetensors or .pt file of latents")
     else:

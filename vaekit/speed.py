@@ -203,8 +203,9 @@ def bench(model: Autoencoder, sizes: list[int], batches: list[int], precisions: 
 
 
 def _peer_latent(out: Any) -> torch.Tensor:
-    """A diffusers encode's latent: a VAE's posterior mean, or a deterministic autoencoder's latent (AutoencoderDC)."""
-    return out.latent_dist.mean if hasattr(out, "latent_dist") else out.latent
+    """A diffusers encode's latent: a VAE's posterior mean, or a deterministic autoencoder's latent (AutoencoderDC's
+    `latent`, AutoencoderTiny's `latents`)."""
+    return out.latent_dist.mean if hasattr(out, "latent_dist") else out.latents if hasattr(out, "latents") else out.latent
 
 
 def _measure(op: str, ours: Callable, theirs: Callable | None, size: int, batch: int, precision: str, tile: int | str | None,

@@ -19,8 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = add_command(sub, "convert", cmd_convert, "convert a checkpoint to a diffusers folder or a single .safetensors file")
     p.add_argument("source", metavar="SOURCE")
-    p.add_argument("dest", metavar="DEST", help="a .safetensors file (single-file) or a folder (diffusers)")
-    p.add_argument("--format", choices=["diffusers", "single-file"],
+    p.add_argument("dest", metavar="DEST", help="a .safetensors file (single-file), a folder (diffusers), or the common name of "
+                   "a tiny autoencoder's two files (pair: DEST_encoder.safetensors, DEST_decoder.safetensors)")
+    p.add_argument("--format", choices=["diffusers", "single-file", "pair"],
                    help="default: single-file when DEST ends in .safetensors, else a diffusers folder")
     add_dtype_flag(p, "store weights in this dtype (default: as loaded)", default=None)
     p.add_argument("--overwrite", action="store_true", help="replace DEST's model files if they exist")

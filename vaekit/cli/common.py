@@ -112,7 +112,9 @@ def check_model_dest(source: str, dest: Path, fmt: str, overwrite: bool) -> None
     """A model file or folder vaekit writes: never over its source, never over an existing file without --overwrite."""
     from ..checkpoints import DIFFUSERS_WEIGHTS
     from ..files import check_targets
+    from ..layouts import pair_file
 
     if fmt == "diffusers" and dest.is_file():
         raise CLIError(f"{dest} is a file; a diffusers model is a folder: give a folder name (or a name ending in .safetensors)")
-    check_targets([dest] if fmt == "single-file" else [dest / DIFFUSERS_WEIGHTS[0], dest / "config.json"], files_of(source), overwrite)
+    targets = {"single-file": [dest], "pair": [pair_file(dest, "encoder"), pair_file(dest, "decoder")]}
+    check_targets(targets.get(fmt, [dest / DIFFUSERS_WEIGHTS[0], dest / "config.json"]), files_of(source), overwrite)

@@ -75,9 +75,10 @@ class Layout(Protocol):
 
 def write(tensors: dict[str, Tensor], config: AutoencoderConfig, layout: Layout, path: str | Path,
           format: str = "diffusers", dtype: torch.dtype | None = None) -> Path:  # fmt: skip
-    """A model's state dict as a diffusers folder or one single-file `.safetensors`, in `layout`, atomically.
+    """A model's state dict as a diffusers folder or one single-file `.safetensors`, in `layout`, atomically (a tiny
+    autoencoder also as the `pair` of files madebyollin releases: `pair_file(path, "encoder")` and "decoder").
 
-    Both carry vaekit's full config (config.json key `_vaekit`, or safetensors metadata), so family,
+    All carry vaekit's full config (config.json key `_vaekit`, or safetensors metadata), so family,
     scale/shift, `kind="ae"` and every vaekit-only option round-trip exactly."""
     path = Path(path)
     tensors = {k: _stored(v, dtype) for k, v in tensors.items()}
@@ -87,6 +88,17 @@ def write(tensors: dict[str, Tensor], config: AutoencoderConfig, layout: Layout,
             raise ValueError(f"a single-file checkpoint is a .safetensors file; got {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: config.to_json()}))
+    elif format == "pair":  # the tiny autoencoders' released form: PATH_encoder.safetensors + PATH_decoder.safetensors
+        if not hasattr(layout, "to_pair"):
+            raise ValueError(f"format='pair' writes a tiny autoencoder's encoder and decoder files; a {config.arch} model has one "
+                             "file (format='single-file') or a diffusers folder")  # fmt: skip
+        if path.suffix in (".safetensors", ".pth") or path.name.endswith(("_encoder", "_decoder")):
+            raise ValueError(f"format='pair' takes the files' common name, e.g. out/taef1 for out/taef1_encoder.safetensors and "
+                             f"out/taef1_decoder.safetensors; got {path}")  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for half, (part, described) in layout.to_pair(tensors, config).items():
+            metadata = {"format": "pt", METADATA_KEY: described.to_json()}
+            write_atomic(pair_file(path, half), lambda tmp, part=part, metadata=metadata: save_file(part, tmp, metadata=metadata))
     elif format == "diffusers":
         renamed, described = layout.to_diffusers(tensors, config), {**layout.diffusers_config(config), CONFIG_KEY: config.to_dict()}
         if path.is_file():
@@ -96,8 +108,14 @@ def write(tensors: dict[str, Tensor], config: AutoencoderConfig, layout: Layout,
         text = json.dumps(described, indent=2) + "\n"
         write_atomic(path / "config.json", lambda tmp: tmp.write_text(text))
     else:
-        raise ValueError(f"format must be 'diffusers' or 'single-file', got {format!r}")
+        raise ValueError(f"format must be 'diffusers', 'single-file' or (tiny autoencoders) 'pair', got {format!r}")
     return path
+
+
+def pair_file(path: str | Path, half: str) -> Path:
+    """The file of one half of a pair `write(format="pair")` writes to `path`: PATH_encoder.safetensors, PATH_decoder.safetensors."""
+    path = Path(path)
+    return path.with_name(f"{path.name}_{half}.safetensors")
 
 
 def not_an_autoencoder(names: Iterable[str]) -> ValueError:

@@ -30,8 +30,9 @@ from ..layouts import hunyuanvideo15 as hunyuanvideo15_layout
 from ..layouts import ldm as ldm_layout
 from ..layouts import pixel as pixel_layout
 from ..layouts import qwenimage as qwenimage_layout
+from ..layouts import taesd as taesd_layout
 from ..layouts import wan22 as wan22_layout
-from . import dcae, fast, hunyuanimage, hunyuanimage3, hunyuanvideo15, kvae, ldm, pixel, qwenimage, wan22
+from . import dcae, fast, hunyuanimage, hunyuanimage3, hunyuanvideo15, kvae, ldm, pixel, qwenimage, taesd, wan22
 
 
 @runtime_checkable
@@ -77,6 +78,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("kvae", kvae, kvae_layout),
         Architecture("hunyuanvideo15", hunyuanvideo15, hunyuanvideo15_layout),
         Architecture("hunyuanimage3", hunyuanimage3, hunyuanimage3_layout),
+        Architecture("taesd", taesd, taesd_layout),
     )
 }
 register_architectures(ARCHITECTURES)
