@@ -9,6 +9,7 @@ beside a zero-initialised network) and learns what it misses; its encoder learns
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Iterable, Literal, Sequence
@@ -27,6 +28,7 @@ from .progress import progress as progress_bar
 
 LINEAR_FIT_SIDE = 256  # images are fitted at this side (the shorter side resized, centre square)
 LINEAR_FIT_IMAGES = 32  # at most this many images: 65k pixels each at 256², ample for C+1 unknowns
+CLAMP_RMS = 2.0  # latents beyond this RMS lose much to taesd's soft clamp 3 tanh(z / 3) (fit_linear_preview warns)
 
 
 def teacher_pairs(teacher: Autoencoder, images: Iterable[Tensor]) -> Iterable[tuple[Tensor, Tensor]]:
@@ -58,6 +60,11 @@ def fit_linear_preview(teacher: Autoencoder, data: str, limit: int = LINEAR_FIT_
         n += 1
     if xtx is None:
         raise ValueError(f"{data} holds no readable image to fit a linear preview on")
+    rms = (torch.diagonal(xtx)[:-1] / xtx[-1, -1]).sqrt().max().item()  # the largest channel's RMS (A^T A holds the sums)
+    if rms > CLAMP_RMS:
+        warnings.warn(f"the teacher's normalised latents reach an RMS of {rms:.1f} on {data}, where a tiny autoencoder's decoder "
+                      "soft-clamps them to (-3, 3) and loses most of them: give the teacher a unit-variance normalisation "
+                      "first (vaekit calibrate TEACHER DATA --write CALIBRATED), as its diffusion model should see it too")  # fmt: skip
     # A whisper of ridge keeps a rank-deficient space (a dead channel) solvable without moving a full-rank fit.
     ridge = 1e-8 * torch.trace(xtx) / xtx.shape[0]
     w = torch.linalg.solve(xtx + ridge * torch.eye(xtx.shape[0], dtype=xtx.dtype), xty).float()
@@ -103,6 +110,9 @@ class DistillConfig:
         "the teacher will draw), the images, or both (their mean image)"})  # fmt: skip
     latent_weight: float = field(default=1.0, metadata={"group": "distill", "help":
         "weight of the encoder's loss: mean squared distance to the teacher's normalised latent (to_latent)"})  # fmt: skip
+    fit_images: int = field(default=LINEAR_FIT_IMAGES, metadata={"group": "distill", "help":
+        "how many images of DATA the linear preview is fitted on (at 256x256): the decoder's start, and the preview the "
+        "run is compared with at the end"})  # fmt: skip
     linear_skip: bool = field(default=True, metadata={"group": "distill", "negatable": True, "help":
         "start the decoder from the linear preview fitted on DATA and learn what it misses (a linear path beside the "
         "network; RUN/model.safetensors is vaekit's file); --no-linear-skip trains taesd's plain network, which "
@@ -111,6 +121,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.target not in ("teacher", "images", "both"):
             raise ValueError(f"target must be teacher, images or both, got {self.target!r}")
+        if self.fit_images < 1:
+            raise ValueError(f"fit_images must be at least 1, got {self.fit_images}")
         if self.latent_weight < 0:
             raise ValueError(f"latent_weight must be at least 0, got {self.latent_weight}")
 
@@ -148,21 +160,36 @@ class DistillForward(nn.Module):
 
 
 @torch.no_grad()
-def against_teacher(preview: Autoencoder, teacher: Autoencoder, images: Sequence[tuple[str, np.ndarray]]) -> dict[str, Any]:
-    """How well `preview` decodes `teacher`'s latents of `images`: PSNR/SSIM against the teacher's own decode (what a
-    preview is for) and against the originals, and the largest mean-colour shift from the teacher's decode (levels,
-    `vaekit.metrics.colour_error`: previews "too dark or too saturated" show here), each image's and the worst."""
-    per_image = []
+def against_teacher(previews: dict[str, Autoencoder], teacher: Autoencoder, images: Sequence[tuple[str, np.ndarray]]) -> dict[str, Any]:
+    """How well each of `previews` decodes `teacher`'s latents of `images` (the teacher runs once per image): PSNR/SSIM
+    against the teacher's own decode (what a preview is for), the same PSNR at latent resolution (`psnr_teacher_small`:
+    both averaged over each latent pixel's patch, where a linear preview is at its best) and PSNR against the
+    originals, and the largest mean-colour shift from the teacher's decode (levels, `vaekit.metrics.colour_error`:
+    previews "too dark or too saturated" show here), each image's and the worst; by the previews' names."""
+    rows: dict[str, list[dict[str, Any]]] = {label: [] for label in previews}
     for name, image in images:
-        x = to_tensor(teacher_image(image, teacher)).to(teacher.device)
-        z = teacher.to_latent(x)
-        drawn, shown = (to_uint8(m.from_latent(z))[0][..., :3] for m in (teacher, preview))
-        per_image.append({"name": name, "psnr_teacher": min(float(psnr(shown, drawn)), PSNR_CAP), "ssim_teacher": float(ssim(shown, drawn)),
-                          "psnr": min(float(psnr(shown, image[..., :3])), PSNR_CAP), "colour_shift": float(colour_error(shown, drawn))})  # fmt: skip
+        z = teacher.to_latent(to_tensor(teacher_image(image, teacher)).to(teacher.device))
+        drawn = to_uint8(teacher.from_latent(z))[0][..., :3]
+        for label, preview in previews.items():
+            shown = to_uint8(preview.from_latent(z.to(preview.device)))[0][..., :3]
+            rows[label].append({"name": name, "psnr_teacher": min(float(psnr(shown, drawn)), PSNR_CAP), "ssim_teacher": float(ssim(shown, drawn)),
+                                "psnr_teacher_small": min(_psnr_small(shown, drawn, teacher.factor), PSNR_CAP),
+                                "psnr": min(float(psnr(shown, image[..., :3])), PSNR_CAP), "colour_shift": float(colour_error(shown, drawn))})  # fmt: skip
+    return {label: _summary(per_image) for label, per_image in rows.items()}
+
+
+def _summary(per_image: list[dict[str, Any]]) -> dict[str, Any]:
     worst = max(per_image, key=lambda r: r["colour_shift"])
     mean = lambda key: float(np.mean([r[key] for r in per_image]))  # noqa: E731
-    return {"n": len(per_image), "psnr_teacher": mean("psnr_teacher"), "ssim_teacher": mean("ssim_teacher"), "psnr": mean("psnr"),
+    return {"n": len(per_image), "psnr_teacher": mean("psnr_teacher"), "ssim_teacher": mean("ssim_teacher"),
+            "psnr_teacher_small": mean("psnr_teacher_small"), "psnr": mean("psnr"),
             "colour_shift": worst["colour_shift"], "worst_colour_image": worst["name"], "per_image": per_image}  # fmt: skip
+
+
+def _psnr_small(a: np.ndarray, b: np.ndarray, factor: int) -> float:
+    """PSNR of two HxWx3 uint8 images after averaging each over factor x factor patches (in float: no rounding)."""
+    small = [F.avg_pool2d(torch.from_numpy(x).permute(2, 0, 1).double()[None], factor) for x in (a, b)]
+    return float(10 * torch.log10(255.0**2 / (small[0] - small[1]).square().mean()))
 
 
 def held_out_against_teacher(preview: Autoencoder, teacher: Autoencoder, linear: Autoencoder | None = None,
@@ -171,7 +198,8 @@ def held_out_against_teacher(preview: Autoencoder, teacher: Autoencoder, linear:
     the `linear` preview's beside it (under "linear") when given."""
     out = {}
     for kind, images in held_out_sets(resolution).items():
-        out[kind] = against_teacher(preview, teacher, images)
+        scores = against_teacher({"preview": preview, **({"linear": linear} if linear is not None else {})}, teacher, images)
+        out[kind] = scores["preview"]
         if linear is not None:
-            out[kind]["linear"] = {k: v for k, v in against_teacher(linear, teacher, images).items() if k != "per_image"}
+            out[kind]["linear"] = {k: v for k, v in scores["linear"].items() if k != "per_image"}
     return out

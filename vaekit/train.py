@@ -33,6 +33,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -693,7 +694,9 @@ def _final_model(ema: Autoencoder, data: TrainingData, cfg: TrainConfig, device:
     if data.val:
         metrics["final"] = validate(ema, data, device, run / "samples" / f"step_{step:07d}.png", writer, step, teacher)
     if teacher is not None:  # a preview, scored as docs/PREVIEWS.md scores one: beside the linear preview fitted on DATA
-        linear, _ = fit_linear_preview(teacher, cfg.data, progress=False)
+        with warnings.catch_warnings():  # said once, at the start
+            warnings.simplefilter("ignore")
+            linear, _ = fit_linear_preview(teacher, cfg.data, limit=cfg.distill.fit_images, progress=False)
         metrics["against_teacher"] = held_out_against_teacher(ema, teacher, linear.to(device), cfg.val_resolution)
     return metrics
 
@@ -754,7 +757,7 @@ def _student(cfg: TrainConfig, teacher: Autoencoder, fit: bool) -> Autoencoder:
         return model
     model = preview_model(teacher, decoder_only=cfg.decoder_only, linear_skip=cfg.distill.linear_skip, seed=cfg.seed)
     if cfg.distill.linear_skip and fit:
-        linear, _ = fit_linear_preview(teacher, cfg.data, progress=False)
+        linear, _ = fit_linear_preview(teacher, cfg.data, limit=cfg.distill.fit_images, progress=False)
         decoder = model.decoder
         with torch.no_grad():
             decoder.skip_weight.copy_(linear.decoder.conv_out.weight)

@@ -191,7 +191,7 @@ def _fit_linear(args: argparse.Namespace) -> None:
     """--linear: fit the linear preview, write RUN/linear_preview.safetensors (a vaekit preview model) and
     RUN/latent_rgb_factors.py (ComfyUI's form), and print the latter."""
     from ..checkpoints import load, save
-    from ..distill import fit_linear_preview
+    from ..distill import LINEAR_FIT_IMAGES, fit_linear_preview
     from ..files import check_output_folder, output_folder, write_atomic
     from ..previews import comfyui_factors
 
@@ -200,7 +200,7 @@ def _fit_linear(args: argparse.Namespace) -> None:
     out = Path(args.out)
     check_output_folder(out, "--out")
     teacher = load(args.teacher)
-    linear, images = fit_linear_preview(teacher, args.data)
+    linear, images = fit_linear_preview(teacher, args.data, limit=getattr(args, "fit_images", LINEAR_FIT_IMAGES))
     text = comfyui_factors(linear) + "\n"
     with output_folder(out, "vaekit distill --linear"):
         save(linear, out / "linear_preview.safetensors", format="single-file")
