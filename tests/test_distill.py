@@ -86,7 +86,7 @@ def test_cli_linear_writes_comfyui_factors_and_a_preview_model(teacher_path: Pat
 
 def config(teacher: Path, out: Path, **changes) -> vaekit.train.TrainConfig:
     settings = dict(data="samples", out=str(out), seconds=None, steps=6, batch_size=2, resolution=32, val_resolution=32,
-                    sample_every=0, save_every=3, keep_checkpoints=5, warmup=2, distill=DistillConfig(teacher=str(teacher)))  # fmt: skip
+                    sample_every=0, save_every=3, keep_checkpoints=5, warmup=2, distill=DistillConfig(teacher=str(teacher), fit_images=4))  # fmt: skip
     settings.update(changes)
     return dataclasses.replace(DISTILL_CPU, **settings)
 
@@ -94,7 +94,7 @@ def config(teacher: Path, out: Path, **changes) -> vaekit.train.TrainConfig:
 def test_the_student_starts_as_the_fitted_linear_preview(teacher_path: Path, tmp_path: Path):
     teacher = vaekit.load(teacher_path)
     student = build_model(config(teacher_path, tmp_path / "run"), teacher).eval()
-    linear, _ = fit_linear_preview(teacher, "samples", progress=False)
+    linear, _ = fit_linear_preview(teacher, "samples", limit=4, progress=False)
     assert student.config.linear_skip and student.config.teacher == teacher_name(teacher)
     assert sum(p.numel() for p in student.decoder.parameters()) < 1.5e6  # an 8x preview decoder: at most 1.5M parameters
     with torch.no_grad():
@@ -123,7 +123,7 @@ def test_distill_resumes_bit_for_bit_and_scores_itself_against_the_linear_previe
 
 def test_cli_distill_trains_resumes_and_no_linear_skip_is_taesds_network(teacher_path: Path, tmp_path: Path, capsys):
     run = tmp_path / "run"
-    args = ["--steps", "2", "--batch-size", "2", "--resolution", "32", "--val-resolution", "32", "--sample-every", "0"]
+    args = ["--steps", "2", "--fit-images", "2", "--batch-size", "2", "--resolution", "32", "--val-resolution", "32", "--sample-every", "0"]
     assert main(["distill", str(teacher_path), "samples", "--out", str(run), *args]) == 0
     printed = capsys.readouterr().out
     assert "against the teacher's decode" in printed and "fitted linear preview" in printed
@@ -136,15 +136,20 @@ def test_cli_distill_trains_resumes_and_no_linear_skip_is_taesds_network(teacher
 
 
 def test_a_short_distillation_draws_the_teacher_closer_than_the_linear_preview_it_started_from(tmp_path: Path):
-    """The quality test on a tiny teacher: the quickstart's recipe for 60 steps on 32-pixel crops (a thumbnail coder with
-    detail, as the quickstart's model is), then 40 distillation steps. The student starts as the fitted linear preview
-    (validation at step 0), so its gain is what the network added, on the held-out photos it never saw."""
-    teacher = train(dataclasses.replace(QUICKSTART, out=str(tmp_path / "teacher"), seconds=None, steps=60, resolution=32,
-                                        batch_size=8, val_resolution=32, sample_every=0, save_every=0), progress=False)  # fmt: skip
-    result = train(config(teacher.model, tmp_path / "student", steps=40, batch_size=8, val_resolution=64, save_every=0), progress=False)
+    """The quality test on a tiny teacher: `tiny-fast-f8c4` (LDM's blocks without attention, no thumbnail in its latents)
+    trained 60 steps on 32-pixel crops, then 40 steps of a decoder-only distillation on 64-pixel crops. The student starts
+    as the fitted linear preview (validation at step 0), so its gain is what the network added, on held-out images it
+    never saw. Measured here (AMD EPYC): photos 24.65 -> 26.84 dB, saturated colours 24.64 -> 26.63 dB, native crops
+    26.42 -> 25.81 dB (a 60-step teacher's detail at 256 pixels is beyond 40 steps on 64-pixel crops)."""
+    teacher = train(dataclasses.replace(QUICKSTART, out=str(tmp_path / "teacher"), preset="tiny-fast-f8c4", seconds=None,
+                                        steps=60, resolution=32, batch_size=8, val_resolution=32, sample_every=0,
+                                        save_every=0), progress=False)  # fmt: skip
+    with pytest.warns(UserWarning, match="RMS"):  # its latents are not calibrated: the run says so, and still learns
+        result = train(config(teacher.model, tmp_path / "student", steps=40, batch_size=8, resolution=64, val_resolution=64,
+                              save_every=0, decoder_only=True), progress=False)  # fmt: skip
     start, end = result.metrics["initial"], result.metrics["final"]
-    photos = result.metrics["against_teacher"]["photos"]
-    assert abs(start["psnr_teacher"] - photos["linear"]["psnr_teacher"]) < 0.05  # the start is that preview, on the same photos
+    scores = result.metrics["against_teacher"]
+    assert abs(start["psnr_teacher"] - scores["photos"]["linear"]["psnr_teacher"]) < 0.05  # the start is that preview
     assert end["psnr_teacher"] > start["psnr_teacher"] + 1.0, (start["psnr_teacher"], end["psnr_teacher"])
-    assert photos["psnr_teacher"] > photos["linear"]["psnr_teacher"] + 1.0, photos
-    assert photos["colour_shift"] < 4
+    for kind in ("photos", "synthetic"):
+        assert scores[kind]["psnr_teacher"] > scores[kind]["linear"]["psnr_teacher"] + 1.0, (kind, scores[kind])
