@@ -112,13 +112,16 @@ class AutoencoderConfig:
     # midblock_gn: taef2's GroupNorm branch in the blocks at latent resolution (taesd.py's `use_midblock_gn`);
     # decoder_only: no encoder (a released decoder file alone, every linear preview): `encode` refuses;
     # linear: the linear preview (ComfyUI's latent_rgb_factors and _bias): a 1x1 conv at latent resolution, bilinearly
-    #   upsampled; its block_channels are out_channels per level (no features: the levels fix the factor, as everywhere).
+    #   upsampled; its block_channels are out_channels per level (no features: the levels fix the factor, as everywhere);
+    # linear_skip: a tiny decoder plus a linear preview beside it (`vaekit distill`'s default: it starts from the fitted
+    #   linear preview and learns what that misses); vaekit's files only, not taesd.py's or AutoencoderTiny's.
     teacher: str = ""
     teacher_normalisation: str = ""
     latent_patches: bool = False
     midblock_gn: bool = False
     decoder_only: bool = False
     linear: bool = False
+    linear_skip: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_channels", tuple(int(c) for c in self.block_channels))
@@ -171,8 +174,9 @@ class AutoencoderConfig:
                              "(downsample_levels None)")  # fmt: skip
         if self.arch == "taesd":
             self._check_taesd()
-        elif any((self.teacher, self.teacher_normalisation, self.latent_patches, self.midblock_gn, self.decoder_only, self.linear)):
-            raise ValueError("teacher, teacher_normalisation, latent_patches, midblock_gn, decoder_only and linear are options of "
+        elif any((self.teacher, self.teacher_normalisation, self.latent_patches, self.midblock_gn, self.decoder_only, self.linear,
+                  self.linear_skip)):
+            raise ValueError("teacher, teacher_normalisation, latent_patches, midblock_gn, decoder_only, linear and linear_skip are options of "
                              "the taesd architecture (preview models)")  # fmt: skip
         if self.image_convs and self.arch != "wan22":
             raise ValueError("image_convs is an option of the wan22 architecture (Qwen-Image 2.1's 2D weights)")
@@ -246,6 +250,8 @@ class AutoencoderConfig:
         if self.linear and not (self.decoder_only and not self.midblock_gn and self.block_channels[0] == self.out_channels):
             raise ValueError(f"a linear preview is decoder_only, has no midblock_gn, and its block_channels are its out_channels "
                              f"({self.out_channels}) at every level")  # fmt: skip
+        if self.linear and self.linear_skip:
+            raise ValueError("linear_skip adds a linear preview to a tiny decoder; a linear preview (linear) has none to add")
 
     @property
     def factor(self) -> int:
@@ -323,7 +329,7 @@ class AutoencoderConfig:
 # AutoencoderConfig fields that to_dict leaves out at their defaults (see there).
 LATER_OPTIONS = ("decoder_block_channels", "block_types", "encoder_layers", "decoder_layers", "decoder_norms", "resample",
                  "attention_head_dim", "attention_scales", "image_convs", "teacher", "teacher_normalisation", "latent_patches",
-                 "midblock_gn", "decoder_only", "linear")  # fmt: skip
+                 "midblock_gn", "decoder_only", "linear", "linear_skip")  # fmt: skip
 
 
 def check_fields(cls: type, d: dict[str, Any], what: str) -> None:
@@ -589,9 +595,11 @@ def same_latents(a: str, b: str) -> bool:
 
 
 def preview_config(teacher: AutoencoderConfig, teacher_name: str | None = None, decoder_only: bool = False,
-                   linear: bool = False, width: int = 64, blocks: int = 3, midblock_gn: bool | None = None) -> AutoencoderConfig:  # fmt: skip
+                   linear: bool = False, width: int = 64, blocks: int = 3, midblock_gn: bool | None = None,
+                   linear_skip: bool = False) -> AutoencoderConfig:  # fmt: skip
     """The preview model (arch "taesd") of `teacher`'s latent space: madebyollin's tiny autoencoder (`width` channels,
-    `blocks` blocks per level: 1.2M parameters a half at 8x) or, with `linear`, the linear preview; its latents are what
+    `blocks` blocks per level: 1.2M parameters a half at 8x; `linear_skip`: with a linear preview beside its decoder)
+    or, with `linear`, the linear preview; its latents are what
     `teacher.to_latent` gives (FLUX.2: 128 channels at 16x, unpacked inside), its images the teacher's (RGBA too).
     `teacher_name`: whose latents they are (default the teacher's family; `vaekit.previews.teacher_name` names a
     model without one by its weights). `midblock_gn`: taef2's GroupNorm branch, by default for FLUX.2's patches."""
@@ -607,7 +615,7 @@ def preview_config(teacher: AutoencoderConfig, teacher_name: str | None = None, 
         block_channels=(teacher.out_channels if linear else width,) * network_factor.bit_length(), layers_per_block=blocks,
         latent_channels=channels, use_quant_conv=False, use_post_quant_conv=False, mid_attention=False, latent_patches=patches,
         midblock_gn=not linear and (patches if midblock_gn is None else midblock_gn), decoder_only=decoder_only or linear,
-        linear=linear,
+        linear=linear, linear_skip=linear_skip,
     )  # fmt: skip
     return speaking(config, teacher, teacher_name)
 

@@ -36,13 +36,13 @@ def teacher_name(teacher: Autoencoder | AutoencoderConfig) -> str:
 
 
 def preview_model(teacher: Autoencoder | AutoencoderConfig, decoder_only: bool = False, linear: bool = False, width: int = 64,
-                  blocks: int = 3, midblock_gn: bool | None = None, seed: int = 0) -> Autoencoder:  # fmt: skip
+                  blocks: int = 3, midblock_gn: bool | None = None, linear_skip: bool = False, seed: int = 0) -> Autoencoder:  # fmt: skip
     """A preview model of `teacher`'s latent space with random weights (seeded), in eval mode: madebyollin's tiny
     autoencoder by default, `decoder_only` without its encoder, or the `linear` preview (all zero: fit it). The
     options are `vaekit.config.preview_config`'s."""
     config = teacher if isinstance(teacher, AutoencoderConfig) else teacher.config
     config = preview_config(config, teacher_name(teacher), decoder_only=decoder_only, linear=linear, width=width, blocks=blocks,
-                            midblock_gn=midblock_gn)  # fmt: skip
+                            midblock_gn=midblock_gn, linear_skip=linear_skip)  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Autoencoder(config)

@@ -33,6 +33,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -43,13 +44,16 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoints import load
-from .config import AutoencoderConfig, check_fields, preset
+from .config import AutoencoderConfig, check_fields, preset, preview_refusal
 from .data import CropDataset, TrainingData, held_out_sets, to_tensor, to_uint8, training_data, write_image
+from .distill import DistillConfig, DistillForward, fit_linear_preview, held_out_against_teacher
 from .evaluate import ALPHA_METRICS, against_thumbnail, alpha_scores
 from .files import check_output_folder, mark_output_folder, write_atomic
 from .losses import AutoencoderLoss, LossConfig, downsample, gan_weight_from_grads, scale_factors
 from .metrics import psnr, ssim
 from .model import ARCHITECTURES, Autoencoder
+from .latents import weights_hash
+from .previews import preview_model
 from .progress import progress as progress_bar
 
 
@@ -131,6 +135,8 @@ class TrainConfig:
                                "stop (with a checkpoint) when more than N steps in a row had non-finite loss or gradients"})
     resume: bool = field(default=False, metadata={"group": "run", "help":
                          "continue RUN from its last checkpoint (starts fresh if it has none)"})
+    # A distillation (`vaekit distill`): a preview autoencoder trained on a teacher's latent space.
+    distill: DistillConfig | None = None
 
     def __post_init__(self) -> None:
         self.betas, self.disc_betas = tuple(self.betas), tuple(self.disc_betas)
@@ -146,6 +152,8 @@ class TrainConfig:
         d = dict(d)
         if isinstance(d.get("loss"), dict):
             d["loss"] = LossConfig(**d["loss"])
+        if isinstance(d.get("distill"), dict):
+            d["distill"] = DistillConfig(**d["distill"])
         return cls(**d)
 
 
@@ -169,6 +177,15 @@ QUICKSTART = TrainConfig(
     save_every=200,
     val_resolution=256,
 )
+
+
+# `vaekit distill`'s recipes: a preview of a teacher's latent space. On a CPU, minutes on small crops (the student is
+# 64 channels wide, so 64-pixel crops already show it whole textures); on a GPU, hours on larger crops with LPIPS.
+DISTILL_CPU = dataclasses.replace(QUICKSTART, out="", data="", seconds=300, preset="", val_resolution=256,
+                                  loss=LossConfig(pixel="l1", kl_weight=0.0), distill=DistillConfig())  # fmt: skip
+DISTILL_GPU = dataclasses.replace(DISTILL_CPU, seconds=None, steps=100_000, resolution=256, batch_size=16, lr=2e-4,
+                                  warmup=1000, ema_decay=0.999, sample_every=2000, save_every=2000,
+                                  loss=LossConfig(pixel="l1", kl_weight=0.0, lpips_weight=1.0))  # fmt: skip
 
 
 @dataclass
@@ -208,7 +225,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 
     # ---- model, EMA, loss, optimizers (identical on every rank: seeded the same) ----
     _seed_everything(cfg.seed)
-    nets = build_networks(cfg, procs.device)
+    nets = build_networks(cfg, procs.device, fresh=saved is None)
 
     # ---- data (after the loss, so a missing LPIPS backbone fails before any image is read) ----
     data, workers = _training_data(cfg, procs, alpha=nets.model.config.rgba)
@@ -225,7 +242,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     eval_seconds = 0.0  # what a validation takes, so a time budget keeps time for the final one
     if procs.master and data.val and state.step == 0:
         t = time.time()
-        state.initial_metrics = validate(nets.ema, data, procs.device, run / "samples" / "step_0000000.png", writer, 0)
+        state.initial_metrics = validate(nets.ema, data, procs.device, run / "samples" / "step_0000000.png", writer, 0, nets.teacher)
         eval_seconds = time.time() - t
     budget = None  # a time budget calibrates the step count from measured speed and keeps fitting it
     if cfg.seconds:
@@ -282,7 +299,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 break
             mid_run = state.step < state.schedule.total  # the last step's validation and checkpoint come after the loop
             if procs.master and data.val and cfg.sample_every and state.step % cfg.sample_every == 0 and mid_run:
-                validate(nets.ema, data, procs.device, run / "samples" / f"step_{state.step:07d}.png", writer, state.step)
+                validate(nets.ema, data, procs.device, run / "samples" / f"step_{state.step:07d}.png", writer, state.step, nets.teacher)
             if cfg.save_every and state.step % cfg.save_every == 0 and mid_run:
                 checkpoint(run, state, nets, cfg, procs)
             if stop_now or late:
@@ -301,7 +318,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         raise KeyboardInterrupt(f"saved {path}; continue with --resume")
     metrics: dict[str, Any] = {"initial": state.initial_metrics} if state.initial_metrics else {}
     if procs.master:
-        metrics.update(_final_model(nets.ema, data, cfg, procs.device, run, writer, state.step))
+        metrics.update(_final_model(nets.ema, data, cfg, procs.device, run, writer, state.step, nets.teacher))
         metrics.update(step=state.step, start_step=start_step, steps=state.schedule.total, init=cfg.init,
                        skipped_steps=state.skipped_steps, stopped=stopped or "done", seconds=round(time.time() - started, 1),
                        val_resolution=cfg.val_resolution, unreadable=sorted(state.unreadable), data=data.description)  # fmt: skip
@@ -372,6 +389,7 @@ class Networks:
     disc_opt: torch.optim.Optimizer | None
     disc_lr: float  # the discriminator's peak learning rate
     forward: nn.Module | None = None  # the training forward, DDP's wrapper under torchrun (see _distribute)
+    teacher: Autoencoder | None = None  # a distillation's frozen teacher
     se_factors: list[int] = field(default_factory=list)  # scale equivariance's downsampling factors, if it is on
 
     @property
@@ -460,10 +478,12 @@ def _checkpoint_to_resume(run: Path, resume: bool, master: bool) -> Path | None:
     return path
 
 
-def build_networks(cfg: TrainConfig, device: torch.device) -> Networks:
+def build_networks(cfg: TrainConfig, device: torch.device, fresh: bool = True) -> Networks:
     """The model (see build_model), its EMA, the loss and the optimizers: identical on every rank when the
-    global RNG is seeded alike. The crop sides are checked against the model before anything is written."""
-    model = build_model(cfg).to(device).train()
+    global RNG is seeded alike. The crop sides are checked against the model before anything is written.
+    `fresh`: no checkpoint will replace the weights (a resumed distillation skips fitting its linear skip)."""
+    teacher = load(cfg.distill.teacher, dtype=torch.float32).to(device).eval().requires_grad_(False) if cfg.distill else None
+    model = build_model(cfg, teacher, fit=fresh).to(device).train()
     for name in ("resolution", "val_resolution"):
         side, model_factor = getattr(cfg, name), model.factor
         if side % model_factor:
@@ -472,7 +492,7 @@ def build_networks(cfg: TrainConfig, device: torch.device) -> Networks:
                              + " or ".join(str(s) for s in dict.fromkeys([max(model_factor, below), below + model_factor])))  # fmt: skip
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     if cfg.decoder_only:
-        for part in (model.encoder, model.quant_conv):
+        for part in (model.encoder, getattr(model, "quant_conv", None)):
             if part is not None:
                 part.requires_grad_(False)
     crit = AutoencoderLoss(cfg.loss, kind=model.config.kind, channels=model.config.in_channels).to(device)
@@ -481,7 +501,7 @@ def build_networks(cfg: TrainConfig, device: torch.device) -> Networks:
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     disc_lr = cfg.disc_lr or cfg.lr
     disc_opt = torch.optim.Adam(disc.parameters(), lr=disc_lr, betas=cfg.disc_betas) if disc is not None else None  # LDM's
-    return Networks(model, ema, crit, disc, params, opt, disc_opt, disc_lr)
+    return Networks(model, ema, crit, disc, params, opt, disc_opt, disc_lr, teacher=teacher)
 
 
 def _training_data(cfg: TrainConfig, procs: Processes, alpha: bool) -> tuple[TrainingData, int]:
@@ -527,6 +547,8 @@ def _distribute(nets: Networks, cfg: TrainConfig, procs: Processes) -> None:
     Scale equivariance decodes a second, downsampled latent: one module runs both decodes, so DDP syncs both."""
     nets.se_factors = scale_factors(cfg.resolution // nets.model.factor) if cfg.loss.scale_equivariance > 0 else []
     nets.forward = _ScaleEquivariantForward(nets.model) if nets.se_factors else nets.model
+    if nets.teacher is not None:
+        nets.forward = DistillForward(nets.model, nets.teacher, cfg.distill)
     if procs.distributed:
         ids = [procs.device.index] if procs.device.type == "cuda" else None
         nets.forward = nn.parallel.DistributedDataParallel(nets.forward, device_ids=ids)
@@ -580,8 +602,11 @@ def micro_steps(batches: Iterator, nets: Networks, cfg: TrainConfig, procs: Proc
         # Posterior noise keyed by the sample's place in the step: accumulation = a larger batch.
         noise = [_generator(cfg.seed, procs.rank, step, micro * cfg.batch_size + i, procs.device) for i in range(len(x))]
         with _maybe_no_sync(nets.forward, micro != last):
+            latent_loss = None
             with procs.autocast:
-                if nets.se_factors:  # 2x and 4x in turn, by step: a resumed run continues the same sequence
+                if nets.teacher is not None:  # the student decodes the teacher's latents; x becomes what it must draw
+                    (recon, x, latent_loss), posterior, se = nets.forward(x), None, None
+                elif nets.se_factors:  # 2x and 4x in turn, by step: a resumed run continues the same sequence
                     recon, posterior, se = nets.forward(x, noise, nets.se_factors[step % len(nets.se_factors)])
                 else:
                     (recon, posterior), se = nets.forward(x, sample_posterior=True, generator=noise), None
@@ -591,6 +616,9 @@ def micro_steps(batches: Iterator, nets: Networks, cfg: TrainConfig, procs: Proc
                 g_grads = [_sum(a, b) for a, b in zip(g_grads, grads)] if g_grads else list(grads)
             else:
                 loss, logs = crit(x, recon.float(), posterior, step, last_layer=nets.last_layer, se=se)
+            if latent_loss is not None:
+                loss = loss + cfg.distill.latent_weight * latent_loss
+                logs["latent_mse"] = latent_loss.detach()
             (loss / cfg.grad_accum).backward()
         if gan:
             with _maybe_no_sync(crit.discriminator, micro != last):
@@ -655,21 +683,30 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -
 
 
 def _final_model(ema: Autoencoder, data: TrainingData, cfg: TrainConfig, device: torch.device, run: Path, writer: Any,
-                 step: int) -> dict[str, Any]:  # fmt: skip
-    """Save RUN/model, the EMA weights, and return their metrics (metrics.json's "latent_bn" and "final")."""
+                 step: int, teacher: Autoencoder | None = None) -> dict[str, Any]:  # fmt: skip
+    """Save RUN/model, the EMA weights, and return their metrics (metrics.json's "latent_bn" and "final"; a
+    distillation's "against_teacher")."""
     metrics = {}
     if ema.config.latent_norm == "patch_bn" and not cfg.decoder_only:  # FLUX.2's layout: its normalisation is data
         metrics["latent_bn"] = fit_latent_bn(ema, data, cfg.batch_size, cfg.seed, device)
     path = _model_path(run, ema.config)
     ema.save(str(path), format="single-file" if path.suffix == ".safetensors" else "diffusers")
     if data.val:
-        metrics["final"] = validate(ema, data, device, run / "samples" / f"step_{step:07d}.png", writer, step)
+        metrics["final"] = validate(ema, data, device, run / "samples" / f"step_{step:07d}.png", writer, step, teacher)
+    if teacher is not None:  # a preview, scored as docs/PREVIEWS.md scores one: beside the linear preview fitted on DATA
+        with warnings.catch_warnings():  # said once, at the start
+            warnings.simplefilter("ignore")
+            linear, _ = fit_linear_preview(teacher, cfg.data, limit=cfg.distill.fit_images, progress=False)
+        metrics["against_teacher"] = held_out_against_teacher(ema, teacher, linear.to(device), cfg.val_resolution)
     return metrics
 
 
 def _model_path(run: Path, config: AutoencoderConfig) -> Path:
-    """RUN/model, a diffusers folder; RUN/model.safetensors for an architecture diffusers has no class for."""
-    return run / ("model" if ARCHITECTURES[config.arch].layout.DIFFUSERS_CLASSES else "model.safetensors")
+    """RUN/model, a diffusers folder; RUN/model.safetensors for an architecture diffusers has no class for (Hunyuan
+    Image 3.0's) and a preview its AutoencoderTiny cannot load (a linear skip, taef2's branch)."""
+    layout = ARCHITECTURES[config.arch].layout
+    folder = layout.DIFFUSERS_CLASSES and (config.arch != "taesd" or layout.diffusers_can_load(config))
+    return run / ("model" if folder else "model.safetensors")
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -680,12 +717,15 @@ def _write_json(path: Path, value: Any) -> None:
 # ---- the model, the schedule, validation, and small helpers ---------------------------------
 
 
-def build_model(cfg: TrainConfig) -> Autoencoder:
-    """The model to train: a checkpoint (--init), a JSON config, or a preset with --kind/--latent-channels.
+def build_model(cfg: TrainConfig, teacher: Autoencoder | None = None, fit: bool = True) -> Autoencoder:
+    """The model to train: a checkpoint (--init), a JSON config, or a preset with --kind/--latent-channels; for a
+    distillation, a preview of `teacher`'s latent space (`_student`; `fit`: fit its linear skip, as a fresh run does).
 
     A model trained from scratch is nobody's published family, so its `family` is cleared and its
     latent normalisation reset to identity (measure it with `vaekit analyze`; a FLUX.2-layout model
     fits its BatchNorm at the end); --init keeps the checkpoint's, and a --config file is taken as written."""
+    if teacher is not None:
+        return _student(cfg, teacher, fit)
     if cfg.init:
         if cfg.kind or cfg.latent_channels or cfg.config:
             raise ValueError("--init takes the architecture from the checkpoint; leave out --kind, --latent-channels and --config")
@@ -701,6 +741,30 @@ def build_model(cfg: TrainConfig) -> Autoencoder:
     if cfg.latent_channels:
         config = config.replace(latent_channels=cfg.latent_channels)
     return Autoencoder(config)
+
+
+
+def _student(cfg: TrainConfig, teacher: Autoencoder, fit: bool) -> Autoencoder:
+    """A distillation's model: --init's preview (it must speak `teacher`'s latents), or taesd's network for
+    `teacher`'s space with, by default, a linear skip set to the linear preview fitted on the training images and the
+    network's last convolution zeroed, so training starts from that preview and learns what it misses."""
+    if cfg.init:
+        model = load(cfg.init, dtype=torch.float32)
+        refusal = preview_refusal(model.config, teacher.config, weights_hash(teacher)) if model.config.arch == "taesd" else (
+            f"a {model.config.arch} model is not a preview (vaekit distill trains tiny autoencoders)")  # fmt: skip
+        if refusal:
+            raise ValueError(f"--init {cfg.init}: {refusal}")
+        return model
+    model = preview_model(teacher, decoder_only=cfg.decoder_only, linear_skip=cfg.distill.linear_skip, seed=cfg.seed)
+    if cfg.distill.linear_skip and fit:
+        linear, _ = fit_linear_preview(teacher, cfg.data, limit=cfg.distill.fit_images, progress=False)
+        decoder = model.decoder
+        with torch.no_grad():
+            decoder.skip_weight.copy_(linear.decoder.conv_out.weight)
+            decoder.skip_bias.copy_(linear.decoder.conv_out.bias)
+            decoder.conv_out.weight.zero_()
+            decoder.conv_out.bias.zero_()
+    return model.train()
 
 
 @dataclass(frozen=True)
@@ -832,17 +896,25 @@ def fit_latent_bn(model: Autoencoder, data: TrainingData, batch_size: int, seed:
 
 @torch.no_grad()
 def validate(model: Autoencoder, data: TrainingData, device: torch.device, grid: Path | None = None,
-             writer: Any = None, step: int = 0, batch_size: int = 8) -> dict[str, Any]:  # fmt: skip
+             writer: Any = None, step: int = 0, teacher: Autoencoder | None = None, batch_size: int = 8) -> dict[str, Any]:  # fmt: skip
     """PSNR/SSIM (vaekit.metrics, on uint8) of the posterior-mode reconstructions of the validation
     images; writes a grid of the first 8 (originals above, reconstructions below). RGBA images are scored as
     `vaekit eval` scores them: PSNR/SSIM of R, G, B, and the alpha channel's alpha_psnr and alpha_mae; their
-    grid is an RGBA PNG."""
+    grid is an RGBA PNG.
+
+    A distillation's student (a preview) decodes the `teacher`'s latents instead, and is scored against the
+    teacher's decode too (`psnr_teacher`, `ssim_teacher`: what a preview is for)."""
     names = [n for n, _ in data.val]
     originals = np.stack([im for _, im in data.val])
-    recons = []
+    recons, drawn = [], []
     for i in range(0, len(originals), batch_size):
         x = torch.cat([to_tensor(im) for im in originals[i : i + batch_size]]).to(device)
-        recons.append(to_uint8(model(x)[0]))
+        if teacher is None:
+            recons.append(to_uint8(model(x)[0]))
+        else:
+            z = teacher.to_latent(x)
+            recons.append(to_uint8(model.decode(z)))
+            drawn.append(to_uint8(teacher.from_latent(z)))
     recons = np.concatenate(recons)
     p, s = psnr(recons[..., :3], originals[..., :3]), ssim(recons[..., :3], originals[..., :3])
     per_image = [{"name": n, "psnr": float(a), "ssim": float(b)} for n, a, b in zip(names, p, s)]
@@ -853,6 +925,12 @@ def validate(model: Autoencoder, data: TrainingData, device: torch.device, grid:
     result = {"psnr": float(p.mean()), "ssim": float(s.mean()), "n": len(names), "per_image": per_image}
     for name in ALPHA_METRICS if originals.shape[-1] == 4 else ():
         result[name] = float(np.mean([row[name] for row in per_image]))
+    if drawn:
+        drawn = np.concatenate(drawn)
+        result.update(psnr_teacher=float(psnr(recons[..., :3], drawn[..., :3]).mean()),
+                      ssim_teacher=float(ssim(recons[..., :3], drawn[..., :3]).mean()))  # fmt: skip
+        if writer is not None:
+            writer.add_scalar("val/psnr_teacher", result["psnr_teacher"], step)
     if grid is not None:
         write_image(grid, np.concatenate([np.concatenate(list(originals[:8]), 1), np.concatenate(list(recons[:8]), 1)], 0))
     if writer is not None:

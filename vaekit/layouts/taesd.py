@@ -8,7 +8,9 @@
 - diffusers' `AutoencoderTiny` (`encoder.layers.N`, `decoder.layers.N`: EncoderTiny's indices are taesd's, DecoderTiny's
   one less, its clamp being in `forward`), as a folder and as one file (FLUX.2's `taef2.safetensors` has these names,
   with taef2's GroupNorm branch, `pool`, which the class has not);
-- the linear preview: `latent_rgb_factors` (latent channels x 3, ComfyUI's rows) and `latent_rgb_factors_bias`.
+- the linear preview: `latent_rgb_factors` (latent channels x 3, ComfyUI's rows) and `latent_rgb_factors_bias`;
+- a decoder with a linear skip (`vaekit distill`'s): its `decoder.skip_weight` / `skip_bias` beside the decoder's names,
+  in vaekit's single file only (taesd.py and AutoencoderTiny have no such path).
 
 The model's own names are the `TAESD` module's (`encoder.1.conv.0.weight`; the linear preview's `decoder.conv_out`).
 Widths, levels, blocks per level, latent channels and the GroupNorm branch come from the tensor shapes, never a file
@@ -37,6 +39,7 @@ NO_WEIGHTS = None
 DIFFUSERS_FRAMES = False
 
 LINEAR_KEYS = ("latent_rgb_factors", "latent_rgb_factors_bias")
+SKIP_KEYS = ("decoder.skip_weight", "decoder.skip_bias")  # the same names in every form (vaekit's files only)
 _KEY = re.compile(r"(?:(encoder|decoder)\.)?(layers\.)?(\d+)\.(weight|bias|conv\.[024]\.(?:weight|bias)|pool\.[013]\.(?:weight|bias))")
 _PAIR = re.compile(r"(.+)_(encoder|decoder)\.(safetensors|pth)")
 
@@ -48,6 +51,7 @@ def recognise(keys: Iterable[str]) -> str | None:
     keys = list(keys)
     if sorted(keys) == sorted(LINEAR_KEYS):
         return "linear preview (ComfyUI's latent_rgb_factors)"
+    keys = [k for k in keys if k not in SKIP_KEYS]
     matches = [_KEY.fullmatch(k) for k in keys]
     if not keys or not all(matches):
         return None
@@ -83,8 +87,10 @@ def to_native(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 def to_diffusers(tensors: dict[str, Tensor], config: AutoencoderConfig) -> dict[str, Tensor]:
     if config.linear:
         return to_single_file(tensors, config)
-    out = {}
+    out = {k: t for k, t in tensors.items() if k in SKIP_KEYS}
     for key, t in tensors.items():
+        if key in SKIP_KEYS:
+            continue
         half, index, rest = key.split(".", 2)
         out[f"{half}.layers.{int(index) - 1 if half == 'decoder' else index}.{rest}"] = t
     return out
@@ -101,8 +107,9 @@ def to_single_file(tensors: dict[str, Tensor], config: AutoencoderConfig) -> dic
 def to_pair(tensors: dict[str, Tensor], config: AutoencoderConfig) -> dict[str, tuple[dict[str, Tensor], AutoencoderConfig]]:
     """The released pair's halves: {"encoder": (its bare keys, the model that file alone makes), "decoder": ...}; the
     decoder's file alone is a decoder-only model, and its config says so."""
-    if config.linear:
-        raise ValueError("a linear preview is one file: write it with format='single-file'")
+    if config.linear or config.linear_skip:
+        raise ValueError(f"a {'linear preview' if config.linear else 'preview with a linear skip'} is not taesd.py's pair of "
+                         "files: write it with format='single-file'")  # fmt: skip
     halves = ("decoder",) if config.decoder_only else ("encoder", "decoder")
     return {half: ({k.split(".", 1)[1]: t for k, t in tensors.items() if k.startswith(f"{half}.")},
                    config if half == "encoder" else config.replace(decoder_only=True)) for half in halves}  # fmt: skip
@@ -136,8 +143,8 @@ def split_files(path: Path) -> list[Path] | None:
 
 
 def diffusers_can_load(config: AutoencoderConfig) -> bool:
-    """AutoencoderTiny has no GroupNorm branch, no latent patches, no decoder-only or linear form."""
-    return not (config.midblock_gn or config.latent_patches or config.decoder_only or config.linear)
+    """AutoencoderTiny has no GroupNorm branch, no latent patches, no decoder-only, linear or linear-skip form."""
+    return not (config.midblock_gn or config.latent_patches or config.decoder_only or config.linear or config.linear_skip)
 
 
 def diffusers_config(c: AutoencoderConfig) -> dict[str, Any]:
@@ -203,7 +210,7 @@ def config_from_tensors(t: dict[str, Tensor]) -> tuple[AutoencoderConfig, str]:
     config = AutoencoderConfig(
         **common, in_channels=t["encoder.0.weight"].shape[1] if encoder else out, out_channels=out,
         block_channels=(width,) * (len(convs) - 1), layers_per_block=blocks, latent_channels=4 * network if patches else network,
-        latent_patches=patches, midblock_gn=gn, decoder_only=not encoder,
+        latent_patches=patches, midblock_gn=gn, decoder_only=not encoder, linear_skip="decoder.skip_weight" in t,
     )  # fmt: skip
     said = "config inferred from tensor shapes (taesd layout)" + ("; decoder only (no encoder tensors)" if not encoder else "")
     if patches:

@@ -37,6 +37,7 @@ from .hunyuanimage import fold, unfold
 from .ldm import AttnBlock as _LDMAttention
 from .ldm import Level, _norm, _stages
 from .lean import Staged, conv2d
+from .qwenimage import OutStage
 
 
 class Conv(nn.Conv3d):
@@ -252,18 +253,7 @@ class Decoder(Staged):
 
     def body_stages(self) -> list[nn.Module]:
         """The upsampling layers in order (local in space: they tile exactly)."""
-        return [*_stages(self.up), _Out(self.norm_out, self.conv_out)]
+        return [*_stages(self.up), OutStage(self.norm_out, self.conv_out, clamp=False)]
 
     def forward(self, z: Tensor) -> Tensor:
         return self.body(self.head(z))
-
-
-class _Out(nn.Module):
-    """The decoder's last stage, built on the fly (not registered: the names stay decoder.norm_out / conv_out)."""
-
-    def __init__(self, norm: nn.Module, conv: nn.Module):
-        super().__init__()
-        self.norm, self.conv = norm, conv
-
-    def forward(self, h: Tensor) -> Tensor:
-        return self.conv(F.silu(self.norm(h), inplace=not torch.is_grad_enabled()))

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..config import AutoencoderConfig
 from .hunyuanimage import fold, unfold
 from .lean import Staged, conv2d
-from .qwenimage import RMSNorm
+from .qwenimage import OutStage, RMSNorm
 
 
 class CausalConv3d(nn.Module):
@@ -207,19 +207,7 @@ class Decoder(Staged):
 
     def body_stages(self) -> list[nn.Module]:
         """The upsampling layers in order, one block at a time (all local: they tile exactly)."""
-        return [*_stages(self.up_blocks, "upsamplers"), _Out(self.norm_out, self.conv_out)]
+        return [*_stages(self.up_blocks, "upsamplers"), OutStage(self.norm_out, self.conv_out, clamp=False)]
 
     def forward(self, z: Tensor) -> Tensor:
         return self.body(self.head(z))
-
-
-class _Out(nn.Module):
-    """The decoder's last stage, built on the fly (not registered: the names stay decoder.norm_out / conv_out)."""
-
-    def __init__(self, norm: nn.Module, conv: nn.Module):
-        super().__init__()
-        self.norm, self.conv = norm, conv
-
-    def forward(self, h: Tensor) -> Tensor:
-        return self.conv(F.silu(self.norm(h)))
-

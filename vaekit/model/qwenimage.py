@@ -185,22 +185,24 @@ class Decoder(Staged):
         stages: list[nn.Module] = []
         for block in self.up_blocks:
             stages += [*block.resnets, *(block.upsamplers or [])]
-        return [*stages, _Out(self.norm_out, self.conv_out)]
+        return [*stages, OutStage(self.norm_out, self.conv_out)]
 
     def forward(self, z: Tensor) -> Tensor:
         return self.body(self.head(z))
 
 
-class _Out(nn.Module):
-    """The decoder's last stage, built on the fly (the decoder does not register it, so the names stay
-    `decoder.norm_out` / `decoder.conv_out`). Clamped to [-1, 1], as diffusers' AutoencoderKLQwenImage."""
+class OutStage(nn.Module):
+    """A decoder's last stage, conv(SiLU(norm(h))), built on the fly (the decoder does not register it, so the names
+    stay `decoder.norm_out` / `decoder.conv_out`). `clamp`: to [-1, 1], as diffusers' AutoencoderKLQwenImage (Wan's and
+    Qwen-Image's decoders; HunyuanVideo-1.5's and Hunyuan Image 3.0's, which share this stage, do not clamp)."""
 
-    def __init__(self, norm: nn.Module, conv: nn.Module):
+    def __init__(self, norm: nn.Module, conv: nn.Module, clamp: bool = True):
         super().__init__()
-        self.norm, self.conv = norm, conv
+        self.norm, self.conv, self.clamp = norm, conv, clamp
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.conv(F.silu(self.norm(h))).clamp(-1.0, 1.0)
+        out = self.conv(F.silu(self.norm(h), inplace=not torch.is_grad_enabled()))
+        return out.clamp(-1.0, 1.0) if self.clamp else out
 
 
 def quant_convs(cfg: AutoencoderConfig) -> tuple[nn.Module, nn.Module]:

@@ -86,7 +86,8 @@ class TinyEncoder(nn.Sequential):
 
 class TinyDecoder(nn.Sequential):
     """Latent -> image in [-1, 1]: clamp, conv, ReLU, then per level `layers_per_block` blocks, x2 and a conv; a block
-    and a conv at full resolution."""
+    and a conv at full resolution. With `linear_skip`, a linear preview (`skip_weight`, `skip_bias`: parameters, not a
+    layer, so the Sequential's indices stay taesd.py's) is added to the output: the network learns what it misses."""
 
     NOT_TILED = NOT_TILED
 
@@ -99,6 +100,11 @@ class TinyDecoder(nn.Sequential):
         layers += [Block(width), conv(width, cfg.out_channels)]
         super().__init__(*layers)
         self.latent_patches = cfg.latent_patches
+        self.skip_weight = self.skip_bias = None
+        if cfg.linear_skip:
+            self.skip_weight = nn.Parameter(torch.zeros(cfg.out_channels, network_channels(cfg), 1, 1))
+            self.skip_bias = nn.Parameter(torch.zeros(cfg.out_channels))
+            self.upsample = 2 ** (levels - 1)
 
     @property
     def conv_out(self) -> nn.Conv2d:
@@ -107,7 +113,12 @@ class TinyDecoder(nn.Sequential):
 
     def forward(self, z: Tensor) -> Tensor:
         z = F.pixel_shuffle(z, 2) if self.latent_patches else z
-        return super().forward(z).mul(2).sub(1)
+        image = super().forward(z).mul(2)
+        if self.skip_weight is None:
+            return image.sub(1)
+        linear = F.interpolate(F.conv2d(z, self.skip_weight, self.skip_bias), scale_factor=self.upsample, mode="bilinear",
+                               align_corners=False)  # fmt: skip
+        return image + linear
 
 
 class LinearDecoder(nn.Module):

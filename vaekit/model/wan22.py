@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..config import AutoencoderConfig
 from .lean import Staged
-from .qwenimage import MidBlock, Resample, ResidualBlock, RMSNorm, _Out, _temporal, causal_conv, quant_convs
+from .qwenimage import MidBlock, Resample, ResidualBlock, OutStage, RMSNorm, _temporal, causal_conv, quant_convs
 
 __all__ = ["Encoder", "Decoder", "quant_convs"]
 
@@ -130,7 +130,7 @@ class _Patches(nn.Module):
         return patchify(x, self.p)
 
 
-class _OutPatches(_Out):
+class _OutPatches(OutStage):
     """The decoder's last stage: qwenimage's (norm, SiLU, conv, clamp to [-1, 1]), then the patches back to pixels."""
 
     def __init__(self, norm: nn.Module, conv: nn.Module, p: int):
