@@ -20,7 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vaekit import preset
-from vaekit.config import preset_name, preview_config
+from vaekit.config import PRESETS, preset_name, preview_config
 from vaekit.model import Autoencoder
 
 
@@ -56,7 +56,8 @@ def main() -> None:
     for name in args.teachers:
         teacher = preset(name)
         torch.manual_seed(0)
-        models = {f"{name} (teacher)": Autoencoder(teacher).eval(), preset_name(f"tae-{name}"): Autoencoder(preview_config(teacher)).eval(),
+        tiny = preset_name(f"tae-{name}") if f"tae-{name}" in PRESETS else f"tiny ({name}'s space)"  # not every space has a preset
+        models = {f"{name} (teacher)": Autoencoder(teacher).eval(), tiny: Autoencoder(preview_config(teacher)).eval(),
                   "linear preview": Autoencoder(preview_config(teacher, linear=True)).eval()}  # fmt: skip
         for size in args.sizes:
             channels, factor = teacher.normalised_shape
