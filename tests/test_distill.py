@@ -16,7 +16,7 @@ import vaekit
 from vaekit.cli import main
 from vaekit.config import AutoencoderConfig
 from vaekit.data import center_crop, sample_images, to_tensor
-from vaekit.distill import DistillConfig, fit_linear_preview, hand_set_preview
+from vaekit.distill import DistillConfig, DistillForward, LatentCrops, fit_linear_preview, hand_set_preview
 from vaekit.model import Autoencoder
 from vaekit.previews import parse_comfyui_factors, teacher_name
 from vaekit.train import DISTILL_CPU, QUICKSTART, build_model, train
@@ -153,3 +153,44 @@ def test_a_short_distillation_draws_the_teacher_closer_than_the_linear_preview_i
     assert end["psnr_teacher"] > start["psnr_teacher"] + 1.0, (start["psnr_teacher"], end["psnr_teacher"])
     for kind in ("photos", "synthetic"):
         assert scores[kind]["psnr_teacher"] > scores[kind]["linear"]["psnr_teacher"] + 1.0, (kind, scores[kind])
+
+
+@pytest.fixture(scope="module")
+def teacher_latents(teacher_path: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("latents") / "lat"
+    assert main(["encode", str(teacher_path), "samples", str(out), "--resolution", "64"]) == 0
+    return out
+
+
+def test_latent_crops_are_windows_of_the_teachers_normalised_latents(teacher_path: Path, teacher_latents: Path):
+    teacher = vaekit.load(teacher_path)
+    crops_ = LatentCrops(str(teacher_latents), teacher, side=4)
+    whole = crops_.latents[3]["latent"]  # 8x8 at 64 pixels
+    a, _ = crops_[(3, (0, 0, 7))]
+    assert a.shape == (4, 4, 4) and torch.equal(a, crops_[(3, (0, 0, 7))][0])  # the key decides the window
+    assert any(torch.equal(a, whole[:, t : t + 4, l : l + 4]) for t in range(5) for l in range(5))
+    with pytest.raises(ValueError, match="smaller than the 16x16 latent crops --resolution asks for"):
+        LatentCrops(str(teacher_latents), teacher, side=16)[(0, (0,))]
+    other = Autoencoder(TEACHER).eval()  # other weights: its latents are another space
+    with pytest.raises(ValueError, match="does not have the weights that encoded"):
+        LatentCrops(str(teacher_latents), other, side=4)
+
+
+def test_distill_from_latents_resumes_bit_for_bit_and_targets_the_teachers_decode(teacher_path: Path, teacher_latents: Path,
+                                                                                 tmp_path: Path):  # fmt: skip
+    latents = DistillConfig(teacher=str(teacher_path), fit_images=4, latents=str(teacher_latents))
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(config(teacher_path, straight, distill=latents), progress=False)
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(straight / "checkpoints" / "step_0000003.pt", resumed / "checkpoints")
+    train(config(teacher_path, resumed, distill=latents, resume=True), progress=False)
+    a, b = (torch.load(r / "checkpoints" / "step_0000006.pt", weights_only=True) for r in (straight, resumed))
+    assert sum(assert_identical(a[k], b[k], k) for k in ("step", "model", "ema", "optimizer", "rng")) > 50
+    teacher = vaekit.load(teacher_path)
+    student = vaekit.load(straight / "model.safetensors")
+    z = LatentCrops(str(teacher_latents), teacher, side=4)[(0, (1,))][0][None]
+    recon, target, latent_loss = DistillForward(student, teacher, latents)(z)
+    torch.testing.assert_close(target, teacher.from_latent(z).clamp(-1, 1))  # the latents are not encoded again
+    assert recon.shape == target.shape == (1, 3, 32, 32) and latent_loss is not None and latent_loss > 0
+    with pytest.raises(ValueError, match="--target images needs image crops"):
+        DistillConfig(teacher="t", latents="lat", target="images")
