@@ -1,5 +1,6 @@
 """vaekit distill (issue 28): the least-squares linear preview, a tiny autoencoder trained on a teacher's latent space
-(starting from that preview, exactly), exact resume, and a quality test: after a short run the preview draws the
+(starting from that preview, exactly), from images or from the teacher's latent dataset (--latents), exact resume,
+and a quality test: after a short run the preview draws the
 teacher's decode closer than the linear preview it started from."""
 
 import dataclasses
@@ -13,10 +14,11 @@ import torch
 from test_resume import assert_identical
 
 import vaekit
-from vaekit.cli import main
+from vaekit.cli import build_parser, main
+from vaekit.cli.training import _distill_config
 from vaekit.config import AutoencoderConfig
 from vaekit.data import center_crop, sample_images, to_tensor
-from vaekit.distill import DistillConfig, fit_linear_preview, hand_set_preview
+from vaekit.distill import DistillConfig, DistillForward, LatentCrops, fit_linear_preview, hand_set_preview
 from vaekit.model import Autoencoder
 from vaekit.previews import parse_comfyui_factors, teacher_name
 from vaekit.train import DISTILL_CPU, QUICKSTART, build_model, train
@@ -30,6 +32,13 @@ def teacher_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("teacher") / "teacher"
     vaekit.save(Autoencoder(TEACHER).eval(), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def teacher_latents(teacher_path: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("latents") / "lat"
+    assert main(["encode", str(teacher_path), "samples", str(out), "--resolution", "64"]) == 0
+    return out
 
 
 def crops(side: int = 64, n: int = 4) -> list[torch.Tensor]:
@@ -102,37 +111,26 @@ def test_the_student_starts_as_the_fitted_linear_preview(teacher_path: Path, tmp
         torch.testing.assert_close(student.decode(z), linear.decode(z), atol=1e-6, rtol=0)
 
 
-def test_distill_resumes_bit_for_bit_and_scores_itself_against_the_linear_preview(teacher_path: Path, tmp_path: Path):
-    straight = tmp_path / "straight"
-    result = train(config(teacher_path, straight), progress=False)
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copy(straight / "checkpoints" / "step_0000003.pt", resumed / "checkpoints")
-    train(config(teacher_path, resumed, resume=True), progress=False)
-    a, b = (torch.load(r / "checkpoints" / "step_0000006.pt", weights_only=True) for r in (straight, resumed))
-    assert sum(assert_identical(a[k], b[k], k) for k in ("step", "model", "ema", "optimizer", "rng")) > 50
-    assert not any(k.startswith("teacher") for k in a["model"])  # the teacher is not part of the student's state
-    assert result.model == straight / "model.safetensors"
-    preview = vaekit.load(result.model)
-    assert preview.config.linear_skip and preview.config.teacher == teacher_name(vaekit.load(teacher_path))
-    scores = json.loads((straight / "metrics.json").read_text())["against_teacher"]
-    assert set(scores) == {"photos", "crops", "synthetic"}
-    for kind in scores.values():
-        assert kind["n"] > 0 and 0 < kind["psnr_teacher"] <= 60 and kind["linear"]["psnr_teacher"] > 0 and kind["colour_shift"] >= 0
-
-
-def test_cli_distill_trains_resumes_and_no_linear_skip_is_taesds_network(teacher_path: Path, tmp_path: Path, capsys):
+def test_cli_distill_trains_on_latents_resumes_and_no_linear_skip_is_taesds_network(teacher_path: Path, teacher_latents: Path,
+                                                                                    tmp_path: Path, capsys):  # fmt: skip
     run = tmp_path / "run"
     args = ["--steps", "2", "--fit-images", "2", "--batch-size", "2", "--resolution", "32", "--val-resolution", "32", "--sample-every", "0"]
-    assert main(["distill", str(teacher_path), "samples", "--out", str(run), *args]) == 0
+    assert main(["distill", str(teacher_path), "samples", "--out", str(run), "--latents", str(teacher_latents), *args]) == 0
     printed = capsys.readouterr().out
     assert "against the teacher's decode" in printed and "fitted linear preview" in printed
-    assert main(["distill", "--out", str(run), "--resume", "--steps", "3"]) == 0  # TEACHER and DATA from the run's settings
-    assert json.loads((run / "metrics.json").read_text())["step"] == 3
-    plain = tmp_path / "plain"
-    assert main(["distill", str(teacher_path), "samples", "--out", str(plain), "--no-linear-skip", "--decoder-only", *args]) == 0
-    model = vaekit.load(plain / "model.safetensors")  # decoder-only: AutoencoderTiny cannot hold it, so vaekit's file
-    assert not model.config.linear_skip and model.config.decoder_only
+    assert main(["distill", "--out", str(run), "--resume", "--steps", "3"]) == 0  # TEACHER, DATA, --latents: the run's
+    saved = json.loads((run / "config.json").read_text())
+    assert json.loads((run / "metrics.json").read_text())["step"] == 3 and saved["train"]["distill"]["latents"] == str(teacher_latents)
+    assert main(["distill", str(teacher_path), "samples", "--out", str(tmp_path / "x"), "--latents", str(teacher_latents),
+                 "--target", "images", *args]) == 1  # fmt: skip
+    assert "--target images needs image crops" in capsys.readouterr().err
+    parsed = build_parser().parse_args(["distill", str(teacher_path), "samples", "--out", str(tmp_path / "plain"),
+                                        "--no-linear-skip", "--decoder-only", *args])  # fmt: skip
+    cfg = _distill_config(parsed)
+    model = build_model(cfg, vaekit.load(teacher_path))
+    assert not cfg.distill.linear_skip and cfg.decoder_only and cfg.distill.fit_images == 2 and cfg.seconds is None
+    assert not model.config.linear_skip and model.config.decoder_only and not any(k.startswith("encoder") for k in model.state_dict())
+    assert not any("skip" in k for k in model.state_dict())  # taesd's own network: AutoencoderTiny's keys
 
 
 def test_a_short_distillation_draws_the_teacher_closer_than_the_linear_preview_it_started_from(tmp_path: Path):
@@ -153,3 +151,45 @@ def test_a_short_distillation_draws_the_teacher_closer_than_the_linear_preview_i
     assert end["psnr_teacher"] > start["psnr_teacher"] + 1.0, (start["psnr_teacher"], end["psnr_teacher"])
     for kind in ("photos", "synthetic"):
         assert scores[kind]["psnr_teacher"] > scores[kind]["linear"]["psnr_teacher"] + 1.0, (kind, scores[kind])
+
+
+def test_latent_crops_are_windows_of_the_teachers_normalised_latents(teacher_path: Path, teacher_latents: Path):
+    teacher = vaekit.load(teacher_path)
+    crops_ = LatentCrops(str(teacher_latents), teacher, side=4)
+    whole = crops_.latents[3]["latent"]  # 8x8 at 64 pixels
+    a, _ = crops_[(3, (0, 0, 7))]
+    assert a.shape == (4, 4, 4) and torch.equal(a, crops_[(3, (0, 0, 7))][0])  # the key decides the window
+    assert any(torch.equal(a, whole[:, t : t + 4, l : l + 4]) for t in range(5) for l in range(5))
+    with pytest.raises(ValueError, match="smaller than the 16x16 latent crops --resolution asks for"):
+        LatentCrops(str(teacher_latents), teacher, side=16)[(0, (0,))]
+    other = vaekit.load(teacher_path)
+    with torch.no_grad():
+        other.decoder.conv_out.bias.add_(0.01)  # other weights (even the decoder's): another model's latents
+    with pytest.raises(ValueError, match="does not have the weights that encoded"):
+        LatentCrops(str(teacher_latents), other, side=4)
+
+
+def test_distill_from_latents_resumes_bit_for_bit_and_targets_the_teachers_decode(teacher_path: Path, teacher_latents: Path,
+                                                                                 tmp_path: Path):  # fmt: skip
+    latents = DistillConfig(teacher=str(teacher_path), fit_images=4, latents=str(teacher_latents))
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(config(teacher_path, straight, distill=latents), progress=False)
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(straight / "checkpoints" / "step_0000003.pt", resumed / "checkpoints")
+    train(config(teacher_path, resumed, distill=latents, resume=True), progress=False)
+    a, b = (torch.load(r / "checkpoints" / "step_0000006.pt", weights_only=True) for r in (straight, resumed))
+    assert sum(assert_identical(a[k], b[k], k) for k in ("step", "model", "ema", "optimizer", "rng")) > 50
+    assert not any(k.startswith("teacher") for k in a["model"])  # the teacher is not part of the student's state
+    teacher = vaekit.load(teacher_path)
+    student = vaekit.load(straight / "model.safetensors")  # the linear skip: vaekit's single file
+    assert student.config.linear_skip and student.config.teacher == teacher_name(teacher)
+    scores = json.loads((straight / "metrics.json").read_text())["against_teacher"]
+    assert set(scores) == {"photos", "crops", "synthetic"}
+    for kind in scores.values():
+        assert kind["n"] > 0 and 0 < kind["psnr_teacher"] <= 60 and kind["linear"]["psnr_teacher"] > 0 and kind["colour_shift"] >= 0
+    z = LatentCrops(str(teacher_latents), teacher, side=4)[(0, (1,))][0][None]
+    recon, target, latent_loss = DistillForward(student, teacher, latents)(z)
+    torch.testing.assert_close(target, teacher.from_latent(z).clamp(-1, 1))  # the latents are not encoded again
+    assert recon.shape == target.shape == (1, 3, 32, 32) and latent_loss is not None and latent_loss > 0
+    with pytest.raises(ValueError, match="--target images needs image crops"):
+        DistillConfig(teacher="t", latents="lat", target="images")

@@ -18,9 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from .data import center_crop, held_out_sets, iter_images, to_tensor, to_uint8, with_alpha
 from .evaluate import PSNR_CAP
+from .latents import LatentDataset
 from .metrics import colour_error, psnr, ssim
 from .model import Autoencoder
 from .previews import linear_preview, preview_model
@@ -113,6 +115,10 @@ class DistillConfig:
     fit_images: int = field(default=LINEAR_FIT_IMAGES, metadata={"group": "distill", "help":
         "how many images of DATA the linear preview is fitted on (at 256x256): the decoder's start, and the preview the "
         "run is compared with at the end"})  # fmt: skip
+    latents: str = field(default="", metadata={"group": "distill", "metavar": "LATENTS", "help":
+        "train on a latent dataset the teacher already encoded (`vaekit encode TEACHER DATA LATENTS`): random latent "
+        "crops of it, decoded by the teacher for the target, instead of encoding image crops at each step (DATA still "
+        "fits the linear preview and validates); --target teacher only"})  # fmt: skip
     linear_skip: bool = field(default=True, metadata={"group": "distill", "negatable": True, "help":
         "start the decoder from the linear preview fitted on DATA and learn what it misses (a linear path beside the "
         "network; RUN/model.safetensors is vaekit's file); --no-linear-skip trains taesd's plain network, which "
@@ -125,6 +131,9 @@ class DistillConfig:
             raise ValueError(f"fit_images must be at least 1, got {self.fit_images}")
         if self.latent_weight < 0:
             raise ValueError(f"latent_weight must be at least 0, got {self.latent_weight}")
+        if self.latents and self.target != "teacher":
+            raise ValueError(f"--latents gives the teacher's latents, not the images they came from: --target {self.target} "
+                             "needs image crops (leave out --latents, or use --target teacher)")  # fmt: skip
 
 
 class DistillForward(nn.Module):
@@ -140,10 +149,13 @@ class DistillForward(nn.Module):
         self.__dict__["teacher"] = teacher  # not a submodule: DDP, .parameters() and checkpoints leave it out
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(student's decode, target, latent loss or None) for images `x` in [-1, 1]."""
+        """(student's decode, target, latent loss or None) for images `x` in [-1, 1], or, with `config.latents`, for
+        the teacher's normalised latents `x` (the teacher's decode then stands in for the image the encoder reads)."""
         with torch.no_grad():
-            z = self.teacher.to_latent(x)
+            z = x if self.config.latents else self.teacher.to_latent(x)
             decoded = self.teacher.from_latent(z).clamp(-1, 1) if self.config.target != "images" else None
+            if self.config.latents:
+                x = decoded
         target = {"teacher": decoded, "images": x}.get(self.config.target)
         if target is None:  # both: halfway between what the teacher draws and the photo
             target = 0.5 * (x + decoded)
@@ -154,6 +166,30 @@ class DistillForward(nn.Module):
         ):
             latent_loss = F.mse_loss(self.student.encode(x).mode().float(), z.float())
         return recon, target, latent_loss
+
+
+class LatentCrops(Dataset):
+    """Random square crops of a teacher's latent dataset (`vaekit encode`), normalised as the teacher's `to_latent`:
+    `--latents`' training data. Keyed by `vaekit.data.StreamSampler`'s (index, seed), as image crops are, so a
+    resumed run draws the same crops."""
+
+    def __init__(self, root: str, teacher: Autoencoder, side: int):
+        self.latents = LatentDataset(root, model=teacher)  # refuses a dataset another model's weights encoded
+        self.side = side
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, key: tuple[int, tuple[int, ...]]) -> tuple[Tensor, list[str]]:
+        index, seed = key
+        item = self.latents[index]
+        z, (h, w) = item["latent"], item["latent"].shape[-2:]
+        if min(h, w) < self.side:
+            raise ValueError(f"{self.latents.root}: {item.get('source', index)}'s latent is {h}x{w}, smaller than the "
+                             f"{self.side}x{self.side} latent crops --resolution asks for: lower --resolution")  # fmt: skip
+        rng = np.random.default_rng(seed)
+        top, left = int(rng.integers(h - self.side + 1)), int(rng.integers(w - self.side + 1))
+        return z[:, top : top + self.side, left : left + self.side].contiguous(), []
 
 
 # ---- how good a preview is -------------------------------------------------------------------------------------

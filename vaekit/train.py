@@ -46,7 +46,7 @@ from torch import nn
 from .checkpoints import load
 from .config import AutoencoderConfig, check_fields, preset, preview_refusal
 from .data import CropDataset, TrainingData, held_out_sets, to_tensor, to_uint8, training_data, write_image
-from .distill import DistillConfig, DistillForward, fit_linear_preview, held_out_against_teacher
+from .distill import DistillConfig, DistillForward, LatentCrops, fit_linear_preview, held_out_against_teacher
 from .evaluate import ALPHA_METRICS, against_thumbnail, alpha_scores
 from .files import check_output_folder, mark_output_folder, write_atomic
 from .losses import AutoencoderLoss, LossConfig, downsample, gan_weight_from_grads, scale_factors
@@ -228,7 +228,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     nets = build_networks(cfg, procs.device, fresh=saved is None)
 
     # ---- data (after the loss, so a missing LPIPS backbone fails before any image is read) ----
-    data, workers = _training_data(cfg, procs, alpha=nets.model.config.rgba)
+    data, workers = _training_data(cfg, procs, alpha=nets.model.config.rgba, teacher=nets.teacher)
 
     # ---- resume: weights, optimizer states, the global RNG and where the run stood; then DDP's wrappers ----
     state = resume(saved, checkpoint_path, nets, cfg, procs) if saved is not None else RunState.fresh(cfg)
@@ -504,14 +504,19 @@ def build_networks(cfg: TrainConfig, device: torch.device, fresh: bool = True) -
     return Networks(model, ema, crit, disc, params, opt, disc_opt, disc_lr, teacher=teacher)
 
 
-def _training_data(cfg: TrainConfig, procs: Processes, alpha: bool) -> tuple[TrainingData, int]:
+def _training_data(cfg: TrainConfig, procs: Processes, alpha: bool, teacher: Autoencoder | None = None) -> tuple[TrainingData, int]:
     """The training and validation images (see vaekit.data.training_data; RGBA with `alpha`, for a 4-channel model)
-    and the loader's worker count."""
+    and the loader's worker count. A distillation with `--latents` trains on crops of the `teacher`'s latent dataset
+    (`resolution / factor` latent pixels a side) and validates on DATA's images."""
     data = training_data(
         cfg.data, cfg.resolution, val=cfg.val, val_fraction=cfg.val_fraction, val_images=cfg.val_images,
         val_resolution=cfg.val_resolution, min_scale=cfg.min_scale, flip=cfg.flip,
         permute_colors=cfg.permute_colors, alpha=alpha,
     )  # fmt: skip
+    if cfg.distill and cfg.distill.latents and teacher is not None:
+        _, factor = teacher.config.normalised_shape
+        data = dataclasses.replace(data, dataset=LatentCrops(cfg.distill.latents, teacher, cfg.resolution // factor),
+                                   description=f"latents of {cfg.distill.latents}")  # fmt: skip
     workers = cfg.workers if cfg.workers is not None else _default_workers(data, procs.world)
     for s in data.skipped:
         _note(procs.master, f"skipped unreadable validation image {s}")
@@ -598,7 +603,9 @@ def micro_steps(batches: Iterator, nets: Networks, cfg: TrainConfig, procs: Proc
             if s not in unreadable:
                 unreadable.add(s)
                 _note(True, f"skipped unreadable image {s}")
-        x = batch.images.to(procs.device, non_blocking=True).float() / 127.5 - 1.0
+        x = batch.images.to(procs.device, non_blocking=True).float()
+        if batch.images.dtype == torch.uint8:  # image crops; `--latents`' crops are the teacher's latents already
+            x = x / 127.5 - 1.0
         # Posterior noise keyed by the sample's place in the step: accumulation = a larger batch.
         noise = [_generator(cfg.seed, procs.rank, step, micro * cfg.batch_size + i, procs.device) for i in range(len(x))]
         with _maybe_no_sync(nets.forward, micro != last):
