@@ -161,7 +161,7 @@ def test_latent_crops_are_windows_of_the_teachers_normalised_latents(teacher_pat
     assert a.shape == (4, 4, 4) and torch.equal(a, crops_[(3, (0, 0, 7))][0])  # the key decides the window
     assert any(torch.equal(a, whole[:, t : t + 4, l : l + 4]) for t in range(5) for l in range(5))
     with pytest.raises(ValueError, match="smaller than the 16x16 latent crops --resolution asks for"):
-        LatentCrops(str(teacher_latents), teacher, side=16)[(0, (0,))]
+        LatentCrops(str(teacher_latents), teacher, side=16)  # at once, not from a loader worker
     other = vaekit.load(teacher_path)
     with torch.no_grad():
         other.decoder.conv_out.bias.add_(0.01)  # other weights (even the decoder's): another model's latents

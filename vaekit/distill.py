@@ -176,17 +176,22 @@ class LatentCrops(Dataset):
     def __init__(self, root: str, teacher: Autoencoder, side: int):
         self.latents = LatentDataset(root, model=teacher)  # refuses a dataset another model's weights encoded
         self.side = side
+        # Checked here, not in a loader worker (whose error would come back wrapped in a traceback).
+        _, factor = teacher.config.normalised_shape
+        default = [self.latents.info["resolution"]] * 2  # items of datasets made before buckets: the square target
+        for item in self.latents.items:
+            h, w = (d // factor for d in item.get("bucket") or default)
+            if min(h, w) < side:
+                raise ValueError(f"{root}: {item.get('source')}'s latent is {h}x{w}, smaller than the {side}x{side} latent "
+                                 "crops --resolution asks for: lower --resolution")  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.latents)
 
     def __getitem__(self, key: tuple[int, tuple[int, ...]]) -> tuple[Tensor, list[str]]:
         index, seed = key
-        item = self.latents[index]
-        z, (h, w) = item["latent"], item["latent"].shape[-2:]
-        if min(h, w) < self.side:
-            raise ValueError(f"{self.latents.root}: {item.get('source', index)}'s latent is {h}x{w}, smaller than the "
-                             f"{self.side}x{self.side} latent crops --resolution asks for: lower --resolution")  # fmt: skip
+        z = self.latents[index]["latent"]
+        h, w = z.shape[-2:]
         rng = np.random.default_rng(seed)
         top, left = int(rng.integers(h - self.side + 1)), int(rng.integers(w - self.side + 1))
         return z[:, top : top + self.side, left : left + self.side].contiguous(), []
