@@ -1,3 +1,6 @@
+import os
+import tempfile
+
 import pytest
 import torch
 
@@ -5,6 +8,10 @@ from vaekit import AutoencoderConfig
 from vaekit.model import Autoencoder
 
 torch.set_num_threads(1)  # the suite runs under pytest-xdist on 2 cores
+# PyTorch's own convolutions, the same on every run: the default "auto" times each new layer shape once per machine, and
+# a test that wants it says so (tests/test_speed.py), with a cache of its own; none ever writes to ~/.cache.
+os.environ["VAEKIT_CONV"] = "direct"
+os.environ["VAEKIT_CACHE"] = tempfile.mkdtemp(prefix="vaekit-cache-")
 
 
 def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:

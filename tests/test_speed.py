@@ -5,11 +5,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import perturb
 
+import vaekit
 from vaekit.cli import main
+from vaekit.model import lean
 
 PROBE = """
 import json, time, torch
@@ -40,7 +43,7 @@ def test_bench_times_both_implementations_and_counts_flops(tmp_path, capsys):
     argv = ["bench", "preset:tiny-f8c4", "--size", "32", "64", "--repeats", "2", "--json", str(out), "--threads", "1"]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "| encode | 32² | 1 | fp32 |" in text and "GFLOP/s" in text
+    assert "| encode | 32² | 1 | fp32 direct |" in text and "GFLOP/s" in text  # the suite's path (conftest)
     data = json.loads(out.read_text())
     rows = {(r["op"], r["size"]): r for r in data["rows"]}
     assert set(rows) == {("encode", 32), ("decode", 32), ("encode", 64), ("decode", 64)}
@@ -201,6 +204,91 @@ def test_bench_winograd_row(capsys):
         assert cells[3] == "fp32 winograd" and 0 < float(cells[-1]) < 1e-4  # against diffusers' direct convolutions
 
 
+@pytest.fixture
+def auto_conv(monkeypatch, tmp_path):
+    """The default path, "auto", with a cache of its own and nothing remembered yet in this process."""
+    from vaekit.model import convchoice
+
+    monkeypatch.delenv("VAEKIT_CONV", raising=False)
+    monkeypatch.setenv("VAEKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(convchoice, "_TABLE", None)
+    monkeypatch.setattr(convchoice, "_USED", {})
+    return convchoice
+
+
+def test_auto_times_each_shape_once_remembers_it_and_obeys_it(auto_conv, monkeypatch, tiny_model):
+    """"auto" (the default): both algorithms timed on each new layer shape, the choice kept in the cache file and used
+    by later calls and processes without timing again; a choice of Winograd changes the output within 1e-4, of direct
+    not at all; conv="direct" is PyTorch's own convolution whatever the cache says."""
+    monkeypatch.setattr(lean, "BAND_BYTES", 4096)  # the banded paths too
+    x = torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.inference_mode():
+        exact = tiny_model.decode(tiny_model.encode(x, conv="direct").mean, conv="direct")
+        tiny_model.decode(tiny_model.encode(x).mean)  # auto: times every new shape
+        tiny_model.decode(tiny_model.encode(x, tile=16).mean, tile=16)  # the tiles' shapes too
+    saved = json.loads(auto_conv.cache_file().read_text())["machines"][auto_conv.machine()]
+    assert saved == auto_conv.used() and len(saved) >= 4
+    for entry in saved.values():
+        faster = entry["winograd_ms"] <= auto_conv.WINOGRAD_MARGIN * entry["direct_ms"]
+        assert entry["path"] == ("winograd" if faster else "direct") and entry["direct_ms"] > 0
+    # A later process reads the file and times nothing: forge the answers and see them obeyed.
+    calls = []
+    monkeypatch.setattr(auto_conv.time, "perf_counter", lambda: calls.append(1) or 0.0)
+    for path in ("winograd", "direct"):
+        forged = {key: dict(entry, path=path) for key, entry in saved.items()}
+        auto_conv.cache_file().write_text(json.dumps({"version": 1, "machines": {auto_conv.machine(): forged}}))
+        monkeypatch.setattr(auto_conv, "_TABLE", None)
+        with torch.inference_mode():
+            got = tiny_model.decode(tiny_model.encode(x).mean)
+            tiled = tiny_model.decode(tiny_model.encode(x, tile=16).mean, tile=16)
+            direct = tiny_model.decode(tiny_model.encode(x, conv="direct").mean, conv="direct")
+        assert torch.equal(direct, exact)
+        assert (tiled - got).abs().max() < 1e-4  # tiled == untiled on either path
+        if path == "direct":
+            assert torch.equal(got, exact)
+        else:
+            assert 0 < (got - exact).abs().max() < 1e-4
+    assert not calls  # every shape was known: nothing timed
+
+
+def test_auto_is_within_1e4_of_diffusers_on_the_published_architectures(auto_conv):
+    """The fast path's worst case (Winograd wherever "auto" may choose it) against diffusers' classes."""
+    from vaekit import preset
+    from vaekit.model import Autoencoder
+    from vaekit.speed import diffusers_peer
+
+    configs = [preset("sd1").replace(block_channels=(32, 64, 64, 64), layers_per_block=1, norm_groups=16),
+               preset("flux1").replace(block_channels=(32, 64, 64, 64), layers_per_block=1, norm_groups=16),
+               preset("hunyuanimage").replace(block_channels=(32, 64, 64, 64), latent_channels=16, layers_per_block=1)]
+    for cfg in configs:
+        torch.manual_seed(0)
+        model = perturb(Autoencoder(cfg)).eval()
+        peer = diffusers_peer(model, torch.float32)
+        x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        with torch.inference_mode(), vaekit.winograd():
+            z, y = model.encode(x).mean, model.decode(model.encode(x).mean)
+        with torch.inference_mode():
+            z_ref = peer.encode(x).latent_dist.mean
+            y_ref = peer.decode(z_ref).sample
+        assert (z - z_ref).abs().max() < 1e-4 and (y - y_ref).abs().max() < 1e-4, cfg.arch
+
+
+def test_conv_flags_and_their_errors(auto_conv, monkeypatch, capsys):
+    argv = ["bench", "preset:tiny-f8c4", "--size", "32", "--repeats", "1", "--threads", "1"]
+    assert main(argv) == 0  # the default: auto, and the choices it made under the table
+    out = capsys.readouterr().out
+    assert "| fp32 auto |" in out and "| layer shape | direct ms | Winograd ms | chosen |" in out
+    assert f"layer shapes, remembered in {auto_conv.cache_file()}" in out
+    assert main(argv + ["--conv", "winograd", "--winograd"]) == 0
+    assert "| fp32 winograd |" in capsys.readouterr().out
+    assert main(argv + ["--conv", "direct", "--winograd"]) == 1
+    assert "--winograd and --conv direct contradict each other" in capsys.readouterr().err
+    monkeypatch.setenv("VAEKIT_CONV", "fast")
+    assert main(argv) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # one line, no traceback
+    assert last == "vaekit bench: error: VAEKIT_CONV='fast': set it to one of auto, direct, winograd, or unset it"
+
+
 ATTENTION_PROBE = """
 import json, sys, torch
 from vaekit.model import lean, ldm
@@ -301,7 +389,7 @@ def test_bench_keeps_diffusers_notices_out_of_its_table(monkeypatch, capfd):
         assert all(line.startswith(("machine:", "|")) or not line for line in out.splitlines()), out
         assert len([line for line in out.splitlines() if line.startswith(("| encode", "| decode"))]) == 2
         assert "DIFFUSERS-NOTICE printed" in err  # sent to stderr, not lost
-        assert "note: --repeats 1:" in err and "encode 32² x1 fp32:" in err  # vaekit's own lines are not hidden
+        assert "note: --repeats 1:" in err and "encode 32² x1 fp32 direct:" in err  # vaekit's own lines are not hidden
         assert seen == [logging.ERROR] and diffusers_logging.get_verbosity() == logging.WARNING
         from vaekit.speed import quiet_diffusers
 

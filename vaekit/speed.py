@@ -27,7 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import AutoencoderConfig
-from .model import ARCHITECTURES, Autoencoder, lean
+from .model import ARCHITECTURES, Autoencoder, convchoice
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -161,15 +161,19 @@ def quiet_diffusers(level: int = logging.ERROR) -> Iterator[None]:
 
 def bench(model: Autoencoder, sizes: list[int], batches: list[int], precisions: list[str], tile: int | str | None = None,
           against: str | None = "diffusers", repeats: int = 5, seed: int = 0, compile: str | None = None,
-          winograd: bool = False, report: Callable[[Row], None] | None = None) -> tuple[list[Row], dict[str, float]]:  # fmt: skip
+          winograd: bool = False, report: Callable[[Row], None] | None = None,
+          conv: str | None = None) -> tuple[list[Row], dict[str, float]]:  # fmt: skip
     """Encode and decode timings for every (size, batch, precision); see the module docstring. `compile` names a
     `torch.compile` backend ("inductor" for speed) that both vaekit's and the peer's calls run under; FLOPs are
-    still counted eagerly. `winograd` runs vaekit's calls under `vaekit.winograd()` (the peer stays direct); the
-    FLOPs and GFLOP/s are then still the direct convolution's, and the precision reads "fp32 winograd"."""
+    still counted eagerly. `conv` ("auto", "direct", "winograd"; default: the path in force, "auto" unless
+    $VAEKIT_CONV says otherwise; `winograd=True` is "winograd") picks vaekit's CPU convolutions (the peer's are
+    PyTorch's own); CPU fp32 rows name it ("fp32 auto"), and the FLOPs and GFLOP/s stay the direct convolution's.
+    `convchoice.used()` then holds the choices "auto" made."""
     if compile is not None and compile not in torch._dynamo.list_backends(exclude_tags=()):
         raise ValueError(f"unknown torch.compile backend {compile!r}; torch knows {', '.join(torch._dynamo.list_backends())} "
                          "and, for debugging, eager and aot_eager")  # fmt: skip
     device = model.device
+    conv = "winograd" if winograd else conv or convchoice.path_in_force()
     peaks = machine_peaks(device)
     rows: list[Row] = []
     # diffusers' notices (building and running the peer) stay out of the output; vaekit's own reports still print
@@ -195,7 +199,7 @@ def bench(model: Autoencoder, sizes: list[int], batches: list[int], precisions: 
                                    (lambda: unframe(peer.decode(frame(z)).sample)) if peer is not None else None),
                     }  # fmt: skip
                     for op, (ours, theirs) in ops.items():
-                        row = _measure(op, ours, theirs, size, batch, precision, tile, repeats, device, peaks, compile, winograd)
+                        row = _measure(op, ours, theirs, size, batch, precision, tile, repeats, device, peaks, compile, conv)
                         rows.append(row)
                         if report:
                             report(row)
@@ -210,15 +214,15 @@ def _peer_latent(out: Any) -> torch.Tensor:
 
 def _measure(op: str, ours: Callable, theirs: Callable | None, size: int, batch: int, precision: str, tile: int | str | None,
              repeats: int, device: torch.device, peaks: dict[str, float], compile: str | None = None,
-             winograd: bool = False) -> Row:  # fmt: skip
+             conv: str = "auto") -> Row:  # fmt: skip
     with torch.inference_mode():
-        with FlopCounterMode(display=False) as counter:  # also the warm-up
-            out = ours()
+        with FlopCounterMode(display=False) as counter, convchoice.convolutions("direct"):  # no formula for NNPACK's
+            ours()
         flop = counter.get_total_flops()
-        if winograd:  # after the count: flop_counter has no formula for NNPACK's convolution
-            ours = _under_winograd(ours)
-            out = ours()
-            precision += " winograd"
+        ours = _under(conv, ours)
+        out = ours()  # the warm-up; under "auto", also the first timing of each new layer shape
+        if device.type == "cpu" and precision == "fp32":
+            precision += f" {conv}"
         compiled: dict[str, float] = {}
         if compile:
             torch._dynamo.reset()  # the previous rows' graphs: each row compiles anew and reports its own time
@@ -248,12 +252,25 @@ def _measure(op: str, ours: Callable, theirs: Callable | None, size: int, batch:
                peer_compile_seconds=compiled.get("theirs"))  # fmt: skip
 
 
-def _under_winograd(fn: Callable) -> Callable:
+def _under(conv: str, fn: Callable) -> Callable:
     def run() -> Any:
-        with lean.winograd():
+        with convchoice.convolutions(conv):
             return fn()
 
     return run
+
+
+def format_choices(choices: dict[str, dict[str, Any]]) -> str:
+    """The layer shapes "auto" met and what it chose for each on this machine (`convchoice.used()`), as markdown."""
+    if not choices:
+        return ""
+    wins = sum(c["path"] == "winograd" for c in choices.values())
+    lines = [f"convolutions (auto, {convchoice.machine()}): Winograd for {wins} of {len(choices)} layer shapes, "
+             f"remembered in {convchoice.cache_file()}", "",
+             "| layer shape | direct ms | Winograd ms | chosen |", "|---|---|---|---|"]  # fmt: skip
+    for key, c in sorted(choices.items(), key=lambda kv: -kv[1]["direct_ms"]):
+        lines.append(f"| {key} | {c['direct_ms']:.2f} | {c['winograd_ms']:.2f} | {c['path']} |")
+    return "\n".join(lines)
 
 
 def _compiled(fn: Callable, backend: str, device: torch.device) -> tuple[Callable, float]:

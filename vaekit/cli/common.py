@@ -12,9 +12,6 @@ from typing import Callable
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-WINOGRAD_HELP = ("CPU fp32: 3x3 convolutions by NNPACK's Winograd transform: SD1 decodes 1.3x faster than vaekit's default "
-                 "on the AVX2 CPU measured (AMD EPYC; little or nothing on others), within 1e-4 of the direct result "
-                 "(docs/BENCHMARKS.md)")
 
 
 class CLIError(Exception):
@@ -97,6 +94,24 @@ def tile_arg(value: str) -> int | str:
 def add_tile_flag(p: argparse.ArgumentParser, what: str) -> None:
     """--tile N or auto, for every command that runs the model on whole images; `what` says what is tiled."""
     p.add_argument("--tile", type=tile_arg, metavar="N", help=f"{what}; 'auto' picks N from free GPU memory (see docs/TILING.md)")
+
+
+def add_conv_flag(p: argparse.ArgumentParser) -> None:
+    """--conv auto|direct|winograd (and --winograd, its older spelling), for every command that runs a model in CPU
+    inference; `conv_path(args)` reads them."""
+    p.add_argument("--conv", choices=["auto", "direct", "winograd"], default=None,
+                   help="CPU fp32 convolutions: 'auto' (default; $VAEKIT_CONV overrides) runs each layer shape by the faster of "
+                        "PyTorch's direct convolution and NNPACK's Winograd, timed once on this machine and remembered "
+                        "(~/.cache/vaekit/convolutions.json), within 1e-4 of diffusers; 'direct' is PyTorch's own, bit-stable "
+                        "run to run; 'winograd' forces Winograd wherever it applies (docs/BENCHMARKS.md)")
+    p.add_argument("--winograd", action="store_true", help="the same as --conv winograd")
+
+
+def conv_path(args: argparse.Namespace) -> str | None:
+    """The path --conv / --winograd ask for; None: the default ("auto", or $VAEKIT_CONV)."""
+    if args.winograd and args.conv not in (None, "winograd"):
+        raise CLIError(f"--winograd and --conv {args.conv} contradict each other: give one of them")
+    return "winograd" if args.winograd else args.conv
 
 
 # ---- MODEL and model files -------------------------------------------------------------------

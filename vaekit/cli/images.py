@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import (DTYPES, CLIError, add_command, add_device_flag, add_dtype_flag, add_model_flags, add_tile_flag, files_of,
+from .common import (DTYPES, CLIError, add_command, add_conv_flag, conv_path, add_device_flag, add_dtype_flag, add_model_flags, add_tile_flag, files_of,
                      plural)  # fmt: skip
 
 # reconstruct()'s arguments as this command names them (vaekit.reconstruct.PYTHON_WORDS).
@@ -29,6 +29,7 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
                    help="reflect-pad sides to a multiple of the model's factor and crop back (default: on); "
                         "--no-pad rejects such images")
     add_tile_flag(p, "run the full-resolution layers in N-pixel tiles to bound GPU memory, with the untiled result")
+    add_conv_flag(p)
     add_device_flag(p)
     add_dtype_flag(p, "compute dtype (default fp32, whatever the file stores; fp16/bf16 are faster on a GPU and move some "
                    "pixels by a level or two)")  # fmt: skip
@@ -41,11 +42,13 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     .png keeps its whole name (x.jpg.png). Unreadable files are reported and skipped. Safe by default: OUTDIR may
     not be INPUT, no input is ever written over, an existing file only with --overwrite, and folders vaekit wrote
     (they hold a .vaekit-output file) are never read as INPUT."""
+    from ..model import convolutions
     from ..reconstruct import Refused, reconstruct
 
     try:
-        done = reconstruct(args.model, args.input, args.outdir, overwrite=args.overwrite, pad=args.pad, tile=args.tile,
-                           family=args.family, device=args.device, dtype=DTYPES[args.dtype], seed=args.seed)  # fmt: skip
+        with convolutions(conv_path(args)):
+            done = reconstruct(args.model, args.input, args.outdir, overwrite=args.overwrite, pad=args.pad, tile=args.tile,
+                               family=args.family, device=args.device, dtype=DTYPES[args.dtype], seed=args.seed)  # fmt: skip
     except Refused as e:
         raise CLIError(e.say(RECONSTRUCT_WORDS)) from None
     for why in done.skipped:
@@ -70,6 +73,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                         "moves a few pixels by one level against `vaekit reconstruct` (default 1: identical to it)")
     p.add_argument("--lpips-net", choices=["alex", "vgg"], default="alex",
                    help="LPIPS backbone (default alex; VGG gives several times larger values, so compare like with like)")
+    add_conv_flag(p)
     add_device_flag(p)
     add_dtype_flag(p, "compute dtype (default fp32, whatever the file stores; recorded in the JSON protocol)")
     add_model_flags(p)
@@ -84,6 +88,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from ..evaluate import evaluate, format_table, to_json
     from ..files import check_targets, write_atomic
     from ..metrics import METRICS
+    from ..model import convolutions
     from ..weights import MissingWeights
 
     metrics = [m.strip().lower() for m in args.metrics.split(",") if m.strip()]
@@ -94,9 +99,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         images = find_images(args.data) if Path(args.data).exists() else []
         check_targets([Path(args.json)], images + files_of(args.model), overwrite=True)
     try:
-        result = evaluate(args.model, args.data, metrics=metrics, resolution=args.resolution, batch_size=args.batch_size,
-                          lpips_net=args.lpips_net, device=args.device, family=args.family, dtype=DTYPES[args.dtype],
-                          seed=args.seed)
+        with convolutions(conv_path(args)):
+            result = evaluate(args.model, args.data, metrics=metrics, resolution=args.resolution, batch_size=args.batch_size,
+                              lpips_net=args.lpips_net, device=args.device, family=args.family, dtype=DTYPES[args.dtype],
+                              seed=args.seed)
     except MissingWeights as e:
         raise CLIError(e.message("leave it out of --metrics")) from None
     print(format_table(result))

@@ -13,7 +13,7 @@ import torch
 from ..data import MAX_PIXELS
 from ..latents import DTYPES as STORED_DTYPES
 from ..latents import RESIZE_MODES, STORES
-from .common import (DTYPES, WINOGRAD_HELP, CLIError, add_command, add_device_flag, add_dtype_flag, add_model_flags, add_tile_flag,
+from .common import (DTYPES, CLIError, add_command, add_conv_flag, conv_path, add_device_flag, add_dtype_flag, add_model_flags, add_tile_flag,
                      check_model_dest, command_line, plural)  # fmt: skip
 
 
@@ -65,7 +65,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
                    help="keep an unfinished shard's encoded images on disk every S seconds (and on Ctrl-C), so an "
                         "interruption loses at most S seconds of work (default 60)")
     add_tile_flag(p, "encode the full-resolution layers in N-pixel tiles (large images, bounded GPU memory)")
-    p.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP)
+    add_conv_flag(p)
     p.add_argument("--sample-seed", type=int, default=0, metavar="S", help="seed of --store sample's draws (default 0)")
     add_device_flag(p)
     add_model_flags(p)
@@ -86,7 +86,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
     docs/LATENTS.md (also: feeding it to kohya, SimpleTuner and diffusers' training scripts)."""
     from ..checkpoints import load
     from ..latents import EncodeOptions, encode_dataset
-    from ..model import winograd
+    from ..model import convolutions
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not torch.distributed.is_initialized():
@@ -102,7 +102,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
             max_pixels=args.max_pixels, tile=args.tile, workers=args.workers, seed=args.sample_seed, flip=args.flip,
             reduced_jpeg=args.reduced_jpeg, commit_seconds=args.commit_seconds,
         )  # fmt: skip
-        with winograd(args.winograd):
+        with convolutions(conv_path(args)):
             result = encode_dataset(model, args.data, args.out, options, add=args.add, command=command_line(args))
     except KeyboardInterrupt:
         if int(os.environ.get("RANK", "0")) == 0 and Path(args.out, "info.json").is_file():
@@ -127,7 +127,7 @@ def _add_decode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="decode a dataset with a model other than the one that encoded it")
     p.add_argument("--overwrite", action="store_true", help="replace images that already exist in OUTDIR")
     add_tile_flag(p, "decode in N-pixel tiles")
-    p.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP)
+    add_conv_flag(p)
     add_device_flag(p)
     add_dtype_flag(p, "compute dtype (default fp32)")
     add_model_flags(p)
@@ -144,13 +144,13 @@ def cmd_decode(args: argparse.Namespace) -> None:
     from ..checkpoints import load
     from ..files import check_output_folder
     from ..latents import decode_latents
-    from ..model import winograd
+    from ..model import convolutions
 
     out = Path(args.outdir)
     model = load(args.model, family=args.family, device=args.device, dtype=DTYPES[args.dtype], seed=args.seed)
     check_output_folder(out, "OUTDIR")
     skipped: list[str] = []
-    with winograd(args.winograd):
+    with convolutions(conv_path(args)):
         written = decode_latents(model, args.latents, out, raw=args.raw, force=args.force, overwrite=args.overwrite,
                                  tile=args.tile, skipped=skipped)  # fmt: skip
     for line in skipped:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .common import WINOGRAD_HELP, CLIError, add_command, add_device_flag, add_dtype_flag, add_model_flags, add_tile_flag, files_of
+from .common import CLIError, add_command, add_conv_flag, conv_path, add_device_flag, add_dtype_flag, add_model_flags, add_tile_flag, files_of
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="run vaekit and diffusers under torch.compile (default backend inductor: needs a C++ compiler on "
                         "a CPU, Triton on a GPU) and report each one's compile time; FLOPs are counted uncompiled")
-    p.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP + " (vaekit only; diffusers stays direct)")
+    add_conv_flag(p)
     p.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's)")
     p.add_argument("--json", metavar="FILE", help="also write every number to FILE")
     add_device_flag(p)
@@ -35,12 +35,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
     """Time MODEL's encode and decode (median of --repeats runs after a warm-up, interleaved with diffusers' class
     on the same weights), peak memory above the loaded model (RSS on a CPU, max_memory_allocated on CUDA), the
     largest difference to diffusers, FLOPs per image and the GFLOP/s achieved against a matmul and a 3x3 conv
-    measured by the same command on the same threads. See docs/BENCHMARKS.md."""
+    measured by the same command on the same threads; with the default --conv auto, also the convolution chosen for
+    each layer shape on this machine and both timings. See docs/BENCHMARKS.md."""
     import json
 
     from ..checkpoints import load
     from ..files import check_targets, write_atomic
-    from ..speed import bench, format_rows, has_diffusers_peer, to_dicts
+    from ..model import convchoice
+    from ..speed import bench, format_choices, format_rows, has_diffusers_peer, to_dicts
 
     if args.json:  # may replace an earlier result, never the model
         check_targets([Path(args.json)], files_of(args.model), overwrite=True)
@@ -62,7 +64,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     try:
         with contextlib.redirect_stdout(sys.stderr):
             rows, peaks = bench(model, args.size, args.batch, args.precision, tile=args.tile, against=against,
-                                repeats=args.repeats, compile=args.compile, winograd=args.winograd, report=report)  # fmt: skip
+                                repeats=args.repeats, compile=args.compile, conv=conv_path(args), report=report)  # fmt: skip
     except RuntimeError as e:
         from torch._dynamo.exc import BackendCompilerFailed
 
@@ -70,7 +72,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
             raise CLIError(str(e)) from None
         raise
     print(format_rows(rows, peaks))
+    if choices := convchoice.used():
+        print("\n" + format_choices(choices))
     if args.json:
-        text = json.dumps({"model": args.model, "peaks": peaks, "rows": to_dicts(rows)}, indent=2) + "\n"
+        text = json.dumps({"model": args.model, "peaks": peaks, "rows": to_dicts(rows), "machine": convchoice.machine(),
+                           "convolutions": convchoice.used()}, indent=2) + "\n"
         write_atomic(Path(args.json), lambda tmp: tmp.write_text(text))
         print(f"wrote {args.json}")

@@ -4,6 +4,7 @@ checkpoint layout (`vaekit.layouts`). No CLI."""
 from .architectures import ARCHITECTURES
 from .autoencoder import Autoencoder, Posterior
 from .ldm import Decoder, Encoder
-from .lean import winograd
+from . import convchoice
+from .convchoice import convolutions, winograd
 
-__all__ = ["ARCHITECTURES", "Autoencoder", "Decoder", "Encoder", "Posterior", "winograd"]
+__all__ = ["ARCHITECTURES", "Autoencoder", "Decoder", "Encoder", "Posterior", "convolutions", "winograd"]

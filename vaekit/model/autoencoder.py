@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..config import PATCH_BN_EPS, AutoencoderConfig, describe_channels
 from ..layouts import write
 from .architectures import ARCHITECTURES
+from .convchoice import convolutions
 
 
 class Posterior:
@@ -100,14 +101,17 @@ class Autoencoder(nn.Module):
 
     # ---- encode / decode -------------------------------------------------------------------
 
-    def encode(self, x: Tensor, pad: bool = False, tile: int | str | None = None) -> Posterior:
+    def encode(self, x: Tensor, pad: bool = False, tile: int | str | None = None, conv: str | None = None) -> Posterior:
         """Image -> posterior. `pad=True` reflect-pads sides that are not multiples of the factor;
         `tile` (pixels, or "auto" to fit free GPU memory) runs the full-resolution layers in tiles
-        with the untiled result (see `vaekit.model.tiling`)."""
+        with the untiled result (see `vaekit.model.tiling`). `conv` picks CPU inference's convolutions:
+        "auto" (the default: the faster of direct and Winograd per layer shape, measured once on this
+        machine), "direct" (PyTorch's own, bit-stable) or "winograd" (`vaekit.model.convolutions`)."""
         x = self._check_images(x, pad)
         size = (x.shape[-2], x.shape[-1])
         x = self._pad(x) if pad else x
-        moments = self._fp16_safe(lambda t: self._moments(t, tile), x)
+        with convolutions(conv):
+            moments = self._fp16_safe(lambda t: self._moments(t, tile), x)
         if self.config.kind == "vae":
             mean, logvar = moments.chunk(2, dim=1)
             posterior = Posterior(mean, logvar)
@@ -116,10 +120,12 @@ class Autoencoder(nn.Module):
         posterior.image_size = size if size != tuple(x.shape[-2:]) else None
         return posterior
 
-    def decode(self, z: Tensor, size: tuple[int, int] | None = None, tile: int | str | None = None) -> Tensor:
-        """Latent -> image. `size` crops the output (undoing encode's padding); `tile` as in encode."""
+    def decode(self, z: Tensor, size: tuple[int, int] | None = None, tile: int | str | None = None,
+               conv: str | None = None) -> Tensor:  # fmt: skip
+        """Latent -> image. `size` crops the output (undoing encode's padding); `tile` and `conv` as in encode."""
         z = self._check_latents(z)
-        x = self._fp16_safe(lambda t: self._decode(t, tile), z)
+        with convolutions(conv):
+            x = self._fp16_safe(lambda t: self._decode(t, tile), z)
         return x[..., : size[0], : size[1]] if size is not None else x
 
     def forward(
@@ -150,15 +156,17 @@ class Autoencoder(nn.Module):
         return (self.bn.running_mean, self.bn.running_var) if self.config.latent_norm == "patch_bn" else None
 
     def to_latent(
-        self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None, pad: bool = False, tile: int | str | None = None
+        self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None, pad: bool = False, tile: int | str | None = None,
+        conv: str | None = None,
     ) -> Tensor:
         """What the family's diffusion model sees: the normalised posterior mode (or a sample). FLUX.2:
         128 channels at 1/16 of the side, as BFL's `AutoEncoder.encode`; others: `encode`'s shape."""
-        posterior = self.encode(x, pad=pad, tile=tile)
+        posterior = self.encode(x, pad=pad, tile=tile, conv=conv)
         return self.normalize(posterior.sample(generator) if sample else posterior.mode())
 
-    def from_latent(self, z: Tensor, size: tuple[int, int] | None = None, tile: int | str | None = None) -> Tensor:
-        return self.decode(self.denormalize(z), size=size, tile=tile)
+    def from_latent(self, z: Tensor, size: tuple[int, int] | None = None, tile: int | str | None = None,
+                    conv: str | None = None) -> Tensor:  # fmt: skip
+        return self.decode(self.denormalize(z), size=size, tile=tile, conv=conv)
 
     # ---- saving ---------------------------------------------------------------------------
 

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AutoencoderConfig
-from .lean import Conv2d, NormSiluConv, Staged
+from .convchoice import Conv2d
+from .lean import NormSiluConv, Staged
 from .ldm import ResnetBlock, _norm
 
 

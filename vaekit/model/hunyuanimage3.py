@@ -36,7 +36,8 @@ from ..config import AutoencoderConfig
 from .hunyuanimage import fold, unfold
 from .ldm import AttnBlock as _LDMAttention
 from .ldm import Level, _norm, _stages
-from .lean import Staged, conv2d
+from .convchoice import conv2d
+from .lean import Staged
 from .qwenimage import OutStage
 
 

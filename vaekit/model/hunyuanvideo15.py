@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from ..config import AutoencoderConfig
 from .hunyuanimage import fold, unfold
-from .lean import Staged, conv2d
+from .convchoice import conv2d
+from .lean import Staged
 from .qwenimage import OutStage, RMSNorm
 
 

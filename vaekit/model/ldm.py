@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from ..config import AutoencoderConfig
 from . import lean
-from .lean import Conv2d, GroupNorm, NormSiluConv, Staged
+from .convchoice import Conv2d
+from .lean import GroupNorm, NormSiluConv, Staged
 
 
 def _norm(channels: int, groups: int) -> GroupNorm:

@@ -9,7 +9,6 @@ functions here, which give the same values (up to float summation order) while h
 - `upsample_conv_banded`: nearest 2x upsampling and its conv, band by band of output rows;
 - `attention`: keys and values whole, queries in blocks of ATTENTION_QUERIES tokens, the result into a buffer the
   caller may give up (`overwrite`);
-- `Conv2d` / `conv2d`: NNPACK's Winograd convolutions inside `winograd()`, opt-in.
 
 The contract with `vaekit.model.tiling`: a coder that tiles is `Staged` (`body_stages()` at full resolution, `head`
 at latent resolution), and every GroupNorm in its stages is this module's `GroupNorm`. Tiling runs each stage within
@@ -19,7 +18,6 @@ image's statistics), and the banded paths, which would compute statistics from t
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -28,45 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# ---- Winograd convolutions, opt-in ----------------------------------------------------------------------------
-
-_WINOGRAD: ContextVar[bool] = ContextVar("vaekit_winograd", default=False)
-
-
-@contextmanager
-def winograd(enabled: bool = True) -> Iterator[None]:
-    """Within it, CPU fp32 inference runs every 3x3 stride-1 convolution by NNPACK's Winograd F(6x6, 3x3)
-    transform: SD1's layers run 2-2.6x faster than oneDNN's direct convolution on an AVX2 CPU (the whole model
-    1.3-1.4x), with ~1e-5 relative error per convolution instead of ~1e-7 (SD1 ends within 4e-5 of diffusers;
-    docs/BENCHMARKS.md). Opt-in, like a reduced precision; training, GPUs and other dtypes are untouched."""
-    if enabled and not torch._nnpack_available():
-        warnings.warn("this PyTorch build has no NNPACK: --winograd has no effect, convolutions run as usual", stacklevel=3)
-    token = _WINOGRAD.set(enabled)
-    try:
-        yield
-    finally:
-        _WINOGRAD.reset(token)
-
-
-def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int | tuple[int, ...] = 1,
-           padding: int | tuple[int, ...] = 0) -> Tensor:  # fmt: skip
-    """F.conv2d, or NNPACK's Winograd convolution where `winograd` is on and it applies."""
-    pad = (padding, padding) if isinstance(padding, int) else tuple(padding)
-    # _nnpack_available() last: it is also NNPACK's one-time initialisation, without which its convolution fails.
-    if (_WINOGRAD.get() and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and weight.shape[-2:] == (3, 3) and stride in (1, (1, 1))
-            and torch._nnpack_available()):  # fmt: skip
-        return torch._nnpack_spatial_convolution(x, weight, bias, list(pad))
-    return F.conv2d(x, weight, bias, stride, pad)
-
-
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d (the same parameters and checkpoint keys) that runs through `conv2d`: Winograd under `winograd`."""
-
-    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        assert self.padding_mode == "zeros" and self.dilation == (1, 1) and self.groups == 1
-        return conv2d(x, weight, bias, self.stride, self.padding)  # type: ignore[arg-type]
-
+from .convchoice import conv2d
 
 # ---- the contract with vaekit.model.tiling -----------------------------------------------------------------------
 
@@ -144,27 +104,37 @@ def norm_silu_conv_banded(x: Tensor, norm: nn.GroupNorm, conv: nn.Conv2d, residu
     on its own. The same values up to float summation order, without the whole normalised tensor. The result
     goes into `out` (default: a new tensor), which may be x itself (a conv that keeps the shape: each band's
     last input row is kept aside for the next band, whose halo it is) or skip (read row for row before)."""
-    n, c, height, _ = x.shape
+    n, c, height, width = x.shape
     scale, shift = (t[..., None, None] for t in group_affine(x, norm))
     band = _band_rows(x)
     in_place = out is x
     above: Tensor | None = None  # in place: the input row above the band, before the previous band overwrote it
+    # One buffer for every band's activations and the conv's halo rows (zero at the image's edges): no new tensor, pad
+    # or cat per band. Fewer passes over memory and fewer fresh pages count most when another process shares the cores.
+    buffer = x.new_empty(n, c, min(band, height) + 2, width)
     for y0 in range(0, height, band):
         y1 = min(height, y0 + band)
-        hi = min(height, y1 + 1)  # the rows the band's 3x3 conv reads: one above and one below
-        if y0 == 0:
-            rows = x[:, :, :hi]
+        lo, hi = max(0, y0 - 1), min(height, y1 + 1)  # the rows the band's 3x3 conv reads: one above and one below
+        top, bottom = int(y0 == 0), int(y1 == height)  # zero rows: the conv's padding at the image's edges
+        a = buffer[:, :, : top + hi - lo + bottom]
+        if top:
+            a[:, :, 0].zero_()
+        if bottom:
+            a[:, :, -1].zero_()
+        rows = a[:, :, top : top + hi - lo]
+        if above is not None:
+            torch.addcmul(shift, above, scale, out=rows[:, :, :1])
+            torch.addcmul(shift, x[:, :, y0:hi], scale, out=rows[:, :, 1:])
         else:
-            rows = torch.cat([above, x[:, :, y0:hi]], dim=2) if above is not None else x[:, :, y0 - 1 : hi]
-        a = F.silu(torch.addcmul(shift, rows, scale), inplace=True)
-        a = F.pad(a, (0, 0, int(y0 == 0), int(y1 == height)))  # the conv's zero padding at the image's edges
+            torch.addcmul(shift, x[:, :, lo:hi], scale, out=rows)
+        F.silu(rows, inplace=True)
         y = conv2d(a, conv.weight, conv.bias, padding=(0, 1))
         if residual is not None and skip is not None:
             y += residual(skip[:, :, y0:y1])
         if in_place:
             above = x[:, :, y1 - 1 : y1].clone()
         if out is None:
-            out = y.new_empty(n, y.shape[1], height, x.shape[3])
+            out = y.new_empty(n, y.shape[1], height, width)
         out[:, :, y0:y1] = y
     assert out is not None
     return out

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AutoencoderConfig
-from .lean import Conv2d, Staged, conv2d
+from .convchoice import Conv2d, conv2d
+from .lean import Staged
 
 
 class CausalConv3d(nn.Conv3d):
