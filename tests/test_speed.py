@@ -82,6 +82,7 @@ def test_inference_levers_change_no_value(monkeypatch, tiny_model):
     from vaekit.model import lean, ldm
 
     monkeypatch.setattr(lean, "BAND_BYTES", 4096)  # many bands even at this size
+    monkeypatch.setattr(lean, "BANDED_FROM", 0)
     banded = []
     plain = lean.norm_silu_conv_banded
     monkeypatch.setattr(lean, "norm_silu_conv_banded", lambda x, *a, **k: banded.append(x.shape) or plain(x, *a, **k))
@@ -122,6 +123,7 @@ def test_the_mid_block_writes_over_its_own_tensors_and_the_callers_only_when_tol
     from vaekit.model import lean, ldm
 
     monkeypatch.setattr(lean, "BAND_BYTES", 4096)  # the banded paths at this size
+    monkeypatch.setattr(lean, "BANDED_FROM", 0)
     monkeypatch.setattr(lean, "ATTENTION_QUERIES", 7)
     mid = perturb(ldm.MidBlock(32, 8, attention=True), seed=3)
     x = torch.randn(2, 32, 12, 10) * 3 + 1
@@ -168,6 +170,7 @@ def test_winograd_is_opt_in_within_1e4_and_leaves_training_alone(monkeypatch, ti
     from vaekit.model import Autoencoder, lean
 
     monkeypatch.setattr(lean, "BAND_BYTES", 4096)  # the banded paths too
+    monkeypatch.setattr(lean, "BANDED_FROM", 0)
     x = torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.inference_mode():
         z = tiny_model.encode(x).mean
@@ -221,6 +224,7 @@ def test_auto_times_each_shape_once_remembers_it_and_obeys_it(auto_conv, monkeyp
     by later calls and processes without timing again; a choice of Winograd changes the output within 1e-4, of direct
     not at all; conv="direct" is PyTorch's own convolution whatever the cache says."""
     monkeypatch.setattr(lean, "BAND_BYTES", 4096)  # the banded paths too
+    monkeypatch.setattr(lean, "BANDED_FROM", 0)
     x = torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.inference_mode():
         exact = tiny_model.decode(tiny_model.encode(x, conv="direct").mean, conv="direct")
