@@ -14,7 +14,9 @@ or on disk, interleaved over --repeats rounds (the median is reported):
   vaekit      `vaekit.latents.encode_dataset` (what `vaekit encode` runs) with its defaults (on a CPU one image
               per encoder call, where batches are slower per image), --workers reading and
               resizing in DataLoader processes beside the model, JPEGs decoded at a reduced DCT scale, shards
-              written to disk
+              written to disk; its default convolutions ("auto": per layer shape the faster of direct and
+              Winograd, timed once on this machine)
+  vaekit-direct the same with --conv direct (PyTorch's own convolutions, as the loops run)
 
 The machine: 2 torch threads (the benchmark's budget); `--workers` processes for vaekit come on top, on the
 same cores.
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vaekit import Autoencoder, preset
+from vaekit import Autoencoder, convolutions, preset
 from vaekit.data import sample_images
 from vaekit.latents import EncodeOptions, encode_dataset
 
@@ -97,7 +99,7 @@ def main() -> None:
         for name in args.presets:
             torch.manual_seed(0)
             model = Autoencoder(preset(name)).eval()
-            arms = {"vaekit": None}
+            arms = {"vaekit": None, "vaekit-direct": None}
             if model.config.diffusers_compatible:
                 model.save(str(tmp / name))
                 peer = AutoencoderKL.from_pretrained(tmp / name).eval()
@@ -106,10 +108,11 @@ def main() -> None:
             for r in range(args.repeats):
                 for arm, fn in arms.items():
                     start = time.perf_counter()
-                    if arm == "vaekit":
-                        out = tmp / f"lat_{name}_{r}"
+                    if arm.startswith("vaekit"):
+                        out = tmp / f"lat_{name}_{arm}_{r}"
                         options = EncodeOptions(resolution=RESOLUTION, workers=args.workers, shard_size=1000)
-                        encode_dataset(model, str(tmp / "images"), out, options, progress=False)
+                        with convolutions("direct" if arm == "vaekit-direct" else None):
+                            encode_dataset(model, str(tmp / "images"), out, options, progress=False)
                     else:
                         fn()
                     times[arm].append(time.perf_counter() - start)

@@ -3,7 +3,7 @@
     python bench/memory.py --size 1024                      # untiled vaekit and diffusers, tiled, tiled + spilled
     python bench/memory.py --size 2048 --ways tiled spilled --tile 512
     python bench/memory.py --size 1024 --ways vaekit --precision bf16
-    python bench/memory.py --size 1024 --ways vaekit --winograd            # vaekit's ways under vaekit.winograd()
+    python bench/memory.py --size 1024 --ways vaekit --conv direct         # vaekit's ways on PyTorch's own convolutions
     python bench/memory.py --size 4096 --ways head                          # the untiled head alone (mid block, attention)
 
 RSS only shows memory newly taken from the system, so every figure comes from its own process: the
@@ -23,10 +23,10 @@ WAYS = ("vaekit", "diffusers", "tiled", "spilled", "head")
 
 ONE = """
 import json, sys, time, torch
-from vaekit import load, winograd
+from vaekit import convolutions, load
 from vaekit.model.tiling import decode_body_tiled
 from vaekit.speed import PRECISIONS, diffusers_peer, peak_memory
-way, size, tile, precision, threads, fast = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), sys.argv[6] == "1"
+way, size, tile, precision, threads, conv = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), sys.argv[6]
 torch.set_num_threads(threads)
 dtype = PRECISIONS[precision]
 model = load("preset:sd1", seed=0).eval().to(dtype)
@@ -44,10 +44,10 @@ with torch.inference_mode():
         h = model.decoder.head(model.post_quant_conv(z))
         return decode_body_tiled(model.decoder, h, tile, model.config, spill=spill)
     t = time.time()
-    with peak_memory(torch.device("cpu")) as mem, winograd(fast and way != "diffusers"):
+    with peak_memory(torch.device("cpu")) as mem, convolutions(conv):  # diffusers' convolutions are PyTorch's whatever it says
         x = decode[way]()
     seconds = time.time() - t
-print(json.dumps({"way": way + (" winograd" if fast and way != "diffusers" else ""), "size": size, "tile": tile if way in ("tiled", "spilled") else None, "precision": precision,
+print(json.dumps({"way": way + (f" {conv}" if way != "diffusers" else ""), "size": size, "tile": tile if way in ("tiled", "spilled") else None, "precision": precision,
                   "peak_mb": round(mem["mb"]), "seconds": round(seconds, 1), "us_per_pixel": round(seconds / size**2 * 1e6, 2)}))
 """
 
@@ -59,11 +59,12 @@ def main() -> None:
     p.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS))
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--winograd", action="store_true", help="vaekit's ways under vaekit.winograd() (diffusers stays direct)")
+    p.add_argument("--conv", choices=["auto", "direct", "winograd"], default="auto",
+                   help="vaekit's convolutions (default auto, as vaekit's default; diffusers' are PyTorch's own)")
     args = p.parse_args()
     rows = []
     for way in args.ways:
-        cmd = [sys.executable, "-c", ONE, way, str(args.size), str(args.tile), args.precision, str(args.threads), str(int(args.winograd))]
+        cmd = [sys.executable, "-c", ONE, way, str(args.size), str(args.tile), args.precision, str(args.threads), args.conv]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             why = f"killed by signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"

@@ -30,6 +30,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    drawn = set()  # diffusers once per op and dtype: runs on several convolution paths share it
     for op, style in (("encode", "o-"), ("decode", "s-")):
         for precision in sorted({r["precision"] for r in rows}):
             sel = sorted((r for r in rows if r["op"] == op and r["precision"] == precision and r["batch"] == 1), key=lambda r: r["size"])
@@ -37,7 +38,8 @@ def plot(rows: list[dict], path: Path) -> None:
                 continue
             px = [r["size"] ** 2 / 1e6 for r in sel]
             axes[0].plot(px, [r["seconds"] for r in sel], style, label=f"vaekit {op} {precision}")
-            peer = "winograd" not in precision  # a winograd run's peer is diffusers' own fp32 again
+            peer = (op, precision.split()[0]) not in drawn
+            drawn.add((op, precision.split()[0]))
             if peer and sel[0]["peer_seconds"]:
                 axes[0].plot(px, [r["peer_seconds"] for r in sel], style, alpha=0.4, label=f"diffusers {op} {precision}")
             axes[1].plot(px, [r["rss_mb"] for r in sel], style, label=f"vaekit {op} {precision}")

@@ -93,7 +93,7 @@ def test_inference_levers_change_no_value(monkeypatch, tiny_model):
         z = tiny_model.encode(x).mean
         got = tiny_model.decode(z)
         tiled = tiny_model.decode(z, tile=16)
-    torch.testing.assert_close(z, want_z, atol=5e-6, rtol=0)  # float summation order: GroupNorm statistics by var_mean
+    torch.testing.assert_close(z, want_z, atol=5e-6, rtol=0)  # float summation order: GroupNorm statistics in two passes
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(tiled, want, atol=1e-5, rtol=0)
     # The banded norm+SiLU+conv ran, in every full-resolution ResnetBlock and the output layers, but not under tiling
@@ -115,6 +115,25 @@ def test_inference_levers_change_no_value(monkeypatch, tiny_model):
     with torch.no_grad():
         torch.testing.assert_close(lean.upsample_conv_banded(h, up.conv), up.conv(torch.nn.functional.interpolate(h, scale_factor=2.0)),
                                    atol=1e-6, rtol=0)  # fmt: skip
+
+
+def test_group_moments_are_as_exact_as_float64_and_whole_tensors_below_banded_from_run_whole(monkeypatch, tiny_model):
+    """The banded paths' statistics (two cache-sized passes, faster than var_mean) against float64, on activations far
+    from zero and over several chunks; below BANDED_FROM nothing runs banded (one whole-tensor pass per op)."""
+    from vaekit.model import lean
+
+    monkeypatch.setattr(lean, "STATISTICS_CHUNK", 4096)  # many chunks
+    rows = torch.randn(8, 50_001, generator=torch.Generator().manual_seed(0)) * 20 + 50
+    var, mean = lean.group_moments(rows)
+    want_var, want_mean = torch.var_mean(rows.double(), dim=1, correction=0)
+    assert ((var.double() - want_var).abs() / want_var).max() < 1e-6 and (mean.double() - want_mean).abs().max() < 1e-5
+    calls = []
+    monkeypatch.setattr(lean, "norm_silu_conv_banded", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(lean, "BAND_BYTES", 4096)
+    x = torch.rand(1, 3, 48, 40) * 2 - 1
+    with torch.inference_mode():
+        tiny_model.decode(tiny_model.encode(x).mean)  # every tensor above 2 bands, all below BANDED_FROM
+    assert not calls
 
 
 def test_the_mid_block_writes_over_its_own_tensors_and_the_callers_only_when_told(monkeypatch):

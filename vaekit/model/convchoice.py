@@ -25,7 +25,6 @@ import functools
 import json
 import os
 import platform
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -37,6 +36,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..files import write_atomic
 
 PATHS = ("auto", "direct", "winograd")
 # Winograd is less exact than the direct convolution, so it must pay clearly: a 10% margin also keeps timing noise
@@ -168,9 +169,8 @@ def _save(where: str, key: str, entry: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         machines = _read(path)
         machines.setdefault(where, {})[key] = entry
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".convolutions.", suffix=".tmp", delete=False) as f:
-            json.dump({"version": 1, "machines": machines}, f, indent=1, sort_keys=True)
-        os.replace(f.name, path)
+        text = json.dumps({"version": 1, "machines": machines}, indent=1, sort_keys=True)
+        write_atomic(path, lambda tmp: tmp.write_text(text))
     except OSError:
         pass
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AutoencoderConfig
+from .convchoice import Conv2d
 
 NOT_TILED = "DC-AE's linear attention spans the whole image, so tiles cannot give the untiled result; run it untiled"
 
@@ -42,8 +43,8 @@ def _norm(kind: str, channels: int) -> nn.Module:
 class ResBlock(nn.Module):
     def __init__(self, channels: int, norm: str = "rms_norm"):
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.conv1 = Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = Conv2d(channels, channels, 3, padding=1, bias=False)
         self.norm = _norm(norm, channels)
         self.act = nn.SiLU() if norm == "rms_norm" else nn.ReLU()  # the pairs DC-AE's releases use
 
@@ -131,7 +132,7 @@ class Downsample(nn.Module):
     def __init__(self, cin: int, cout: int, resample: str, shortcut: bool = True):
         super().__init__()
         self.shuffle = resample == "shuffle"
-        self.conv = nn.Conv2d(cin, cout // 4 if self.shuffle else cout, 3, stride=1 if self.shuffle else 2, padding=1)
+        self.conv = Conv2d(cin, cout // 4 if self.shuffle else cout, 3, stride=1 if self.shuffle else 2, padding=1)
         self.group = 4 * cin // cout if shortcut else 0
 
     def forward(self, x: Tensor) -> Tensor:
@@ -148,7 +149,7 @@ class Upsample(nn.Module):
     def __init__(self, cin: int, cout: int, resample: str, shortcut: bool = True):
         super().__init__()
         self.shuffle = resample == "shuffle"
-        self.conv = nn.Conv2d(cin, 4 * cout if self.shuffle else cout, 3, padding=1)
+        self.conv = Conv2d(cin, 4 * cout if self.shuffle else cout, 3, padding=1)
         self.repeats = 4 * cout // cin if shortcut else 0
 
     def forward(self, x: Tensor) -> Tensor:
@@ -166,7 +167,7 @@ class Encoder(nn.Module):
         ch, layers = cfg.block_channels, cfg.encoder_layers
         # A first level of no blocks (the in/mix releases): the stem itself halves the side.
         if layers[0]:
-            self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+            self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         else:
             self.conv_in = Downsample(cfg.in_channels, ch[1], cfg.resample, shortcut=False)
         self.down_blocks = nn.ModuleList()
@@ -175,7 +176,7 @@ class Encoder(nn.Module):
             if i < len(ch) - 1 and n:
                 blocks.append(Downsample(ch[i], ch[i + 1], cfg.resample))
             self.down_blocks.append(nn.Sequential(*blocks))
-        self.conv_out = nn.Conv2d(ch[-1], cfg.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], cfg.latent_channels, 3, padding=1)
         self.group = ch[-1] // cfg.latent_channels
 
     def forward(self, x: Tensor) -> Tensor:
@@ -191,7 +192,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         ch, layers = cfg.block_channels, cfg.decoder_layers
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
+        self.conv_in = Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
         self.repeats = ch[-1] // cfg.latent_channels
         # up_blocks[i] is level i (run from the last level to the first), as in the encoder.
         self.up_blocks = nn.ModuleList()
@@ -202,7 +203,7 @@ class Decoder(nn.Module):
         width = ch[0] if layers[0] else ch[1]
         self.norm_out = RMSNorm(width)
         if layers[0]:
-            self.conv_out = nn.Conv2d(width, cfg.out_channels, 3, padding=1)
+            self.conv_out = Conv2d(width, cfg.out_channels, 3, padding=1)
         else:  # a first level of no blocks: the last conv doubles the side
             self.conv_out = Upsample(width, cfg.out_channels, cfg.resample, shortcut=False)
 
