@@ -108,9 +108,13 @@ def add_conv_flag(p: argparse.ArgumentParser) -> None:
 
 
 def conv_path(args: argparse.Namespace) -> str | None:
-    """The path --conv / --winograd ask for; None: the default ("auto", or $VAEKIT_CONV)."""
+    """The path --conv / --winograd ask for; None: the default ("auto", or $VAEKIT_CONV). Commands call it before any
+    work, so a contradiction or a bad $VAEKIT_CONV is refused at once."""
+    from ..model import convchoice
+
     if args.winograd and args.conv not in (None, "winograd"):
         raise CLIError(f"--winograd and --conv {args.conv} contradict each other: give one of them")
+    convchoice.path_in_force()  # raises on a bad $VAEKIT_CONV
     return "winograd" if args.winograd else args.conv
 
 

@@ -88,6 +88,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
     from ..latents import EncodeOptions, encode_dataset
     from ..model import convolutions
 
+    conv = conv_path(args)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
@@ -102,7 +103,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
             max_pixels=args.max_pixels, tile=args.tile, workers=args.workers, seed=args.sample_seed, flip=args.flip,
             reduced_jpeg=args.reduced_jpeg, commit_seconds=args.commit_seconds,
         )  # fmt: skip
-        with convolutions(conv_path(args)):
+        with convolutions(conv):
             result = encode_dataset(model, args.data, args.out, options, add=args.add, command=command_line(args))
     except KeyboardInterrupt:
         if int(os.environ.get("RANK", "0")) == 0 and Path(args.out, "info.json").is_file():
@@ -146,11 +147,11 @@ def cmd_decode(args: argparse.Namespace) -> None:
     from ..latents import decode_latents
     from ..model import convolutions
 
-    out = Path(args.outdir)
+    out, conv = Path(args.outdir), conv_path(args)
     model = load(args.model, family=args.family, device=args.device, dtype=DTYPES[args.dtype], seed=args.seed)
     check_output_folder(out, "OUTDIR")
     skipped: list[str] = []
-    with convolutions(conv_path(args)):
+    with convolutions(conv):
         written = decode_latents(model, args.latents, out, raw=args.raw, force=args.force, overwrite=args.overwrite,
                                  tile=args.tile, skipped=skipped)  # fmt: skip
     for line in skipped:

@@ -48,6 +48,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         check_targets([Path(args.json)], files_of(args.model), overwrite=True)
     if args.repeats < 1:
         raise CLIError(f"--repeats {args.repeats}: give at least 1 timed run")
+    conv = conv_path(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load(args.model, family=args.family, device=args.device, dtype=torch.float32, seed=args.seed)
@@ -64,7 +65,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     try:
         with contextlib.redirect_stdout(sys.stderr):
             rows, peaks = bench(model, args.size, args.batch, args.precision, tile=args.tile, against=against,
-                                repeats=args.repeats, compile=args.compile, conv=conv_path(args), report=report)  # fmt: skip
+                                repeats=args.repeats, compile=args.compile, conv=conv, report=report)  # fmt: skip
     except RuntimeError as e:
         from torch._dynamo.exc import BackendCompilerFailed
 
